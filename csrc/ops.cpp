@@ -1,0 +1,50 @@
+// The schemas of every armnet_ops operator, declared once. Kernels live elsewhere:
+// csrc/cpu/*.cpp register for the CPU key, csrc/cuda/*.cu for the CUDA key, and the Triton
+// kernels register Python implementations of the `*_triton` twins (armnet_ops/triton/).
+// Fake (meta) kernels and autograd are registered in Python, one module per op.
+//
+// Each forward saves what its backward needs and nothing more; each backward is an op of its
+// own, so that torch.compile and opcheck see through the whole graph.
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(armnet_ops, m) {
+  // ---- criss-cross attention (armnet_ops/cca.py) -------------------------------------------
+  // out (N, Cv, H, W); lse (N, H, W) float32: the log-sum-exp of the H+W-1 scaled energies of
+  // each pixel, the only statistic the backward needs to rebuild the weights.
+  m.def("cca_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "cca_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // The two-op API of CCNet: energy (N, H+W-1, H, W), row keys first, then the column without
+  // the pixel itself.
+  m.def("cca_weight(Tensor q, Tensor k) -> Tensor");
+  m.def("cca_weight_backward(Tensor grad_energy, Tensor q, Tensor k) -> (Tensor grad_q, Tensor grad_k)");
+  m.def("cca_map(Tensor attn, Tensor v) -> Tensor");
+  m.def("cca_map_backward(Tensor grad_out, Tensor attn, Tensor v) -> (Tensor grad_attn, Tensor grad_v)");
+
+  // ---- CARAFE (armnet_ops/carafe.py) ---------------------------------------------------------
+  m.def(
+      "carafe_forward(Tensor features, Tensor masks, int kernel_size, int group_size, "
+      "int scale_factor) -> Tensor");
+  m.def(
+      "carafe_backward(Tensor grad_out, Tensor features, Tensor masks, int kernel_size, "
+      "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_masks)");
+  m.def(
+      "carafe_fused_forward(Tensor features, Tensor mask_logits, int kernel_size, int group_size, "
+      "int scale_factor) -> Tensor");
+  m.def(
+      "carafe_fused_backward(Tensor grad_out, Tensor features, Tensor mask_logits, int kernel_size, "
+      "int group_size, int scale_factor) -> (Tensor grad_features, Tensor grad_mask_logits)");
+
+  // ---- directional dilated convolution (armnet_ops/directional_conv.py) ----------------------
+  // y = act((conv2d(x, weight, bias, same padding, dilation) * scale + shift)); scale and shift
+  // per output channel (a folded BatchNorm); relu selects the activation.
+  m.def(
+      "directional_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, int[2] dilation, "
+      "Tensor? scale, Tensor? shift, bool relu) -> Tensor");
+  m.def(
+      "directional_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor y, "
+      "int[2] dilation, Tensor? scale, Tensor? shift, bool relu) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor? grad_bias, Tensor? grad_scale, Tensor? grad_shift)");
+}
