@@ -89,21 +89,15 @@ def availability(spec: OpSpec, backend: str, device: torch.device) -> tuple[bool
     device = torch.device(device)
     if backend == "reference":
         return True, ""
-    if backend == "cpu":
-        if device.type != "cpu":
-            return False, f"it runs on CPU tensors, got {device.type} tensors"
+    if backend in ("cpu", "cuda"):
+        key = backend.upper()
+        hint = BUILD_HINT if backend == "cpu" else CUDA_BUILD_HINT
+        if device.type != backend:
+            return False, f"it runs on {key} tensors, got {device.type} tensors"
         if EXTENSION_ERROR is not None:
-            return False, f"{EXTENSION_ERROR}; {BUILD_HINT}"
-        if not has_kernel(spec.cpp_op, "CPU"):
-            return False, f"the extension has no CPU kernel for {spec.cpp_op}; {BUILD_HINT}"
-        return True, ""
-    if backend == "cuda":
-        if device.type != "cuda":
-            return False, f"it runs on CUDA tensors, got {device.type} tensors"
-        if EXTENSION_ERROR is not None:
-            return False, f"{EXTENSION_ERROR}; {CUDA_BUILD_HINT}"
-        if not has_kernel(spec.cpp_op, "CUDA"):
-            return False, f"armnet_ops was built without CUDA kernels; {CUDA_BUILD_HINT}"
+            return False, f"{EXTENSION_ERROR}; {hint}"
+        if not has_kernel(spec.cpp_op, key):
+            return False, f"the extension has no {key} kernel for {spec.cpp_op}; {hint}"
         return True, ""
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
