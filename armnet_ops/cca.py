@@ -3,8 +3,12 @@ fake kernels and autograd, and the `CrissCrossAttention` module.
 
 Layout: q, k (N, Cqk, H, W); v (N, Cv, H, W); out (N, Cv, H, W). Each pixel attends to the H+W-1
 keys of its row (itself included) and its column (itself excluded) under one softmax.
-The fused forward (cca_forward) saves out and the per-pixel log-sum-exp (N, H, W) float32; the
-backward recomputes the weights from them.
+The fused forward (cca_forward) saves out and the per-pixel log-sum-exp (N, H, W) in the op-math
+type (float32, or float64 for float64 inputs); the backward recomputes the weights from them.
+
+The residual epilogue of CCNet's block, `gamma * out + residual` with a gradient for gamma, is the
+keyword pair `gamma=`, `residual=` of `criss_cross_attention`; it is applied by PyTorch around
+the op (one fused elementwise pass under torch.compile), on every backend alike.
 """
 from __future__ import annotations
 
@@ -36,17 +40,43 @@ def _check_v(op, v, like, like_name):
         check_size(op, "v", v, dim, like.shape[dim], what)
 
 
-def criss_cross_attention(q, k, v, *, scale: float = 1.0, backend: str = "auto"):
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved log-sum-exp: the op-math type of the inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def criss_cross_attention(q, k, v, *, scale: float = 1.0, backend: str = "auto",
+                          gamma=None, residual=None):
     """Criss-cross attention: out_u = sum_s softmax_s(scale·<q_u, k_s>)·v_s over the row and
-    column of u (SPEC §3.1). Differentiable in q, k and v."""
+    column of u (SPEC §3.1). Differentiable in q, k and v.
+
+    With `gamma` (a tensor broadcastable to out, CCNet's scalar gate) and `residual` (the shape of
+    out) it returns `gamma * out + residual`, differentiable in gamma and residual too. Both or
+    neither must be given."""
     op = "criss_cross_attention"
+    if (gamma is None) != (residual is None):
+        raise ValueError(f"{op}: arguments 'gamma' and 'residual' go together, got gamma "
+                         f"{'None' if gamma is None else 'a tensor'} and residual "
+                         f"{'None' if residual is None else 'a tensor'}")
     q, k, v = autocast_inputs(q, k, v)
     _check_qk(op, q, k)
     _check_v(op, v, q, "q")
+    if residual is not None:
+        check_tensor(op, "residual", residual, 4)
+        if residual.shape != v.shape:
+            raise ValueError(f"{op}: argument 'residual' must have the shape of 'v' "
+                             f"{tuple(v.shape)}, got {tuple(residual.shape)}")
+        if not isinstance(gamma, torch.Tensor):
+            gamma = torch.as_tensor(gamma, dtype=residual.dtype, device=residual.device)
     b = resolve(SPEC, backend, q.device, q.dtype)
     if b == "reference":
-        return reference.criss_cross_attention(q, k, v, float(scale))
-    return forward_op(SPEC, b)(q, k, v, float(scale))[0]
+        out = reference.criss_cross_attention(q, k, v, float(scale))
+    else:
+        out = forward_op(SPEC, b)(q, k, v, float(scale))[0]
+    if residual is None:
+        return out
+    # The epilogue in PyTorch: autograd gives d(gamma) = sum(grad * out) and d(residual) = grad.
+    return gamma * out + residual
 
 
 def cca_weight(q, k, *, backend: str = "auto"):
@@ -86,7 +116,7 @@ def register(suffix: str = "") -> None:
     @torch.library.register_fake(fwd)
     def _(q, k, v, scale):
         N, _, H, W = q.shape
-        return v.new_empty(v.shape), q.new_empty((N, H, W), dtype=torch.float32)
+        return v.new_empty(v.shape), q.new_empty((N, H, W), dtype=lse_dtype(q.dtype))
 
     @torch.library.register_fake(f"armnet_ops::cca_backward{suffix}")
     def _(grad_out, q, k, v, out, lse, scale):
@@ -154,9 +184,13 @@ class CrissCrossAttention(nn.Module):
         self.backend = backend
 
     def forward(self, x):
-        out = criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),
-                                    backend=self.backend)
-        return self.gamma * out + x
+        if self.backend == "reference":
+            # Kept literally as mmcv writes it, the oracle of the fused path.
+            out = criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),
+                                        backend="reference")
+            return self.gamma * out + x
+        return criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),
+                                     backend=self.backend, gamma=self.gamma, residual=x)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, backend={self.backend!r}"
