@@ -105,13 +105,14 @@ def cca_map(attn, v, *, backend: str = "auto"):
 
 # ---- fake kernels and autograd, for the C++ ops and their Triton twins ------------------------
 
-def register(suffix: str = "") -> None:
+def register(suffix: str = "", two_op: bool = True) -> None:
     """Registers fake kernels and autograd for armnet_ops::cca_*{suffix}. Called here for the
-    C++ ops and by armnet_ops.triton.cca for the Triton twins (suffix "_triton")."""
+    C++ ops and by armnet_ops.triton.cca for the Triton twins (suffix "_triton"); `two_op=False`
+    registers only the fused op (cca_forward/cca_backward), for a backend without the two-op API.
+
+    Every output is contiguous, whatever the input strides: the kernels write contiguous tensors."""
     ops = torch.ops.armnet_ops
     fwd, bwd = f"armnet_ops::cca_forward{suffix}", getattr(ops, f"cca_backward{suffix}")
-    weight, weight_bwd = f"armnet_ops::cca_weight{suffix}", getattr(ops, f"cca_weight_backward{suffix}")
-    cmap, cmap_bwd = f"armnet_ops::cca_map{suffix}", getattr(ops, f"cca_map_backward{suffix}")
 
     @torch.library.register_fake(fwd)
     def _(q, k, v, scale):
@@ -120,7 +121,7 @@ def register(suffix: str = "") -> None:
 
     @torch.library.register_fake(f"armnet_ops::cca_backward{suffix}")
     def _(grad_out, q, k, v, out, lse, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup(ctx, inputs, output):
         q, k, v, scale = inputs
@@ -132,6 +133,10 @@ def register(suffix: str = "") -> None:
         return (*bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale), None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup)
+    if not two_op:
+        return
+    weight, weight_bwd = f"armnet_ops::cca_weight{suffix}", getattr(ops, f"cca_weight_backward{suffix}")
+    cmap, cmap_bwd = f"armnet_ops::cca_map{suffix}", getattr(ops, f"cca_map_backward{suffix}")
 
     @torch.library.register_fake(weight)
     def _(q, k):
@@ -140,7 +145,7 @@ def register(suffix: str = "") -> None:
 
     @torch.library.register_fake(f"armnet_ops::cca_weight_backward{suffix}")
     def _(grad, q, k):
-        return torch.empty_like(q), torch.empty_like(k)
+        return q.new_empty(q.shape), k.new_empty(k.shape)
 
     def setup_pair(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -154,7 +159,7 @@ def register(suffix: str = "") -> None:
 
     @torch.library.register_fake(f"armnet_ops::cca_map_backward{suffix}")
     def _(grad, attn, v):
-        return torch.empty_like(attn), torch.empty_like(v)
+        return attn.new_empty(attn.shape), v.new_empty(v.shape)
 
     torch.library.register_autograd(
         cmap, lambda ctx, g: cmap_bwd(g.contiguous(), *ctx.saved_tensors), setup_context=setup_pair)
