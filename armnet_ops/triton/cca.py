@@ -89,7 +89,9 @@ def _line_lse(q_ptr, k_ptr, lse_ptr, L, n_lines, D, scale,
         m_new = tl.maximum(m, tl.max(e, 1))
         acc_l = acc_l * tl.exp(m - m_new) + tl.sum(tl.exp(e - m_new[:, None]), 1)
         m = m_new
-    tl.store(lse_ptr + n * sln + line * sl_line + p * sl_pos, m + tl.log(acc_l), mask=pmask)
+    # log of a clamped sum: no log(0) is evaluated, the empty key set still gets -inf.
+    lse = tl.where(acc_l > 0, m + tl.log(tl.maximum(acc_l, 1.0e-30)), float("-inf"))
+    tl.store(lse_ptr + n * sln + line * sl_line + p * sl_pos, lse, mask=pmask)
 
 
 @triton.jit
