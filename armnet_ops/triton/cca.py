@@ -41,6 +41,9 @@ import triton.language as tl
 from .. import cca as _cca
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Largest tile along a line (pixels and keys). Tests lower it to 16 to run the multi-tile loops
+# and their masks on small images.
+MAX_TILE = 128 if _INTERPRET else 64
 
 
 @triton.jit
@@ -291,7 +294,7 @@ def _blocks(q: torch.Tensor, v: torch.Tensor, L: int):
     where it fits (fewer, larger programs run faster there)."""
     BD = max(16, triton.next_power_of_2(q.shape[1]))
     BC = max(16, min(64, triton.next_power_of_2(v.shape[1])))
-    BL = max(16, min(64 if not _INTERPRET else 128, triton.next_power_of_2(L)))
+    BL = max(16, min(MAX_TILE, triton.next_power_of_2(L)))
     if not _INTERPRET and q.dtype in (torch.float32, torch.float64):
         BL = min(BL, 32)  # 32-bit tiles need twice the registers
     return BL, BD, BC
