@@ -125,7 +125,7 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
   const int64_t HW = H * W;
   // Pass A: one pixel row at a time.
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P((W + H) * W), dS((W + H) * W), D(W), acc(W);
+    std::vector<T> P((W + H) * W), dS((W + H) * W), PT(W * W), dST(W * W), D(W), acc(W);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
       const T* qn = q + n * Cqk * HW;
@@ -187,27 +187,32 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
         }
         std::copy(acc.begin(), acc.end(), gq + n * Cqk * HW + c * HW + h * W);
       }
-      // Row-key part of dk, dv for the keys (h, z): a dot over the pixels of row h.
+      // Row-key part of dk, dv for the keys (h, z): gk[c,h,z] = sum_w dS[z][w] q[c,h,w]. Written
+      // as axpys over z with the (W x W) row blocks transposed (PT[w][z]), so that the loops
+      // vectorise along z instead of ending in a horizontal sum per (c, z).
+      for (int64_t z = 0; z < W; ++z)
+        for (int64_t w = 0; w < W; ++w) {
+          PT[w * W + z] = P[z * W + w];
+          dST[w * W + z] = dS[z * W + w];
+        }
       for (int64_t c = 0; c < Cqk; ++c) {
         const T* qrow = qn + c * HW + h * W;
         T* gkrow = gk + n * Cqk * HW + c * HW + h * W;
-        for (int64_t z = 0; z < W; ++z) {
-          const T* d = dS.data() + z * W;
-          T s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t w = 0; w < W; ++w) s += d[w] * qrow[w];
-          gkrow[z] = s;
+        std::fill(gkrow, gkrow + W, T(0));
+        for (int64_t w = 0; w < W; ++w) {
+          const T qw = qrow[w];
+          const T* d = dST.data() + w * W;
+          for (int64_t z = 0; z < W; ++z) gkrow[z] += d[z] * qw;
         }
       }
       for (int64_t c = 0; c < Cv; ++c) {
         const T* gorow = gon + c * HW + h * W;
         T* gvrow = gv + n * Cv * HW + c * HW + h * W;
-        for (int64_t z = 0; z < W; ++z) {
-          const T* p = P.data() + z * W;
-          T s = 0;
-#pragma omp simd reduction(+ : s)
-          for (int64_t w = 0; w < W; ++w) s += p[w] * gorow[w];
-          gvrow[z] = s;
+        std::fill(gvrow, gvrow + W, T(0));
+        for (int64_t w = 0; w < W; ++w) {
+          const T gw = gorow[w];
+          const T* p = PT.data() + w * W;
+          for (int64_t z = 0; z < W; ++z) gvrow[z] += p[z] * gw;
         }
       }
     }
@@ -232,11 +237,17 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
         const T* lse_row = lse + n * HW + h * W;
         for (int64_t w = 0; w < W; ++w) p[w] = p[w] * scale - lse_row[w];
         exp_inplace(p.data(), W);
+        // dv[c, j, :] += p · dO[c, h, :] needs only p, so it shares the pass over dO with dP.
         std::fill(ds.begin(), ds.end(), T(0));
         for (int64_t c = 0; c < Cv; ++c) {
           const T* gorow = gon + c * HW + h * W;
           const T* vrow = vn + c * HW + j * W;
-          for (int64_t w = 0; w < W; ++w) ds[w] += gorow[w] * vrow[w];
+          T* gvrow = gv + n * Cv * HW + c * HW + j * W;
+          for (int64_t w = 0; w < W; ++w) {
+            const T g = gorow[w];
+            ds[w] += g * vrow[w];
+            gvrow[w] += p[w] * g;
+          }
         }
         const T* D = Dbuf + n * HW + h * W;
         for (int64_t w = 0; w < W; ++w) ds[w] = p[w] * (ds[w] - D[w]) * scale;
@@ -244,11 +255,6 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
           const T* qrow = qn + c * HW + h * W;
           T* gkrow = gk + n * Cqk * HW + c * HW + j * W;
           for (int64_t w = 0; w < W; ++w) gkrow[w] += ds[w] * qrow[w];
-        }
-        for (int64_t c = 0; c < Cv; ++c) {
-          const T* gorow = gon + c * HW + h * W;
-          T* gvrow = gv + n * Cv * HW + c * HW + j * W;
-          for (int64_t w = 0; w < W; ++w) gvrow[w] += p[w] * gorow[w];
         }
       }
     }
