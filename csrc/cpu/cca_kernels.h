@@ -1,9 +1,8 @@
 // Criss-cross attention CPU kernels (see cca.cpp for the algorithm). This file has no include
-// guard and no includes on purpose: cca.cpp includes it twice, inside two namespaces, once
-// compiled for the baseline ISA and once for AVX2+FMA, and picks one at run time. Every inner
-// loop runs along w, contiguous in NCHW, so that the compiler vectorises it; the dot products
-// carry `omp simd reduction`, which lets it reorder their sums (fixed order per build, so still
-// deterministic).
+// guard and no includes on purpose: cca.cpp includes it once per instruction set, inside one
+// namespace each (baseline, AVX2+FMA, AVX-512), and picks one at run time. Every inner
+// loop runs along w, contiguous in NCHW, so that the compiler vectorises it. Summation orders are
+// fixed by the code (no dependence on threads), so results are deterministic.
 
 // exp over a contiguous array. double: std::exp. float: a loop the compiler vectorises (libm's
 // expf is a call per element and was a third of the forward): exp(x) = 2^n · 2^f with n the
@@ -31,6 +30,39 @@ inline void exp_inplace(float* x, int64_t n) {
   }
 }
 
+// acc[w] += sum_r coef(r) · row(r)[w] for r < count. Four rows per sweep over acc: one load and
+// one store of acc per four FMAs (the loops are bound by loads and stores, not by FMAs).
+template <typename T, typename Row, typename Coef>
+inline void accumulate_rows(T* acc, int64_t W, int64_t count, Row row, Coef coef) {
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const T *x0 = row(r), *x1 = row(r + 1), *x2 = row(r + 2), *x3 = row(r + 3);
+    const T a0 = coef(r), a1 = coef(r + 1), a2 = coef(r + 2), a3 = coef(r + 3);
+    for (int64_t w = 0; w < W; ++w) acc[w] += (a0 * x0[w] + a1 * x1[w]) + (a2 * x2[w] + a3 * x3[w]);
+  }
+  for (; r < count; ++r) {
+    const T* x = row(r);
+    const T a = coef(r);
+    for (int64_t w = 0; w < W; ++w) acc[w] += a * x[w];
+  }
+}
+
+// acc[w] += sum_r x(r)[w] · y(r)[w] for r < count, four pairs of rows per sweep.
+template <typename T, typename RowX, typename RowY>
+inline void accumulate_products(T* acc, int64_t W, int64_t count, RowX x, RowY y) {
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const T *x0 = x(r), *x1 = x(r + 1), *x2 = x(r + 2), *x3 = x(r + 3);
+    const T *y0 = y(r), *y1 = y(r + 1), *y2 = y(r + 2), *y3 = y(r + 3);
+    for (int64_t w = 0; w < W; ++w)
+      acc[w] += (x0[w] * y0[w] + x1[w] * y1[w]) + (x2[w] * y2[w] + x3[w] * y3[w]);
+  }
+  for (; r < count; ++r) {
+    const T *xr = x(r), *yr = y(r);
+    for (int64_t w = 0; w < W; ++w) acc[w] += xr[w] * yr[w];
+  }
+}
+
 // ---- fused forward ------------------------------------------------------------------------
 
 template <typename T>
@@ -39,20 +71,12 @@ void row_energies(const T* q, const T* k, int64_t C, int64_t H, int64_t W, int64
   // E[(s) * W + w] for s in [0, W + H): s < W row key (h, s), s = W + j column key (j, w).
   const int64_t HW = H * W;
   std::fill(E, E + (W + H) * W, T(0));
-  for (int64_t c = 0; c < C; ++c) {
-    const T* qrow = q + c * HW + h * W;
-    const T* kc = k + c * HW;
-    for (int64_t z = 0; z < W; ++z) {
-      const T kz = kc[h * W + z];
-      T* e = E + z * W;
-      for (int64_t w = 0; w < W; ++w) e[w] += kz * qrow[w];
-    }
-    for (int64_t j = 0; j < H; ++j) {
-      if (j == h) continue;
-      const T* kj = kc + j * W;
-      T* e = E + (W + j) * W;
-      for (int64_t w = 0; w < W; ++w) e[w] += qrow[w] * kj[w];
-    }
+  auto qrow = [&](int64_t c) { return q + c * HW + h * W; };
+  for (int64_t z = 0; z < W; ++z)
+    accumulate_rows(E + z * W, W, C, qrow, [&](int64_t c) { return k[c * HW + h * W + z]; });
+  for (int64_t j = 0; j < H; ++j) {
+    if (j == h) continue;
+    accumulate_products(E + (W + j) * W, W, C, qrow, [&](int64_t c) { return k + c * HW + j * W; });
   }
   for (int64_t i = 0; i < (W + H) * W; ++i) E[i] *= scale;
 }
@@ -99,17 +123,11 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
       for (int64_t c = 0; c < Cv; ++c) {
         const T* vc = vn + c * HW;
         std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t z = 0; z < W; ++z) {
-          const T vz = vc[h * W + z];
-          const T* p = E.data() + z * W;
-          for (int64_t w = 0; w < W; ++w) acc[w] += p[w] * vz;
-        }
-        for (int64_t j = 0; j < H; ++j) {
-          if (j == h) continue;
-          const T* vj = vc + j * W;
-          const T* p = E.data() + (W + j) * W;
-          for (int64_t w = 0; w < W; ++w) acc[w] += p[w] * vj[w];
-        }
+        accumulate_rows(acc.data(), W, W, [&](int64_t z) { return E.data() + z * W; },
+                        [&](int64_t z) { return vc[h * W + z]; });
+        // The weights of the self entry (row W + h) are zero, so the column runs over all H.
+        accumulate_products(acc.data(), W, H, [&](int64_t j) { return E.data() + (W + j) * W; },
+                            [&](int64_t j) { return vc + j * W; });
         std::copy(acc.begin(), acc.end(), out + n * Cv * HW + c * HW + h * W);
       }
     }
@@ -147,22 +165,15 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
       // D_u = <dO_u, O_u> and dP[s][w] = <dO_u, v_s>.
       std::fill(D.begin(), D.end(), T(0));
       std::fill(dS.begin(), dS.end(), T(0));
-      for (int64_t c = 0; c < Cv; ++c) {
-        const T* gorow = gon + c * HW + h * W;
-        const T* orow = on + c * HW + h * W;
-        const T* vc = vn + c * HW;
-        for (int64_t w = 0; w < W; ++w) D[w] += gorow[w] * orow[w];
-        for (int64_t z = 0; z < W; ++z) {
-          const T vz = vc[h * W + z];
-          T* d = dS.data() + z * W;
-          for (int64_t w = 0; w < W; ++w) d[w] += vz * gorow[w];
-        }
-        for (int64_t j = 0; j < H; ++j) {
-          if (j == h) continue;
-          const T* vj = vc + j * W;
-          T* d = dS.data() + (W + j) * W;
-          for (int64_t w = 0; w < W; ++w) d[w] += vj[w] * gorow[w];
-        }
+      auto gorow = [&](int64_t c) { return gon + c * HW + h * W; };
+      accumulate_products(D.data(), W, Cv, gorow, [&](int64_t c) { return on + c * HW + h * W; });
+      for (int64_t z = 0; z < W; ++z)
+        accumulate_rows(dS.data() + z * W, W, Cv, gorow,
+                        [&](int64_t c) { return vn[c * HW + h * W + z]; });
+      for (int64_t j = 0; j < H; ++j) {
+        if (j == h) continue;
+        accumulate_products(dS.data() + (W + j) * W, W, Cv, gorow,
+                            [&](int64_t c) { return vn + c * HW + j * W; });
       }
       std::copy(D.begin(), D.end(), Dbuf + n * HW + h * W);
       for (int64_t s = 0; s < W + H; ++s) {
@@ -174,17 +185,11 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
       for (int64_t c = 0; c < Cqk; ++c) {
         const T* kc = kn + c * HW;
         std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t z = 0; z < W; ++z) {
-          const T kz = kc[h * W + z];
-          const T* d = dS.data() + z * W;
-          for (int64_t w = 0; w < W; ++w) acc[w] += d[w] * kz;
-        }
-        for (int64_t j = 0; j < H; ++j) {
-          if (j == h) continue;
-          const T* kj = kc + j * W;
-          const T* d = dS.data() + (W + j) * W;
-          for (int64_t w = 0; w < W; ++w) acc[w] += d[w] * kj[w];
-        }
+        accumulate_rows(acc.data(), W, W, [&](int64_t z) { return dS.data() + z * W; },
+                        [&](int64_t z) { return kc[h * W + z]; });
+        // dS of the self entry (row W + h) is zero.
+        accumulate_products(acc.data(), W, H, [&](int64_t j) { return dS.data() + (W + j) * W; },
+                            [&](int64_t j) { return kc + j * W; });
         std::copy(acc.begin(), acc.end(), gq + n * Cqk * HW + c * HW + h * W);
       }
       // Row-key part of dk, dv for the keys (h, z): gk[c,h,z] = sum_w dS[z][w] q[c,h,w]. Written
@@ -199,21 +204,15 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
         const T* qrow = qn + c * HW + h * W;
         T* gkrow = gk + n * Cqk * HW + c * HW + h * W;
         std::fill(gkrow, gkrow + W, T(0));
-        for (int64_t w = 0; w < W; ++w) {
-          const T qw = qrow[w];
-          const T* d = dST.data() + w * W;
-          for (int64_t z = 0; z < W; ++z) gkrow[z] += d[z] * qw;
-        }
+        accumulate_rows(gkrow, W, W, [&](int64_t w) { return dST.data() + w * W; },
+                        [&](int64_t w) { return qrow[w]; });
       }
       for (int64_t c = 0; c < Cv; ++c) {
         const T* gorow = gon + c * HW + h * W;
         T* gvrow = gv + n * Cv * HW + c * HW + h * W;
         std::fill(gvrow, gvrow + W, T(0));
-        for (int64_t w = 0; w < W; ++w) {
-          const T gw = gorow[w];
-          const T* p = PT.data() + w * W;
-          for (int64_t z = 0; z < W; ++z) gvrow[z] += p[z] * gw;
-        }
+        accumulate_rows(gvrow, W, W, [&](int64_t w) { return PT.data() + w * W; },
+                        [&](int64_t w) { return gorow[w]; });
       }
     }
   });
@@ -229,11 +228,8 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
       for (int64_t h = 0; h < H; ++h) {
         if (h == j) continue;
         std::fill(p.begin(), p.end(), T(0));
-        for (int64_t c = 0; c < Cqk; ++c) {
-          const T* qrow = qn + c * HW + h * W;
-          const T* krow = kn + c * HW + j * W;
-          for (int64_t w = 0; w < W; ++w) p[w] += qrow[w] * krow[w];
-        }
+        accumulate_products(p.data(), W, Cqk, [&](int64_t c) { return qn + c * HW + h * W; },
+                            [&](int64_t c) { return kn + c * HW + j * W; });
         const T* lse_row = lse + n * HW + h * W;
         for (int64_t w = 0; w < W; ++w) p[w] = p[w] * scale - lse_row[w];
         exp_inplace(p.data(), W);
