@@ -31,9 +31,10 @@ inline void exp_inplace(float* x, int64_t n) {
 }
 
 // acc[w] += sum_r coef(r) · row(r)[w] for r < count. Four rows per sweep over acc: one load and
-// one store of acc per four FMAs (the loops are bound by loads and stores, not by FMAs).
+// one store of acc per four FMAs (the loops are bound by loads and stores, not by FMAs). acc never
+// overlaps the rows read (__restrict: no run-time alias checks before the vector loop).
 template <typename T, typename Row, typename Coef>
-inline void accumulate_rows(T* acc, int64_t W, int64_t count, Row row, Coef coef) {
+inline void accumulate_rows(T* __restrict acc, int64_t W, int64_t count, Row row, Coef coef) {
   int64_t r = 0;
   for (; r + 4 <= count; r += 4) {
     const T *x0 = row(r), *x1 = row(r + 1), *x2 = row(r + 2), *x3 = row(r + 3);
@@ -49,7 +50,7 @@ inline void accumulate_rows(T* acc, int64_t W, int64_t count, Row row, Coef coef
 
 // acc[w] += sum_r x(r)[w] · y(r)[w] for r < count, four pairs of rows per sweep.
 template <typename T, typename RowX, typename RowY>
-inline void accumulate_products(T* acc, int64_t W, int64_t count, RowX x, RowY y) {
+inline void accumulate_products(T* __restrict acc, int64_t W, int64_t count, RowX x, RowY y) {
   int64_t r = 0;
   for (; r + 4 <= count; r += 4) {
     const T *x0 = x(r), *x1 = x(r + 1), *x2 = x(r + 2), *x3 = x(r + 3);
@@ -216,43 +217,41 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
       }
     }
   });
-  // Pass B: one key row j at a time; adds the column-key part to dk, dv of row j.
+  // Pass B: one key row j at a time; adds the column-key part to dk, dv of row j. First the
+  // weights P[h] and dS[h] of the pixels (h, w), h != j, for their key (j, w) (zero for h = j),
+  // then dv and dk of row j as sums over h, four rows per sweep.
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(W), ds(W);
+    std::vector<T> P(H * W), dS(H * W);
     for (int64_t nj = begin; nj < end; ++nj) {
       const int64_t n = nj / H, j = nj % H;
       const T* qn = q + n * Cqk * HW;
       const T* kn = k + n * Cqk * HW;
       const T* vn = v + n * Cv * HW;
       const T* gon = go + n * Cv * HW;
+      std::fill(P.begin(), P.end(), T(0));
+      std::fill(dS.begin(), dS.end(), T(0));
       for (int64_t h = 0; h < H; ++h) {
         if (h == j) continue;
-        std::fill(p.begin(), p.end(), T(0));
-        accumulate_products(p.data(), W, Cqk, [&](int64_t c) { return qn + c * HW + h * W; },
+        T* p = P.data() + h * W;
+        T* ds = dS.data() + h * W;
+        accumulate_products(p, W, Cqk, [&](int64_t c) { return qn + c * HW + h * W; },
                             [&](int64_t c) { return kn + c * HW + j * W; });
         const T* lse_row = lse + n * HW + h * W;
         for (int64_t w = 0; w < W; ++w) p[w] = p[w] * scale - lse_row[w];
-        exp_inplace(p.data(), W);
-        // dv[c, j, :] += p · dO[c, h, :] needs only p, so it shares the pass over dO with dP.
-        std::fill(ds.begin(), ds.end(), T(0));
-        for (int64_t c = 0; c < Cv; ++c) {
-          const T* gorow = gon + c * HW + h * W;
-          const T* vrow = vn + c * HW + j * W;
-          T* gvrow = gv + n * Cv * HW + c * HW + j * W;
-          for (int64_t w = 0; w < W; ++w) {
-            const T g = gorow[w];
-            ds[w] += g * vrow[w];
-            gvrow[w] += p[w] * g;
-          }
-        }
+        exp_inplace(p, W);
+        accumulate_products(ds, W, Cv, [&](int64_t c) { return gon + c * HW + h * W; },
+                            [&](int64_t c) { return vn + c * HW + j * W; });
         const T* D = Dbuf + n * HW + h * W;
         for (int64_t w = 0; w < W; ++w) ds[w] = p[w] * (ds[w] - D[w]) * scale;
-        for (int64_t c = 0; c < Cqk; ++c) {
-          const T* qrow = qn + c * HW + h * W;
-          T* gkrow = gk + n * Cqk * HW + c * HW + j * W;
-          for (int64_t w = 0; w < W; ++w) gkrow[w] += ds[w] * qrow[w];
-        }
       }
+      for (int64_t c = 0; c < Cv; ++c)
+        accumulate_products(gv + n * Cv * HW + c * HW + j * W, W, H,
+                            [&](int64_t h) { return P.data() + h * W; },
+                            [&](int64_t h) { return gon + c * HW + h * W; });
+      for (int64_t c = 0; c < Cqk; ++c)
+        accumulate_products(gk + n * Cqk * HW + c * HW + j * W, W, H,
+                            [&](int64_t h) { return dS.data() + h * W; },
+                            [&](int64_t h) { return qn + c * HW + h * W; });
     }
   });
 }
