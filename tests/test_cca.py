@@ -8,7 +8,7 @@ import torch
 import armnet_ops
 from armnet_ops import reference
 from armnet_ops.nn import CrissCrossAttention
-from numerics import KERNEL_BACKENDS, assert_close, needs_cuda, needs_triton_cpu, opcheck
+from numerics import KERNEL_BACKENDS, assert_close, needs_cuda, needs_triton, needs_triton_cpu, opcheck
 
 ops = torch.ops.armnet_ops
 
@@ -204,17 +204,20 @@ def test_gradcheck(backend, shape):
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=backend == "triton")
 
 
-def test_gradcheck_two_op_cpu():
+@pytest.mark.parametrize("backend", GRADCHECK)
+def test_gradcheck_two_op(backend):
     q, k, v = _inputs(1, 2, 3, 3, 4, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k: armnet_ops.cca_weight(q, k, backend="cpu"), (q, k))
+    fast = backend == "triton"
+    assert torch.autograd.gradcheck(lambda q, k: armnet_ops.cca_weight(q, k, backend=backend), (q, k),
+                                    fast_mode=fast)
     attn = torch.rand(1, 6, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, v: armnet_ops.cca_map(a, v, backend="cpu"), (attn, v))
+    assert torch.autograd.gradcheck(lambda a, v: armnet_ops.cca_map(a, v, backend=backend), (attn, v),
+                                    fast_mode=fast)
 
 
 # ---- the two-op API ------------------------------------------------------------------------
 
-TWO_OP_BACKENDS = [pytest.param("cpu", "cpu", id="cpu"),
-                   pytest.param("cuda", "cuda", id="cuda", marks=needs_cuda)]
+TWO_OP_BACKENDS = KERNEL_BACKENDS
 
 
 @pytest.mark.parametrize("backend,device", TWO_OP_BACKENDS)
@@ -254,10 +257,14 @@ def test_two_op_composes_to_fused():
 
 
 @needs_triton_cpu
-def test_two_op_triton_says_unavailable():
-    q, k, _ = _inputs(1, 2, 2, 3, 3, torch.float32)
-    with pytest.raises(RuntimeError, match="cca_weight.*triton"):
-        armnet_ops.cca_weight(q, k, backend="triton")
+def test_two_op_triton_multi_tile(monkeypatch):
+    import armnet_ops.triton.cca as tcca
+    monkeypatch.setattr(tcca, "MAX_TILE", 16)
+    q, k, v = _inputs(1, 3, 20, 19, 35, torch.float64)
+    e = armnet_ops.cca_weight(q, k, backend="triton")
+    assert_close(e, reference.cca_weight(q, k))
+    attn = torch.softmax(e, 1)
+    assert_close(armnet_ops.cca_map(attn, v, backend="triton"), reference.cca_map(attn, v))
 
 
 # ---- opcheck -------------------------------------------------------------------------------
@@ -272,26 +279,41 @@ def _opcheck_fused(fwd, bwd, device):
     opcheck(fwd, (q_cl, k, v, 1.0))
 
 
+def _opcheck_two_op(suffix, device):
+    op = lambda name: getattr(ops, name + suffix).default
+    q, k, v = _inputs(1, 2, 3, 3, 4, torch.float32, device)
+    q.requires_grad_()
+    opcheck(op("cca_weight"), (q, k))
+    opcheck(op("cca_weight_backward"), (torch.randn(1, 6, 3, 4, device=device), q.detach(), k))
+    attn = torch.rand(1, 6, 3, 4, device=device, requires_grad=True)
+    opcheck(op("cca_map"), (attn, v))
+    opcheck(op("cca_map_backward"), (torch.randn_like(v), attn.detach(), v))
+
+
 def test_opcheck_cpu():
     _opcheck_fused(ops.cca_forward.default, ops.cca_backward.default, "cpu")
-    q, k, v = _inputs(1, 2, 3, 3, 4, torch.float32)
-    q.requires_grad_()
-    opcheck(ops.cca_weight.default, (q, k))
-    opcheck(ops.cca_weight_backward.default, (torch.randn(1, 6, 3, 4), q.detach(), k))
-    attn = torch.rand(1, 6, 3, 4, requires_grad=True)
-    opcheck(ops.cca_map.default, (attn, v))
-    opcheck(ops.cca_map_backward.default, (torch.randn_like(v), attn.detach(), v))
+    _opcheck_two_op("", "cpu")
 
 
 @needs_triton_cpu
 def test_opcheck_triton_interpreter():
     import armnet_ops.triton.cca  # noqa: F401  (registers the *_triton twins)
     _opcheck_fused(ops.cca_forward_triton.default, ops.cca_backward_triton.default, "cpu")
+    _opcheck_two_op("_triton", "cpu")
 
 
 @needs_cuda
 def test_opcheck_cuda():
     _opcheck_fused(ops.cca_forward.default, ops.cca_backward.default, "cuda")
+    _opcheck_two_op("", "cuda")
+
+
+@needs_cuda
+@needs_triton
+def test_opcheck_triton_cuda():
+    import armnet_ops.triton.cca  # noqa: F401
+    _opcheck_fused(ops.cca_forward_triton.default, ops.cca_backward_triton.default, "cuda")
+    _opcheck_two_op("_triton", "cuda")
 
 
 # ---- gamma / residual epilogue and the module ------------------------------------------------

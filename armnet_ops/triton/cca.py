@@ -1,4 +1,5 @@
-"""Criss-cross attention in Triton: the fused forward and its deterministic backward.
+"""Criss-cross attention in Triton: the fused forward and its deterministic backward, and CCNet's
+two-op API (cca_weight / cca_map, at the end of the file).
 
 What it computes: out_u = sum_s softmax_s(scale·<q_u, k_s>)·v_s over the H+W-1 keys of pixel u,
 its row (itself included) and its column (itself excluded), SPEC §3.1.
@@ -387,4 +388,158 @@ def cca_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-_cca.register("_triton", two_op=False)
+
+# ---- the two-op API (CCNet's ca_weight / ca_map) ------------------------------------------
+# energy (N, H+W-1, H, W): channel z < W is the row key (h, z), channel W + i the column key (j, w)
+# with j = i if i < h else i + 1. In line terms: a row pass stores key s of pixel p in channel s;
+# a column pass (EXCLUDE_SELF) in channel W + s - (s > p), and never s = p. Two generic kernels
+# cover the four ops and their backwards, each launched for the row and the column pass:
+#   _line_pair:      E[p, s] = sum_c X[p, c] Y[s, c]       (cca_weight: q, k; grad attn: dO, v)
+#   _line_aggregate: out[i, c] (+)= sum_j M'[i, j] Y[j, c] (cca_map: attn, v; grad q: gE, k;
+#                    with M' = M^T, TRANSPOSED: grad k: gE, q; grad v: attn, dO)
+# Every output element is written by one program (the column pass adds to the row pass's result
+# in stream order): deterministic, no atomics.
+
+@triton.jit
+def _energy_channel(p, s, CH0, EXCLUDE_SELF: tl.constexpr):
+    """[BP, BS] channel of key s of pixel p in the energy layout."""
+    if EXCLUDE_SELF:
+        return CH0 + s[None, :] - (s[None, :] > p[:, None]).to(s.dtype)
+    return CH0 + s[None, :] + 0 * p[:, None]
+
+
+@triton.jit
+def _line_pair(x_ptr, y_ptr, e_ptr, L, n_lines, C, CH0,
+               sxn, sxc, sx_line, sx_pos, syn, syc, sy_line, sy_pos, sen, sec, se_line, se_pos,
+               EXCLUDE_SELF: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
+               ACC: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    n = (pid // n_lines).to(tl.int64)
+    line = (pid % n_lines).to(tl.int64)
+    p = tl.program_id(1).to(tl.int64) * BP + tl.arange(0, BP)
+    s = tl.program_id(2).to(tl.int64) * BS + tl.arange(0, BS)
+    pmask = p < L
+    smask = s < L
+    acc = tl.zeros([BP, BS], ACC)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cmask = c < C
+        x = tl.load(x_ptr + n * sxn + line * sx_line + p[:, None] * sx_pos + c[None, :] * sxc,
+                    mask=pmask[:, None] & cmask[None, :], other=0.0)
+        yt = tl.load(y_ptr + n * syn + line * sy_line + s[None, :] * sy_pos + c[:, None] * syc,
+                     mask=cmask[:, None] & smask[None, :], other=0.0)
+        acc += tl.dot(x, yt, input_precision=PREC, out_dtype=ACC)
+    ch = _energy_channel(p, s, CH0, EXCLUDE_SELF)
+    off = e_ptr + n * sen + line * se_line + p[:, None] * se_pos + ch.to(tl.int64) * sec
+    tl.store(off, acc.to(e_ptr.dtype.element_ty), mask=_valid(p, pmask, s, smask, EXCLUDE_SELF))
+
+
+@triton.jit
+def _line_aggregate(m_ptr, y_ptr, o_ptr, L, n_lines, C, CH0,
+                    smn, smc, sm_line, sm_pos, syn, syc, sy_line, sy_pos, son, soc, so_line, so_pos,
+                    EXCLUDE_SELF: tl.constexpr, TRANSPOSED: tl.constexpr, ACCUMULATE: tl.constexpr,
+                    BI: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
+                    PREC: tl.constexpr):
+    """out[i, c] (+)= sum_j M'[i, j] Y[j, c] over the positions j of the line; M is read from
+    the energy layout as M[p = i, s = j], or transposed as M[p = j, s = i]."""
+    pid = tl.program_id(0)
+    n = (pid // n_lines).to(tl.int64)
+    line = (pid % n_lines).to(tl.int64)
+    i = tl.program_id(1).to(tl.int64) * BI + tl.arange(0, BI)
+    imask = i < L
+    c = tl.program_id(2).to(tl.int64) * BC + tl.arange(0, BC)
+    cmask = c < C
+    acc = tl.zeros([BI, BC], ACC)
+    for j0 in range(0, L, BJ):
+        j = j0 + tl.arange(0, BJ)
+        jmask = j < L
+        if TRANSPOSED:
+            valid = tl.trans(_valid(j, jmask, i, imask, EXCLUDE_SELF))   # [BI, BJ]
+            ch = tl.trans(_energy_channel(j, i, CH0, EXCLUDE_SELF))
+            m_off = m_ptr + n * smn + line * sm_line + j[None, :] * sm_pos + ch.to(tl.int64) * smc
+        else:
+            valid = _valid(i, imask, j, jmask, EXCLUDE_SELF)
+            ch = _energy_channel(i, j, CH0, EXCLUDE_SELF)
+            m_off = m_ptr + n * smn + line * sm_line + i[:, None] * sm_pos + ch.to(tl.int64) * smc
+        m = tl.load(m_off, mask=valid, other=0.0)
+        y = tl.load(y_ptr + n * syn + line * sy_line + j[:, None] * sy_pos + c[None, :] * syc,
+                    mask=jmask[:, None] & cmask[None, :], other=0.0)
+        acc += tl.dot(m.to(y.dtype), y, input_precision=PREC, out_dtype=ACC)
+    off = o_ptr + n * son + line * so_line + i[:, None] * so_pos + c[None, :] * soc
+    omask = imask[:, None] & cmask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(off, mask=omask, other=0.0).to(ACC)
+    tl.store(off, acc.to(o_ptr.dtype.element_ty), mask=omask)
+
+
+def _energy_strides(e: torch.Tensor, row: bool):
+    """(n, channel, line, position) strides of an (N, H+W-1, H, W) energy."""
+    return _line_strides(e, row)
+
+
+def _pair(x, y, e):
+    """e (energy layout) = <x_p, y_s> for the keys of every pixel, row then column pass."""
+    N, C, H, W = x.shape
+    acc_tl, _ = _acc_dtype(x.dtype)
+    for row, L, n_lines, excl in _passes(x):
+        BL, _, BC = _blocks(x, x, L)
+        _line_pair[(N * n_lines, triton.cdiv(L, BL), triton.cdiv(L, BL))](
+            x, y, e, L, n_lines, C, 0 if row else W,
+            *_line_strides(x, row), *_line_strides(y, row), *_energy_strides(e, row),
+            EXCLUDE_SELF=excl, BP=BL, BS=BL, BC=BC, ACC=acc_tl, PREC=_prec(x.dtype),
+            num_warps=_num_warps())
+
+
+def _aggregate(m, y, transposed: bool, out_dtype: torch.dtype):
+    """out[·, c] = sum over the keys (or over the pixels, transposed) of M times y."""
+    N, C, H, W = y.shape
+    acc_tl, acc_torch = _acc_dtype(y.dtype)
+    out = torch.empty((N, C, H, W), dtype=out_dtype, device=y.device)
+    if out.numel() == 0:
+        return out.zero_()
+    buf = out if out_dtype == acc_torch else torch.empty(out.shape, dtype=acc_torch, device=y.device)
+    for k, (row, L, n_lines, excl) in enumerate(_passes(y)):
+        BL, _, BC = _blocks(y, y, L)
+        _line_aggregate[(N * n_lines, triton.cdiv(L, BL), triton.cdiv(C, BC))](
+            m, y, buf, L, n_lines, C, 0 if row else W,
+            *_energy_strides(m, row), *_line_strides(y, row), *_line_strides(buf, row),
+            EXCLUDE_SELF=excl, TRANSPOSED=transposed, ACCUMULATE=k > 0, BI=BL, BJ=BL, BC=BC,
+            ACC=acc_tl, PREC=_prec(y.dtype), num_warps=_num_warps())
+    if buf is not out:
+        out.copy_(buf)
+    return out
+
+
+@torch.library.custom_op("armnet_ops::cca_weight_triton", mutates_args=())
+def cca_weight_triton(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    N, _, H, W = q.shape
+    e = torch.empty((N, H + W - 1, H, W), dtype=q.dtype, device=q.device)
+    if e.numel() > 0:
+        _pair(q, k, e)
+    return e
+
+
+@torch.library.custom_op("armnet_ops::cca_weight_backward_triton", mutates_args=())
+def cca_weight_backward_triton(grad_energy: torch.Tensor, q: torch.Tensor,
+                               k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = grad_energy.to(q.dtype)
+    return _aggregate(g, k, False, q.dtype), _aggregate(g, q, True, k.dtype)
+
+
+@torch.library.custom_op("armnet_ops::cca_map_triton", mutates_args=())
+def cca_map_triton(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _aggregate(attn, v, False, v.dtype)
+
+
+@torch.library.custom_op("armnet_ops::cca_map_backward_triton", mutates_args=())
+def cca_map_backward_triton(grad_out: torch.Tensor, attn: torch.Tensor,
+                            v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    go = grad_out.to(v.dtype)
+    N, _, H, W = v.shape
+    grad_attn = torch.empty((N, H + W - 1, H, W), dtype=attn.dtype, device=v.device)
+    if grad_attn.numel() > 0:
+        _pair(go, v, grad_attn)
+    return grad_attn, _aggregate(attn, go, True, v.dtype)
+
+
+_cca.register("_triton")
