@@ -113,6 +113,40 @@ def test_parity_cpu_97x97():
     _run_parity("cpu", "cpu", torch.float32, (1, 4, 6, 97, 97, 1.0))
 
 
+_ISA_SCRIPT = """
+import torch, armnet_ops
+from armnet_ops import reference
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float64, torch.float32):
+    q, k, v = (torch.randn(2, c, 7, 21, generator=g, dtype=torch.float64).requires_grad_() for c in (5, 5, 19))
+    ref = reference.criss_cross_attention(q, k, v, 0.6)
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = armnet_ops.criss_cross_attention(*x, scale=0.6, backend="cpu")
+    got = torch.autograd.grad(out.sum(), x)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for a, b in zip((out,) + got, (ref,) + want):
+        err = (a.double() - b).abs().max().item() / b.abs().max().item()
+        assert err < tol, (dtype, err)
+    e = armnet_ops.cca_weight(x[0], x[1], backend="cpu")
+    assert (e.double() - reference.cca_weight(q, k)).abs().max() < 1e-4
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_cpu_isa_variants(isa):
+    """The C++ kernels are compiled once per instruction set and picked at run time; the
+    machine running the tests uses the best one, so the others run here in a subprocess."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, ARMNET_OPS_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_empty_batch(backend, device):
     q, k, v = _inputs(0, 2, 3, 4, 5, torch.float32, device, requires_grad=True)

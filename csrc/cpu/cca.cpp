@@ -29,6 +29,8 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -57,13 +59,20 @@ namespace isa_avx512 {
 #include "cca_kernels.h"
 }  // namespace isa_avx512
 #pragma GCC pop_options
-int kernel_isa() {  // 0 baseline, 1 AVX2, 2 AVX-512
+// 0 baseline, 1 AVX2, 2 AVX-512: the best the CPU supports, capped by the environment variable
+// ARMNET_OPS_CPU_ISA=base|avx2 (read once; the tests use it to run every variant).
+int kernel_isa() {
   static const int isa = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+    int best = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
+    if (best == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return 2;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+      best = 2;
+    const char* cap = std::getenv("ARMNET_OPS_CPU_ISA");
+    if (cap != nullptr && std::string(cap) == "base") best = 0;
+    if (cap != nullptr && std::string(cap) == "avx2") best = std::min(best, 1);
+    return best;
   }();
   return isa;
 }
