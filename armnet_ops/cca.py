@@ -3,8 +3,12 @@ fake kernels and autograd, and the `CrissCrossAttention` module.
 
 Layout: q, k (N, Cqk, H, W); v (N, Cv, H, W); out (N, Cv, H, W). Each pixel attends to the H+W-1
 keys of its row (itself included) and its column (itself excluded) under one softmax.
-The fused forward (cca_forward) saves out and the per-pixel log-sum-exp (N, H, W) float32; the
-backward recomputes the weights from them.
+The fused forward (cca_forward) saves out and the per-pixel log-sum-exp (N, H, W) in the op-math
+type (float32, or float64 for float64 inputs); the backward recomputes the weights from them.
+
+The residual epilogue of CCNet's block, `gamma * out + residual` with a gradient for gamma, is the
+keyword pair `gamma=`, `residual=` of `criss_cross_attention`; it is applied by PyTorch around
+the op (one fused elementwise pass under torch.compile), on every backend alike.
 """
 from __future__ import annotations
 
@@ -12,12 +16,28 @@ import torch
 from torch import nn
 
 from . import reference
-from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, forward_op, resolve
+from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, resolve
 from ._checks import check_same_device_dtype, check_size, check_tensor
 
 SPEC = OpSpec("criss_cross_attention", "cca_forward", "armnet_ops.triton.cca")
 WEIGHT_SPEC = OpSpec("cca_weight", "cca_weight", "armnet_ops.triton.cca")
 MAP_SPEC = OpSpec("cca_map", "cca_map", "armnet_ops.triton.cca")
+
+
+_SPECS = {spec.name: spec for spec in (SPEC, WEIGHT_SPEC, MAP_SPEC)}
+
+
+@torch.compiler.assume_constant_result
+def _resolve(name: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """resolve() as a constant for torch.compile: it asks the dispatcher and the file system,
+    which Dynamo cannot trace, and its answer does not change within a process."""
+    return resolve(_SPECS[name], backend, device, dtype)
+
+
+def _op(spec: OpSpec, backend: str):
+    """The registered forward op of a kernel backend. _resolve has imported the Triton module
+    already, so this is a plain attribute lookup that Dynamo traces (forward_op imports)."""
+    return getattr(torch.ops.armnet_ops, spec.cpp_op + ("_triton" if backend == "triton" else ""))
 
 
 def _check_qk(op, q, k):
@@ -36,27 +56,53 @@ def _check_v(op, v, like, like_name):
         check_size(op, "v", v, dim, like.shape[dim], what)
 
 
-def criss_cross_attention(q, k, v, *, scale: float = 1.0, backend: str = "auto"):
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved log-sum-exp: the op-math type of the inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def criss_cross_attention(q, k, v, *, scale: float = 1.0, backend: str = "auto",
+                          gamma=None, residual=None):
     """Criss-cross attention: out_u = sum_s softmax_s(scale·<q_u, k_s>)·v_s over the row and
-    column of u (SPEC §3.1). Differentiable in q, k and v."""
+    column of u (SPEC §3.1). Differentiable in q, k and v.
+
+    With `gamma` (a tensor broadcastable to out, CCNet's scalar gate) and `residual` (the shape of
+    out) it returns `gamma * out + residual`, differentiable in gamma and residual too. Both or
+    neither must be given."""
     op = "criss_cross_attention"
+    if (gamma is None) != (residual is None):
+        raise ValueError(f"{op}: arguments 'gamma' and 'residual' go together, got gamma "
+                         f"{'None' if gamma is None else 'a tensor'} and residual "
+                         f"{'None' if residual is None else 'a tensor'}")
     q, k, v = autocast_inputs(q, k, v)
     _check_qk(op, q, k)
     _check_v(op, v, q, "q")
-    b = resolve(SPEC, backend, q.device, q.dtype)
+    if residual is not None:
+        check_tensor(op, "residual", residual, 4)
+        if residual.shape != v.shape:
+            raise ValueError(f"{op}: argument 'residual' must have the shape of 'v' "
+                             f"{tuple(v.shape)}, got {tuple(residual.shape)}")
+        if not isinstance(gamma, torch.Tensor):
+            gamma = torch.as_tensor(gamma, dtype=residual.dtype, device=residual.device)
+    b = _resolve(SPEC.name, backend, q.device, q.dtype)
     if b == "reference":
-        return reference.criss_cross_attention(q, k, v, float(scale))
-    return forward_op(SPEC, b)(q, k, v, float(scale))[0]
+        out = reference.criss_cross_attention(q, k, v, float(scale))
+    else:
+        out = _op(SPEC, b)(q, k, v, float(scale))[0]
+    if residual is None:
+        return out
+    # The epilogue in PyTorch: autograd gives d(gamma) = sum(grad * out) and d(residual) = grad.
+    return gamma * out + residual
 
 
 def cca_weight(q, k, *, backend: str = "auto"):
     """CCNet's ca_weight: the raw energy (N, H+W-1, H, W), row keys then column keys."""
     q, k = autocast_inputs(q, k)
     _check_qk("cca_weight", q, k)
-    b = resolve(WEIGHT_SPEC, backend, q.device, q.dtype)
+    b = _resolve(WEIGHT_SPEC.name, backend, q.device, q.dtype)
     if b == "reference":
         return reference.cca_weight(q, k)
-    return forward_op(WEIGHT_SPEC, b)(q, k)
+    return _op(WEIGHT_SPEC, b)(q, k)
 
 
 def cca_map(attn, v, *, backend: str = "auto"):
@@ -67,30 +113,31 @@ def cca_map(attn, v, *, backend: str = "auto"):
     _check_v(op, v, attn, "attn")
     H, W = v.shape[2:]
     check_size(op, "attn", attn, 1, H + W - 1, "H+W-1 channels")
-    b = resolve(MAP_SPEC, backend, v.device, v.dtype)
+    b = _resolve(MAP_SPEC.name, backend, v.device, v.dtype)
     if b == "reference":
         return reference.cca_map(attn, v)
-    return forward_op(MAP_SPEC, b)(attn, v)
+    return _op(MAP_SPEC, b)(attn, v)
 
 
 # ---- fake kernels and autograd, for the C++ ops and their Triton twins ------------------------
 
-def register(suffix: str = "") -> None:
+def register(suffix: str = "", two_op: bool = True) -> None:
     """Registers fake kernels and autograd for armnet_ops::cca_*{suffix}. Called here for the
-    C++ ops and by armnet_ops.triton.cca for the Triton twins (suffix "_triton")."""
+    C++ ops and by armnet_ops.triton.cca for the Triton twins (suffix "_triton"); `two_op=False`
+    registers only the fused op (cca_forward/cca_backward), for a backend without the two-op API.
+
+    Every output is contiguous, whatever the input strides: the kernels write contiguous tensors."""
     ops = torch.ops.armnet_ops
     fwd, bwd = f"armnet_ops::cca_forward{suffix}", getattr(ops, f"cca_backward{suffix}")
-    weight, weight_bwd = f"armnet_ops::cca_weight{suffix}", getattr(ops, f"cca_weight_backward{suffix}")
-    cmap, cmap_bwd = f"armnet_ops::cca_map{suffix}", getattr(ops, f"cca_map_backward{suffix}")
 
     @torch.library.register_fake(fwd)
     def _(q, k, v, scale):
         N, _, H, W = q.shape
-        return v.new_empty(v.shape), q.new_empty((N, H, W), dtype=torch.float32)
+        return v.new_empty(v.shape), q.new_empty((N, H, W), dtype=lse_dtype(q.dtype))
 
     @torch.library.register_fake(f"armnet_ops::cca_backward{suffix}")
     def _(grad_out, q, k, v, out, lse, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup(ctx, inputs, output):
         q, k, v, scale = inputs
@@ -102,6 +149,10 @@ def register(suffix: str = "") -> None:
         return (*bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale), None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup)
+    if not two_op:
+        return
+    weight, weight_bwd = f"armnet_ops::cca_weight{suffix}", getattr(ops, f"cca_weight_backward{suffix}")
+    cmap, cmap_bwd = f"armnet_ops::cca_map{suffix}", getattr(ops, f"cca_map_backward{suffix}")
 
     @torch.library.register_fake(weight)
     def _(q, k):
@@ -110,7 +161,7 @@ def register(suffix: str = "") -> None:
 
     @torch.library.register_fake(f"armnet_ops::cca_weight_backward{suffix}")
     def _(grad, q, k):
-        return torch.empty_like(q), torch.empty_like(k)
+        return q.new_empty(q.shape), k.new_empty(k.shape)
 
     def setup_pair(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -124,7 +175,7 @@ def register(suffix: str = "") -> None:
 
     @torch.library.register_fake(f"armnet_ops::cca_map_backward{suffix}")
     def _(grad, attn, v):
-        return torch.empty_like(attn), torch.empty_like(v)
+        return attn.new_empty(attn.shape), v.new_empty(v.shape)
 
     torch.library.register_autograd(
         cmap, lambda ctx, g: cmap_bwd(g.contiguous(), *ctx.saved_tensors), setup_context=setup_pair)
@@ -154,9 +205,13 @@ class CrissCrossAttention(nn.Module):
         self.backend = backend
 
     def forward(self, x):
-        out = criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),
-                                    backend=self.backend)
-        return self.gamma * out + x
+        if self.backend == "reference":
+            # Kept literally as mmcv writes it, the oracle of the fused path.
+            out = criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),
+                                        backend="reference")
+            return self.gamma * out + x
+        return criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),
+                                     backend=self.backend, gamma=self.gamma, residual=x)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, backend={self.backend!r}"

@@ -10,8 +10,9 @@
 
 TORCH_LIBRARY(armnet_ops, m) {
   // ---- criss-cross attention (armnet_ops/cca.py) -------------------------------------------
-  // out (N, Cv, H, W); lse (N, H, W) float32: the log-sum-exp of the H+W-1 scaled energies of
-  // each pixel, the only statistic the backward needs to rebuild the weights.
+  // out (N, Cv, H, W); lse (N, H, W) in the op-math type (float32, float64 for float64 inputs):
+  // the log-sum-exp of the H+W-1 scaled energies of each pixel, the only statistic the backward
+  // needs to rebuild the weights.
   m.def("cca_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
   m.def(
       "cca_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

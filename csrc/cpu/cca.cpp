@@ -1,0 +1,232 @@
+// Criss-cross attention on the CPU: the fused op (cca_forward / cca_backward) and CCNet's
+// two-op API (cca_weight / cca_map and their backwards). fp32 and fp64.
+//
+// Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W), all made contiguous NCHW by the glue. The key
+// set of pixel u = (h, w) is its row (h, z), z in [0, W), and its column (j, w), j != h.
+//
+// The fused forward works one image row (n, h) at a time (at::parallel_for over N·H). For the W
+// pixels of the row it builds a (W + H) x W block of energies, key-major so that every inner
+// loop runs along w (contiguous in NCHW and vectorisable): block rows z < W are the row keys,
+// block rows W + j the column keys, with j == h masked to -inf (that key is the pixel itself,
+// already counted as a row key). One softmax per pixel over that block gives the weights; the
+// block is O(W·(H+W)) per thread and is never written to memory as a whole tensor. The forward
+// saves out and the log-sum-exp (N, H, W) (in the op-math type: float for fp32, double for fp64).
+//
+// The backward recomputes the weights from lse and is deterministic (gather, no scatter between
+// threads) in two passes:
+//   A. per pixel row h: P, dP = <dO_u, v_s>, D_u = <dO_u, O_u>, dS = P (dP - D) · scale; then
+//      dq for the row, and the row-key part of dk, dv for keys in row h (only the pixels of row h
+//      see them as row keys).
+//   B. per key row j: the column-key part of dk, dv for the keys (j, w): the pixels (h, w),
+//      h != j, are visited in a fixed order and their weights recomputed from q, k, lse and D.
+// Each pass writes only the rows it owns, so the result does not depend on the thread count.
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace armnet_ops {
+namespace {
+
+// The kernels, three times: for the baseline ISA, for AVX2+FMA and for AVX-512 (512-bit vectors
+// preferred) where the compiler can target them; every inner loop runs along w and vectorises, so
+// the vector width is most of the speed. kernel_isa() picks at run time, so the binary still runs
+// on CPUs without AVX2.
+namespace isa_base {
+#include "cca_kernels.h"
+}  // namespace isa_base
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#include "cca_kernels.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+namespace isa_avx512 {
+#include "cca_kernels.h"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+// 0 baseline, 1 AVX2, 2 AVX-512: the best the CPU supports, capped by the environment variable
+// ARMNET_OPS_CPU_ISA=base|avx2 (read once; the tests use it to run every variant).
+int kernel_isa() {
+  static const int isa = [] {
+    __builtin_cpu_init();
+    int best = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
+    if (best == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      best = 2;
+    const char* cap = std::getenv("ARMNET_OPS_CPU_ISA");
+    if (cap != nullptr && std::string(cap) == "base") best = 0;
+    if (cap != nullptr && std::string(cap) == "avx2") best = std::min(best, 1);
+    return best;
+  }();
+  return isa;
+}
+#define CCA_KERNEL(fn, ...)                                                                \
+  (kernel_isa() == 2   ? isa_avx512::fn(__VA_ARGS__)                                       \
+   : kernel_isa() == 1 ? isa_avx2::fn(__VA_ARGS__)                                         \
+                       : isa_base::fn(__VA_ARGS__))
+#else
+#define CCA_KERNEL(fn, ...) isa_base::fn(__VA_ARGS__)
+#endif
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(q.dim() == 4, op, ": argument 'q' must be 4-D (N, Cqk, H, W), got ", q.dim(), "-D");
+  TORCH_CHECK(k.sizes() == q.sizes(), op, ": argument 'k' must have the shape of 'q' ", q.sizes(),
+              ", got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, op, ": argument 'v' must be 4-D (N, Cv, H, W), got ", v.dim(), "-D");
+  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3), op,
+              ": argument 'v' must have N, H, W of 'q' (", q.size(0), ", ", q.size(2), ", ",
+              q.size(3), "), got ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op,
+              ": expected CPU tensors");
+}
+
+std::tuple<at::Tensor, at::Tensor> cca_forward_cpu(const at::Tensor& q_, const at::Tensor& k_,
+                                                   const at::Tensor& v_, double scale) {
+  check_inputs(q_, k_, v_, "cca_forward");
+  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
+  auto out = at::empty({N, Cv, H, W}, v.options());
+  auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_forward_cpu", [&] {
+    CCA_KERNEL(forward_kernel<scalar_t>, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                             v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                             lse.data_ptr<scalar_t>(), N, Cqk, Cv, H, W,
+                             static_cast<scalar_t>(scale));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out_, const at::Tensor& lse_, double scale) {
+  check_inputs(q_, k_, v_, "cca_backward");
+  TORCH_CHECK(grad_out.sizes() == v_.sizes() && out_.sizes() == v_.sizes(),
+              "cca_backward: grad_out and out must have the shape of v ", v_.sizes(), ", got ",
+              grad_out.sizes(), " and ", out_.sizes());
+  TORCH_CHECK(lse_.dim() == 3 && lse_.size(0) == q_.size(0) && lse_.size(1) == q_.size(2) &&
+                  lse_.size(2) == q_.size(3),
+              "cca_backward: lse must be (N, H, W), got ", lse_.sizes());
+  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  auto go = grad_out.to(v.scalar_type()).contiguous(), out = out_.contiguous();
+  auto lse = lse_.to(q.scalar_type()).contiguous();
+  const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
+  auto gq = at::empty_like(q), gk = at::empty_like(k), gv = at::empty_like(v);
+  if (N * H * W == 0) return {gq.zero_(), gk.zero_(), gv.zero_()};
+  auto D = at::empty({N, H, W}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_backward_cpu", [&] {
+    CCA_KERNEL(backward_kernel<scalar_t>, go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                              k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                              gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
+                              gv.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), N, Cqk, Cv, H, W,
+                              static_cast<scalar_t>(scale));
+  });
+  return {gq, gk, gv};
+}
+
+at::Tensor cca_weight_cpu(const at::Tensor& q_, const at::Tensor& k_) {
+  check_inputs(q_, k_, q_, "cca_weight");
+  auto q = q_.contiguous(), k = k_.contiguous();
+  const int64_t N = q.size(0), C = q.size(1), H = q.size(2), W = q.size(3);
+  auto e = at::empty({N, H + W - 1, H, W}, q.options());
+  if (e.numel() == 0) return e;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_weight_cpu", [&] {
+    CCA_KERNEL(weight_kernel<scalar_t>, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                            e.data_ptr<scalar_t>(), N, C, H, W);
+  });
+  return e;
+}
+
+std::tuple<at::Tensor, at::Tensor> cca_weight_backward_cpu(const at::Tensor& g_,
+                                                           const at::Tensor& q_,
+                                                           const at::Tensor& k_) {
+  check_inputs(q_, k_, q_, "cca_weight_backward");
+  const int64_t N = q_.size(0), C = q_.size(1), H = q_.size(2), W = q_.size(3);
+  TORCH_CHECK(g_.dim() == 4 && g_.size(0) == N && g_.size(1) == H + W - 1 && g_.size(2) == H &&
+                  g_.size(3) == W,
+              "cca_weight_backward: grad_energy must be (N, H+W-1, H, W) = (", N, ", ",
+              H + W - 1, ", ", H, ", ", W, "), got ", g_.sizes());
+  auto q = q_.contiguous(), k = k_.contiguous(), g = g_.to(q.scalar_type()).contiguous();
+  auto gq = at::zeros_like(q), gk = at::zeros_like(k);
+  if (N * H * W == 0) return {gq, gk};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_weight_backward_cpu", [&] {
+    CCA_KERNEL(weight_backward_kernel<scalar_t>, g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                                     k.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(),
+                                     gk.data_ptr<scalar_t>(), N, C, H, W);
+  });
+  return {gq, gk};
+}
+
+void check_map(const at::Tensor& a, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(v.dim() == 4, op, ": argument 'v' must be 4-D (N, C, H, W), got ", v.dim(), "-D");
+  const int64_t N = v.size(0), H = v.size(2), W = v.size(3);
+  TORCH_CHECK(a.dim() == 4 && a.size(0) == N && a.size(1) == H + W - 1 && a.size(2) == H &&
+                  a.size(3) == W,
+              op, ": argument 'attn' must be (N, H+W-1, H, W) = (", N, ", ", H + W - 1, ", ", H,
+              ", ", W, "), got ", a.sizes());
+  TORCH_CHECK(a.scalar_type() == v.scalar_type(), op, ": attn and v must share one dtype, got ",
+              a.scalar_type(), " and ", v.scalar_type());
+}
+
+at::Tensor cca_map_cpu(const at::Tensor& a_, const at::Tensor& v_) {
+  check_map(a_, v_, "cca_map");
+  auto a = a_.contiguous(), v = v_.contiguous();
+  const int64_t N = v.size(0), C = v.size(1), H = v.size(2), W = v.size(3);
+  auto out = at::empty_like(v);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "cca_map_cpu", [&] {
+    CCA_KERNEL(map_kernel<scalar_t>, a.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                         N, C, H, W);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> cca_map_backward_cpu(const at::Tensor& g_, const at::Tensor& a_,
+                                                        const at::Tensor& v_) {
+  check_map(a_, v_, "cca_map_backward");
+  TORCH_CHECK(g_.sizes() == v_.sizes(), "cca_map_backward: grad_out must have the shape of v ",
+              v_.sizes(), ", got ", g_.sizes());
+  auto a = a_.contiguous(), v = v_.contiguous(), g = g_.to(v.scalar_type()).contiguous();
+  const int64_t N = v.size(0), C = v.size(1), H = v.size(2), W = v.size(3);
+  auto ga = at::zeros_like(a), gv = at::zeros_like(v);
+  if (N * H * W == 0) return {ga, gv};
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "cca_map_backward_cpu", [&] {
+    CCA_KERNEL(map_backward_kernel<scalar_t>, g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+                                  v.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(),
+                                  gv.data_ptr<scalar_t>(), N, C, H, W);
+  });
+  return {ga, gv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(armnet_ops, CPU, m) {
+  m.impl("cca_forward", &cca_forward_cpu);
+  m.impl("cca_backward", &cca_backward_cpu);
+  m.impl("cca_weight", &cca_weight_cpu);
+  m.impl("cca_weight_backward", &cca_weight_backward_cpu);
+  m.impl("cca_map", &cca_map_cpu);
+  m.impl("cca_map_backward", &cca_map_backward_cpu);
+}
+
+}  // namespace armnet_ops
