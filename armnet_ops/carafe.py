@@ -85,7 +85,8 @@ def register(suffix: str = "") -> None:
 
         @torch.library.register_fake(f"armnet_ops::{name}_backward{suffix}")
         def _(grad_out, features, masks, kernel_size, group_size, scale_factor):
-            return torch.empty_like(features), torch.empty_like(masks)
+            # The kernels return contiguous gradients whatever the input strides.
+            return (features.new_empty(features.shape), masks.new_empty(masks.shape))
 
         def setup(ctx, inputs, output):
             ctx.save_for_backward(*inputs[:2])
