@@ -235,13 +235,14 @@ def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def _blocks(Cg: int, s: int):
+def _blocks(Cg: int, s: int, HW: int):
     """(BLOCK_C, BLOCK_P, S2P). The tile holds about 4096 accumulators (BLOCK_C·BLOCK_P·S2P)
-    on a GPU; the interpreter runs each program as numpy calls, so it gets bigger tiles."""
+    on a GPU; the interpreter runs each program as numpy calls, so it gets bigger tiles. Small
+    images get a tile no wider than the image."""
     s2p = triton.next_power_of_2(s * s)
     budget = 16384 if INTERPRET else 4096
     block_c = min(triton.next_power_of_2(max(Cg, 1)), 32)
-    block_p = max(16, min(128, budget // (block_c * s2p)))
+    block_p = max(16, min(128, budget // (block_c * s2p), triton.next_power_of_2(max(HW, 1))))
     return block_c, block_p, s2p
 
 
@@ -289,7 +290,7 @@ def _forward(features, masks, k, G, s, fused):
         return out
     Cg = C // G
     acc, _ = _acc_dtype(features.dtype)
-    bc, bp, s2p = _blocks(Cg, s)
+    bc, bp, s2p = _blocks(Cg, s, H * W)
     grid = (triton.cdiv(H * W, bp), triton.cdiv(Cg, bc), N * G)
     with _device_guard(features):
         _carafe_fwd_kernel[grid](features, masks, out, C, H, W, G, Cg, K=k, S=s, FUSED=fused,
@@ -310,7 +311,7 @@ def _backward(grad_out, features, masks, k, G, s, fused):
     if N == 0 or H == 0 or W == 0 or C == 0:
         grad_features.zero_()
         return grad_features, grad_masks.to(masks.dtype)
-    bc, bp, s2p = _blocks(Cg, s)
+    bc, bp, s2p = _blocks(Cg, s, H * W)
     lse = (torch.empty((N, G, s * s, H, W), dtype=acc_torch, device=features.device)
            if fused else grad_masks)
     with _device_guard(features):
