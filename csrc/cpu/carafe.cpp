@@ -121,103 +121,113 @@ void normalise_rows(const Geometry& g, const scalar_t* logits, int64_t n, int64_
   }
 }
 
-// The valid low-resolution column range [lo, hi) of w such that w + kx - r lies in [0, W).
-inline void tap_columns(const Geometry& g, int64_t kx, int64_t& lo, int64_t& hi) {
-  lo = std::max<int64_t>(0, g.r - kx);
-  hi = std::min<int64_t>(g.W, g.W + g.r - kx);
+// The inner loops run along an output row x ∈ [0, sW) as dst[x] += a[x]·b[x], which the compiler
+// vectorises. To get there, each feature row is first upsampled to output resolution (nearest,
+// x' → x'/s) into a row padded with r·s zeros on both sides: tap kx of output pixel x then reads
+// up[pad + x + (kx − r)·s], a plain shifted row, and the zero pads are the zero padding of CARAFE.
+// The feature gradient runs the same shift backwards into an upsampled accumulator row, summed
+// over the s children of each column at the end. These rows are O(k·sW) per thread.
+template <typename scalar_t>
+inline void fma_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ a,
+                    const scalar_t* __restrict__ b, int64_t len) {
+  for (int64_t x = 0; x < len; ++x) dst[x] += a[x] * b[x];
 }
 
-// out rows [y0, y1) of every channel of group grp.
+// Upsampled, zero-padded feature rows hh ∈ [e0, e1) of one channel plane (rows outside the image
+// are left as they are: the loops below skip them).
+template <typename scalar_t>
+struct UpRows {
+  std::vector<scalar_t> data;
+  int64_t e0 = 0, pad = 0, len = 0;
+
+  void reset(const Geometry& g, int64_t lo, int64_t hi) {
+    e0 = lo;
+    pad = g.r * g.s;
+    len = g.sW + 2 * pad;
+    data.assign(static_cast<size_t>((hi - lo) * len), scalar_t(0));
+  }
+  // Pointer to output column 0 of row hh (valid from -pad to sW + pad).
+  const scalar_t* row(int64_t hh) const { return data.data() + (hh - e0) * len + pad; }
+  void fill(const Geometry& g, const scalar_t* plane, int64_t lo, int64_t hi) {
+    for (int64_t hh = std::max<int64_t>(lo, 0); hh < std::min(hi, g.H); ++hh) {
+      scalar_t* dst = data.data() + (hh - e0) * len + pad;
+      const scalar_t* src = plane + hh * g.W;
+      for (int64_t w = 0; w < g.W; ++w)
+        for (int64_t j = 0; j < g.s; ++j) dst[w * g.s + j] = src[w];
+    }
+  }
+};
+
+// out rows [y0, y1) (low-resolution rows [h0, h1)) of every channel of group grp.
 template <typename scalar_t>
 void forward_unit(const Geometry& g, const scalar_t* features, const MaskRows<scalar_t>& m,
-                  int64_t n, int64_t grp, int64_t y0, int64_t y1, scalar_t* out) {
+                  int64_t n, int64_t grp, int64_t h0, int64_t h1, scalar_t* out, UpRows<scalar_t>& up) {
   const int64_t HW = g.H * g.W, oHW = g.sH * g.sW;
+  up.reset(g, h0 - g.r, h1 + g.r);
   for (int64_t c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) {
-    const scalar_t* fc = features + (n * g.C + c) * HW;
+    up.fill(g, features + (n * g.C + c) * HW, h0 - g.r, h1 + g.r);
     scalar_t* oc = out + (n * g.C + c) * oHW;
-    for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t y = h0 * g.s; y < h1 * g.s; ++y) {
       scalar_t* acc = oc + y * g.sW;
       std::fill(acc, acc + g.sW, scalar_t(0));
       const int64_t h = y / g.s;
       for (int64_t ky = 0; ky < g.k; ++ky) {
         const int64_t hh = h + ky - g.r;
         if (hh < 0 || hh >= g.H) continue;
-        const scalar_t* frow = fc + hh * g.W;
-        for (int64_t kx = 0; kx < g.k; ++kx) {
-          const scalar_t* mrow = m.row(ky * g.k + kx, y);
-          int64_t lo, hi;
-          tap_columns(g, kx, lo, hi);
-          // One feature load serves the s children of the low-resolution column.
-          for (int64_t w = lo; w < hi; ++w) {
-            const scalar_t f = frow[w + kx - g.r];
-            const int64_t xb = w * g.s;
-            for (int64_t j = 0; j < g.s; ++j) acc[xb + j] += f * mrow[xb + j];
-          }
-        }
+        const scalar_t* frow = up.row(hh);
+        for (int64_t kx = 0; kx < g.k; ++kx)
+          fma_row(acc, frow + (kx - g.r) * g.s, m.row(ky * g.k + kx, y), g.sW);
       }
     }
   }
 }
 
-// dL/dmask for output rows [y0, y1) of group grp: gm(t, y)[x] = Σ_c grad_out[c,y,x]·f[c, tap].
-// Written through `gm_row`, which the caller points at grad_masks or at a scratch.
-template <typename scalar_t, typename RowFn>
-void grad_mask_unit(const Geometry& g, const scalar_t* grad_out, const scalar_t* features,
-                    int64_t n, int64_t grp, int64_t y, RowFn gm_row) {
-  const int64_t HW = g.H * g.W, oHW = g.sH * g.sW;
-  for (int64_t t = 0; t < g.k2; ++t) std::fill(gm_row(t), gm_row(t) + g.sW, scalar_t(0));
-  const int64_t h = y / g.s;
-  for (int64_t c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) {
-    const scalar_t* fc = features + (n * g.C + c) * HW;
-    const scalar_t* gorow = grad_out + (n * g.C + c) * oHW + y * g.sW;
-    for (int64_t ky = 0; ky < g.k; ++ky) {
-      const int64_t hh = h + ky - g.r;
-      if (hh < 0 || hh >= g.H) continue;
-      const scalar_t* frow = fc + hh * g.W;
-      for (int64_t kx = 0; kx < g.k; ++kx) {
-        scalar_t* acc = gm_row(ky * g.k + kx);
-        int64_t lo, hi;
-        tap_columns(g, kx, lo, hi);
-        for (int64_t w = lo; w < hi; ++w) {
-          const scalar_t f = frow[w + kx - g.r];
-          const int64_t xb = w * g.s;
-          for (int64_t j = 0; j < g.s; ++j) acc[xb + j] += f * gorow[xb + j];
-        }
-      }
-    }
-  }
-}
-
-// dL/dfeatures for low-resolution rows [h0, h1) of every channel of group grp: a gather over the
-// output pixels whose window covers (hh, ww), i.e. the children of (hh + r - ky, ww + r - kx).
+// Both gradients of low-resolution rows [h0, h1) of group grp, for every channel of the group:
+//   dp(t, y)[x] += grad_out[c, y, x] · f[c, tap t of (y, x)]   for y ∈ [h0·s, h1·s)
+//   grad_features[c, hh, ·] for hh ∈ [h0, h1), a gather through the shifted rows.
+// `dp` points at zeroed rows (k² × (h1 − h0)·s × sW, tap stride dp_tap).
 template <typename scalar_t>
-void grad_feature_unit(const Geometry& g, const scalar_t* grad_out, const MaskRows<scalar_t>& m,
-                       int64_t n, int64_t grp, int64_t h0, int64_t h1, scalar_t* grad_features) {
-  const int64_t HW = g.H * g.W, oHW = g.sH * g.sW;
+void backward_unit(const Geometry& g, const scalar_t* grad_out, const scalar_t* features,
+                   const MaskRows<scalar_t>& m, int64_t n, int64_t grp, int64_t h0, int64_t h1,
+                   scalar_t* dp, int64_t dp_tap, scalar_t* grad_features, UpRows<scalar_t>& up,
+                   std::vector<scalar_t>& accrow) {
+  const int64_t HW = g.H * g.W, oHW = g.sH * g.sW, y0 = h0 * g.s;
+  up.reset(g, h0 - g.r, h1 + g.r);
+  accrow.resize(static_cast<size_t>(up.len));
   for (int64_t c = grp * g.Cg; c < (grp + 1) * g.Cg; ++c) {
+    up.fill(g, features + (n * g.C + c) * HW, h0 - g.r, h1 + g.r);
     const scalar_t* goc = grad_out + (n * g.C + c) * oHW;
+    for (int64_t y = y0; y < h1 * g.s; ++y) {
+      const scalar_t* gorow = goc + y * g.sW;
+      const int64_t h = y / g.s;
+      for (int64_t ky = 0; ky < g.k; ++ky) {
+        const int64_t hh = h + ky - g.r;
+        if (hh < 0 || hh >= g.H) continue;
+        const scalar_t* frow = up.row(hh);
+        for (int64_t kx = 0; kx < g.k; ++kx)
+          fma_row(dp + (ky * g.k + kx) * dp_tap + (y - y0) * g.sW, gorow,
+                  frow + (kx - g.r) * g.s, g.sW);
+      }
+    }
     for (int64_t hh = h0; hh < h1; ++hh) {
-      scalar_t* acc = grad_features + (n * g.C + c) * HW + hh * g.W;
-      std::fill(acc, acc + g.W, scalar_t(0));
+      // accrow[pad + ww·s + j] collects the children j of feature column ww; the pads catch
+      // the taps that fall outside the image.
+      std::fill(accrow.begin(), accrow.end(), scalar_t(0));
+      scalar_t* acc = accrow.data() + up.pad;
       for (int64_t ky = 0; ky < g.k; ++ky) {
         const int64_t h = hh + g.r - ky;
         if (h < 0 || h >= g.H) continue;
         for (int64_t i = 0; i < g.s; ++i) {
           const int64_t y = h * g.s + i;
-          const scalar_t* gorow = goc + y * g.sW;
-          for (int64_t kx = 0; kx < g.k; ++kx) {
-            const scalar_t* mrow = m.row(ky * g.k + kx, y);
-            // ww such that the source column w = ww + r - kx lies in [0, W).
-            const int64_t lo = std::max<int64_t>(0, kx - g.r);
-            const int64_t hi = std::min<int64_t>(g.W, g.W + kx - g.r);
-            for (int64_t ww = lo; ww < hi; ++ww) {
-              const int64_t xb = (ww + g.r - kx) * g.s;
-              scalar_t sum = 0;
-              for (int64_t j = 0; j < g.s; ++j) sum += gorow[xb + j] * mrow[xb + j];
-              acc[ww] += sum;
-            }
-          }
+          for (int64_t kx = 0; kx < g.k; ++kx)
+            fma_row(acc + (kx - g.r) * g.s, goc + y * g.sW, m.row(ky * g.k + kx, y), g.sW);
         }
+      }
+      scalar_t* gf = grad_features + (n * g.C + c) * HW + hh * g.W;
+      for (int64_t ww = 0; ww < g.W; ++ww) {
+        scalar_t sum = 0;
+        for (int64_t j = 0; j < g.s; ++j) sum += acc[ww * g.s + j];
+        gf[ww] = sum;
       }
     }
   }
@@ -243,6 +253,7 @@ at::Tensor forward_impl(const at::Tensor& features_in, const at::Tensor& masks_i
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> buf;
+      UpRows<scalar_t> up;
       for (int64_t u = begin; u < end; ++u) {
         const int64_t b = u % blocks, grp = (u / blocks) % g.G, n = u / (blocks * g.G);
         const int64_t h0 = b * kBlockRows, h1 = std::min(g.H, h0 + kBlockRows);
@@ -255,7 +266,7 @@ at::Tensor forward_impl(const at::Tensor& features_in, const at::Tensor& masks_i
         } else {
           m = {mp + (n * g.G + grp) * g.k2 * g.sH * g.sW, g.sH * g.sW, 0, g.sW};
         }
-        forward_unit(g, fp, m, n, grp, y0, y1, op_);
+        forward_unit(g, fp, m, n, grp, h0, h1, op_, up);
       }
     });
   });
@@ -284,8 +295,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out_in,
   const at::Tensor features = features_in.contiguous();
   const at::Tensor masks = masks_in.contiguous();
   at::Tensor grad_features = at::empty(features.sizes(), features.options());
-  // Every element of both gradients is written below (zero included), so no zero fill here;
-  // an empty group (C = 0) leaves nothing to reduce, hence the explicit zeros for that case.
+  // Every element of both gradients is written below; an empty group (C = 0) leaves nothing to
+  // reduce, hence the explicit zeros for that case.
   at::Tensor grad_masks = g.C == 0 ? at::zeros(masks.sizes(), masks.options())
                                    : at::empty(masks.sizes(), masks.options());
   if (g.N == 0 || g.C == 0 || g.H == 0 || g.W == 0) return {grad_features, grad_masks};
@@ -298,43 +309,45 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out_in,
     scalar_t* gfp = grad_features.data_ptr<scalar_t>();
     scalar_t* gmp = grad_masks.data_ptr<scalar_t>();
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> buf, dp;
+      std::vector<scalar_t> buf, dp, accrow;
+      UpRows<scalar_t> up;
       for (int64_t u = begin; u < end; ++u) {
         const int64_t b = u % blocks, grp = (u / blocks) % g.G, n = u / (blocks * g.G);
         const int64_t h0 = b * kBlockRows, h1 = std::min(g.H, h0 + kBlockRows);
-        MaskRows<scalar_t> m;
+        const int64_t y0 = h0 * g.s, y1 = h1 * g.s;
         if (fused) {
           // The feature gather reads the masks of low-resolution rows [h0 - r, h1 + r).
           const int64_t e0 = std::max<int64_t>(0, h0 - g.r) * g.s;
           const int64_t e1 = std::min<int64_t>(g.H, h1 + g.r) * g.s;
           buf.resize(static_cast<size_t>(g.k2 * (e1 - e0) * g.sW));
           normalise_rows(g, mp, n, grp, e0, e1, buf.data());
-          m = {buf.data(), (e1 - e0) * g.sW, e0, g.sW};
+          const MaskRows<scalar_t> m{buf.data(), (e1 - e0) * g.sW, e0, g.sW};
+          const int64_t dp_tap = (y1 - y0) * g.sW;
+          dp.assign(static_cast<size_t>(g.k2 * dp_tap), scalar_t(0));
+          backward_unit(g, gop, fp, m, n, grp, h0, h1, dp.data(), dp_tap, gfp, up, accrow);
           // dL/dlogit = p·(dp − Σ_t p·dp), scattered back through the pixel shuffle.
-          dp.resize(static_cast<size_t>(g.k2 * g.sW));
           scalar_t* gl = gmp + (n * g.G + grp) * g.k2 * s2 * HW;
-          for (int64_t y = h0 * g.s; y < h1 * g.s; ++y) {
-            grad_mask_unit(g, gop, fp, n, grp, y,
-                           [&](int64_t t) { return dp.data() + t * g.sW; });
+          for (int64_t y = y0; y < y1; ++y) {
             const int64_t h = y / g.s, i = y % g.s;
             for (int64_t x = 0; x < g.sW; ++x) {
               const int64_t w = x / g.s, j = x % g.s;
+              const scalar_t* d = dp.data() + (y - y0) * g.sW + x;
               scalar_t dot = 0;
-              for (int64_t t = 0; t < g.k2; ++t) dot += m.row(t, y)[x] * dp[t * g.sW + x];
+              for (int64_t t = 0; t < g.k2; ++t) dot += m.row(t, y)[x] * d[t * dp_tap];
               scalar_t* dl = gl + (i * g.s + j) * HW + h * g.W + w;
               for (int64_t t = 0; t < g.k2; ++t)
-                dl[t * s2 * HW] = m.row(t, y)[x] * (dp[t * g.sW + x] - dot);
+                dl[t * s2 * HW] = m.row(t, y)[x] * (d[t * dp_tap] - dot);
             }
           }
         } else {
           const int64_t off = (n * g.G + grp) * g.k2 * g.sH * g.sW;
-          m = {mp + off, g.sH * g.sW, 0, g.sW};
-          scalar_t* gm = gmp + off;
-          for (int64_t y = h0 * g.s; y < h1 * g.s; ++y)
-            grad_mask_unit(g, gop, fp, n, grp, y,
-                           [&](int64_t t) { return gm + t * g.sH * g.sW + y * g.sW; });
+          const MaskRows<scalar_t> m{mp + off, g.sH * g.sW, 0, g.sW};
+          // dL/dmask accumulates straight into this unit's rows of grad_masks.
+          scalar_t* gm = gmp + off + y0 * g.sW;
+          for (int64_t t = 0; t < g.k2; ++t)
+            std::fill(gm + t * g.sH * g.sW, gm + t * g.sH * g.sW + (y1 - y0) * g.sW, scalar_t(0));
+          backward_unit(g, gop, fp, m, n, grp, h0, h1, gm, g.sH * g.sW, gfp, up, accrow);
         }
-        grad_feature_unit(g, gop, m, n, grp, h0, h1, gfp);
       }
     });
   });

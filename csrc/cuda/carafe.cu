@@ -16,7 +16,8 @@
 //
 // Limits. Shared memory holds k²·s²·32 accumulators, independent of G (mmcv keeps G·k² values per
 // pixel and silently overflows past G·k² = 384). If k²·s² exceeds what the device can give one
-// block (k²·s² ≤ 1776 for fp32 on H100/H200: 227 KiB), a clear error is raised.
+// block (k²·s² ≤ 1816 in fp32/fp16/bf16, 908 in fp64 on H100/H200: 227 KiB), a clear error
+// is raised.
 //
 // Backward, deterministic (no atomics):
 //   * mask_grad: dmask[t, y, x] = Σ_c grad_out[c, y, x]·f[c, tap t of (y, x)]; each thread owns a
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
 carafe_forward_kernel(const scalar_t* __restrict__ features, const scalar_t* __restrict__ masks,
                       scalar_t* __restrict__ out, int C, int H, int W, int G, int k, int s_rt,
                       int splits) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* msk = reinterpret_cast<acc_t*>(smem_raw);  // [k²][s²][32]
   constexpr int QB = S_CT > 0 ? S_CT * S_CT : 4;
   const int s = S_CT > 0 ? S_CT : s_rt;
@@ -223,7 +224,7 @@ carafe_mask_grad_kernel(const scalar_t* __restrict__ grad_out,
                         const scalar_t* __restrict__ features, const scalar_t* __restrict__ masks,
                         scalar_t* __restrict__ grad_masks, acc_t* __restrict__ lse, int C, int H,
                         int W, int G, int k, int s_rt) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* dps = reinterpret_cast<acc_t*>(smem_raw);  // fused only: dp [k²][s²][32]
   constexpr int QB = S_CT > 0 ? S_CT * S_CT : 4;
   const int s = S_CT > 0 ? S_CT : s_rt;
@@ -333,7 +334,7 @@ carafe_feature_grad_kernel(const scalar_t* __restrict__ grad_out,
                            const scalar_t* __restrict__ masks, const acc_t* __restrict__ lse,
                            scalar_t* __restrict__ grad_features, int C, int H, int W, int G, int k,
                            int s_rt, int splits) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* msk = reinterpret_cast<acc_t*>(smem_raw);  // [k²][s²][32]
   constexpr int QB = S_CT > 0 ? S_CT * S_CT : 4;
   const int s = S_CT > 0 ? S_CT : s_rt;
@@ -391,8 +392,10 @@ carafe_feature_grad_kernel(const scalar_t* __restrict__ grad_out,
           }
 #pragma unroll
           for (int cb = 0; cb < CB; ++cb) {
-            if (cb0 + cb >= c_end) break;
-            const scalar_t* go = grad_out + (chan0 + cb0 + cb) * oHW;
+            // Clamp instead of breaking out, so the loop unrolls and acc[] stays in registers;
+            // the clamped channel's sum is never stored.
+            const int c = min(cb0 + cb, c_end - 1);
+            const scalar_t* go = grad_out + (chan0 + c) * oHW;
             if constexpr (ChildRow<S_CT, scalar_t>::kVector) {
 #pragma unroll
               for (int i = 0; i < S_CT; ++i) {
