@@ -111,6 +111,15 @@ def test_reference_fused_is_carafe_of_the_mask():
     torch.testing.assert_close(reference.carafe_fused(f, lg, k, G, s), reference.carafe(f, mask, k, G, s))
 
 
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_fused_equals_carafe_of_the_mask(backend, device):
+    k, G, s = 3, 2, 3
+    f, lg = _inputs("carafe_fused", 2, 4, 4, 5, k, G, s, device=device)
+    fused = carafe_fused(f, lg, k, G, s, backend=backend)
+    torch.testing.assert_close(fused, carafe(f, reference.carafe_mask(lg, k, G, s), k, G, s,
+                                             backend=backend))
+
+
 # ---- parity of every backend ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("op", list(OPS))

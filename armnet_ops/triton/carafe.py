@@ -177,6 +177,8 @@ def _carafe_bwd_mask_kernel(go_ptr, feat_ptr, mask_ptr, gm_ptr, lse_ptr, C, H, W
             off = lbase + t * (S * S * HW) + goff
             pr = tl.exp(tl.load(mask_ptr + off, mask=pq_mask, other=0.0).to(ACC) - mx) * inv
             dot += pr * tl.load(gm_ptr + off, mask=pq_mask, other=0.0)
+        # dp is overwritten in place below; every read above must be done first.
+        tl.debug_barrier()
         for t in range(0, K2):
             off = lbase + t * (S * S * HW) + goff
             pr = tl.exp(tl.load(mask_ptr + off, mask=pq_mask, other=0.0).to(ACC) - mx) * inv
