@@ -150,6 +150,16 @@ def test_many_taps_per_group(op, backend, device):
     _check_parity(op, backend, device, 1, 16, 3, 4, 5, 16, 2, torch.float32)
 
 
+@needs_cuda
+@pytest.mark.parametrize("op", list(OPS))
+def test_cuda_too_many_taps_is_a_clear_error(op):
+    # k²·s² = 31²·4² = 15376 staged mask values per pixel exceed any device's shared memory
+    k, G, s = 31, 1, 4
+    f, m = _inputs(op, 1, 2, 2, 3, k, G, s, dtype=torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match="shared memory"):
+        OPS[op][0](f, m, k, G, s, backend="cuda")
+
+
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", [pytest.param("cuda", marks=needs_cuda),
