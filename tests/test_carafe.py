@@ -1,7 +1,11 @@
 """CARAFE: `carafe` and `carafe_fused` on every kernel backend against armnet_ops.reference, the
 reference against a brute-force loop, gradients (gradcheck in fp64), opcheck of the registered
 ops, torch.compile, autocast, strides, the modules and bad input."""
+import ctypes
 import itertools
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -390,3 +394,181 @@ def test_missing_backend_is_an_error():
     f, m = _inputs("carafe", 1, 2, 3, 3, 3, 1, 2, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="cuda"):
         carafe(f, m, 3, 1, 2, backend="cuda")
+
+
+# ---- the CUDA kernels, emulated on the host ------------------------------------------------------
+# csrc/cuda/carafe_kernels.cuh holds the device code alone, so it compiles as C++ with a few shims:
+# one std::thread per CUDA thread, a std::barrier for __syncthreads, blocks run one at a time (one
+# static array is the block's shared memory). This checks the kernels' indexing, tiling, channel
+# splits, tails and generic-s path without a GPU; it cannot check fp16/bf16, vector alignment or
+# launch limits (the needs_cuda tests do).
+
+EMULATION_HARNESS = r"""
+// Host emulation of the CARAFE CUDA kernels: one std::thread per CUDA thread, a std::barrier for
+// __syncthreads, blocks run one after another (so one static array is the block's shared memory).
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+struct dim3 { unsigned x = 0, y = 0, z = 0; };
+static dim3 blockIdx;
+static thread_local dim3 threadIdx;
+static std::barrier<>* g_barrier = nullptr;
+inline void __syncthreads() { g_barrier->arrive_and_wait(); }
+inline float __expf(float x) { return std::exp(x); }
+using std::max;
+using std::min;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__
+#define __align__(n)
+namespace armnet_ops { namespace carafe_cuda {
+alignas(16) unsigned char smem_raw[1 << 22];
+} }
+#include "cuda/carafe_kernels.cuh"
+
+using namespace armnet_ops::carafe_cuda;
+
+template <typename F>
+static void launch(int64_t blocks, F body) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    blockIdx.x = static_cast<unsigned>(b);
+    std::barrier<> bar(kThreads);
+    g_barrier = &bar;
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t)
+      threads.emplace_back([&body, t] {
+        threadIdx.x = t % kLanes;
+        threadIdx.y = t / kLanes;
+        body();
+      });
+    for (auto& th : threads) th.join();
+  }
+}
+
+static int64_t tiles(int N, int H, int W, int G) { return int64_t((W + kLanes - 1) / kLanes) * H * N * G; }
+
+template <typename T, int S_CT, bool FUSED>
+static void forward(const T* f, const T* m, T* out, int N, int C, int H, int W, int G, int k, int s,
+                    int splits) {
+  constexpr int CB = forward_cb<S_CT>();
+  launch(tiles(N, H, W, G) * splits, [&] {
+    carafe_forward_kernel<T, T, S_CT, CB, FUSED>(f, m, out, C, H, W, G, k, s, splits);
+  });
+}
+
+template <typename T, int S_CT, bool FUSED>
+static void backward(const T* go, const T* f, const T* m, T* gf, T* gm, T* lse, int N, int C,
+                     int H, int W, int G, int k, int s, int splits) {
+  constexpr int TB = mask_tb<S_CT>();
+  launch(tiles(N, H, W, G), [&] {
+    carafe_mask_grad_kernel<T, T, S_CT, TB, FUSED>(go, f, m, gm, lse, C, H, W, G, k, s);
+  });
+  launch(tiles(N, H, W, G) * splits, [&] {
+    carafe_feature_grad_kernel<T, T, S_CT, kFeatureCB, FUSED>(go, m, lse, gf, C, H, W, G, k, s,
+                                                              splits);
+  });
+}
+
+template <typename T, bool FUSED, typename Fn>
+static void by_scale(int s, Fn fn) {
+  switch (s) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    default: fn(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+template <typename T>
+static void run(int fused, int do_backward, const T* go, const T* f, const T* m, T* out, T* gf,
+                T* gm, T* lse, int N, int C, int H, int W, int G, int k, int s, int splits) {
+  auto body = [&](auto s_ct) {
+    constexpr int S = decltype(s_ct)::value;
+    if (fused) {
+      if (do_backward) backward<T, S, true>(go, f, m, gf, gm, lse, N, C, H, W, G, k, s, splits);
+      else forward<T, S, true>(f, m, out, N, C, H, W, G, k, s, splits);
+    } else {
+      if (do_backward) backward<T, S, false>(go, f, m, gf, gm, lse, N, C, H, W, G, k, s, splits);
+      else forward<T, S, false>(f, m, out, N, C, H, W, G, k, s, splits);
+    }
+  };
+  by_scale<T, false>(s, body);
+}
+
+extern "C" {
+void carafe_emulate_f32(int fused, int bwd, const float* go, const float* f, const float* m,
+                        float* out, float* gf, float* gm, float* lse, int N, int C, int H, int W,
+                        int G, int k, int s, int splits) {
+  run<float>(fused, bwd, go, f, m, out, gf, gm, lse, N, C, H, W, G, k, s, splits);
+}
+void carafe_emulate_f64(int fused, int bwd, const double* go, const double* f, const double* m,
+                        double* out, double* gf, double* gm, double* lse, int N, int C, int H,
+                        int W, int G, int k, int s, int splits) {
+  run<double>(fused, bwd, go, f, m, out, gf, gm, lse, N, C, H, W, G, k, s, splits);
+}
+}
+"""
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cuda_emulation(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the host emulation of the CUDA kernels")
+    d = tmp_path_factory.mktemp("carafe_emulation")
+    (d / "harness.cpp").write_text(EMULATION_HARNESS)
+    lib = d / "libcarafe_emulation.so"
+    subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
+                    f"-I{os.path.join(ROOT, 'csrc')}", str(d / "harness.cpp"), "-o", str(lib)],
+                   check=True, capture_output=True)
+    return ctypes.CDLL(str(lib))
+
+
+def _emulate(lib, fused, f, m, go, k, G, s, splits):
+    N, C, H, W = f.shape
+
+    def ptr(t):
+        return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
+
+    fn = lib.carafe_emulate_f64 if f.dtype == torch.float64 else lib.carafe_emulate_f32
+    sizes = [ctypes.c_int(v) for v in (N, C, H, W, G, k, s, splits)]
+    # NaN-filled outputs: an element a kernel forgets to write shows up
+    out = torch.full((N, C, s * H, s * W), float("nan"), dtype=f.dtype)
+    fn(ctypes.c_int(fused), ctypes.c_int(0), ptr(None), ptr(f), ptr(m), ptr(out), ptr(None),
+       ptr(None), ptr(None), *sizes)
+    gf, gm = torch.full_like(f, float("nan")), torch.full_like(m, float("nan"))
+    lse = torch.full((N, G, s * s, H, W), float("nan"), dtype=f.dtype)
+    fn(ctypes.c_int(fused), ctypes.c_int(1), ptr(go), ptr(f), ptr(m), ptr(None), ptr(gf), ptr(gm),
+       ptr(lse), *sizes)
+    return out, gf, gm
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("k,G,s,splits,H,W,Cg,dtype", [
+    (3, 2, 2, 1, 3, 5, 3, torch.float64),
+    (5, 1, 3, 2, 2, 37, 9, torch.float32),    # two column tiles, channel tail, 2 splits
+    (1, 1, 1, 1, 2, 3, 17, torch.float64),
+    (7, 4, 4, 1, 3, 4, 2, torch.float64),
+    (3, 1, 5, 3, 2, 33, 8, torch.float64),    # the runtime-s path (s > 4), 3 splits
+    (5, 2, 1, 2, 4, 40, 20, torch.float32),
+    (3, 1, 2, 1, 1, 1, 1, torch.float64),
+])
+def test_cuda_kernels_emulated(cuda_emulation, op, k, G, s, splits, H, W, Cg, dtype):
+    fused = op == "carafe_fused"
+    N, C = 2, Cg * G
+    f, m = _inputs(op, N, C, H, W, k, G, s)
+    go = torch.randn(N, C, s * H, s * W, dtype=torch.float64)
+    ref = _run(op, "reference", f, m, k, G, s, go)
+    got = _emulate(cuda_emulation, int(fused), f.to(dtype), m.to(dtype), go.to(dtype), k, G, s,
+                   splits)
+    for a, b, what in zip(got, ref, ("output", "grad features", "grad masks/logits")):
+        assert_close(a, b.detach(), what=f"emulated CUDA {op} {what}")
