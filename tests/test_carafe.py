@@ -154,6 +154,21 @@ def test_many_taps_per_group(op, backend, device):
     _check_parity(op, backend, device, 1, 16, 3, 4, 5, 16, 2, torch.float32)
 
 
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_grad_out_with_odd_storage_offset(op, backend, device):
+    # a contiguous grad_out whose data starts one element into its storage (the CUDA kernels read
+    # grad_out in vectors of s elements)
+    k, G, s = 3, 1, 2
+    f, m = _inputs(op, 1, 2, 3, 4, k, G, s, dtype=torch.float32, device=device)
+    go = torch.randn(2 * 6 * 8, device=device)
+    shifted = torch.empty(go.numel() + 1, device=device)[1:].copy_(go).view(1, 2, 6, 8)
+    expected = _run(op, backend, f, m, k, G, s, go.view(1, 2, 6, 8))
+    got = _run(op, backend, f, m, k, G, s, shifted)
+    for a, b in zip(got[1:], expected[1:]):
+        torch.testing.assert_close(a, b)
+
+
 @needs_cuda
 @pytest.mark.parametrize("op", list(OPS))
 def test_cuda_too_many_taps_is_a_clear_error(op):

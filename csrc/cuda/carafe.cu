@@ -43,6 +43,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -203,7 +204,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out_in,
               features_in.scalar_type(), ", ", features_in.device(), "), got ",
               grad_out_in.scalar_type(), ", ", grad_out_in.device());
   const c10::cuda::CUDAGuard guard(features_in.device());
-  const at::Tensor grad_out = grad_out_in.contiguous();
+  at::Tensor grad_out = grad_out_in.contiguous();
+  // grad_out is read s children at a time as one vector; a contiguous view with an odd storage
+  // offset would make that a misaligned access, so such a view is copied to a fresh buffer.
+  if (reinterpret_cast<uintptr_t>(grad_out.data_ptr()) % 16 != 0) grad_out = grad_out.clone();
   const at::Tensor features = features_in.contiguous();
   const at::Tensor masks = masks_in.contiguous();
   at::Tensor grad_features = at::empty(features.sizes(), features.options());
