@@ -45,15 +45,30 @@ def _check(op, features, masks, masks_name, kernel_size, group_size, scale_facto
     return k, G, s
 
 
+@torch.compiler.assume_constant_result
+def _resolve(fused: bool, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend of a call. torch.compile evaluates it once at trace time and keeps the answer
+    as a constant (the dispatcher and importlib queries behind it are not traceable)."""
+    spec = FUSED_SPEC if fused else SPEC
+    b = resolve(spec, backend, device, dtype)
+    if b == "triton":
+        forward_op(spec, b)  # imports the Triton module, which registers the twins
+    return b
+
+
+def _forward(spec: OpSpec, b: str):
+    return getattr(torch.ops.armnet_ops, spec.cpp_op + ("_triton" if b == "triton" else ""))
+
+
 def carafe(features, masks, kernel_size: int, group_size: int, scale_factor: int, *,
            backend: str = "auto"):
     """Reassembles `features` with normalised `masks` (N, G·k², sH, sW) (mmcv's carafe)."""
     features, masks = autocast_inputs(features, masks)
     k, G, s = _check("carafe", features, masks, "masks", kernel_size, group_size, scale_factor, False)
-    b = resolve(SPEC, backend, features.device, features.dtype)
+    b = _resolve(False, backend, features.device, features.dtype)
     if b == "reference":
         return reference.carafe(features, masks, k, G, s)
-    return forward_op(SPEC, b)(features, masks, k, G, s)
+    return _forward(SPEC, b)(features, masks, k, G, s)
 
 
 def carafe_fused(features, mask_logits, kernel_size: int, group_size: int, scale_factor: int, *,
@@ -63,10 +78,10 @@ def carafe_fused(features, mask_logits, kernel_size: int, group_size: int, scale
     features, mask_logits = autocast_inputs(features, mask_logits)
     k, G, s = _check("carafe_fused", features, mask_logits, "mask_logits", kernel_size,
                      group_size, scale_factor, True)
-    b = resolve(FUSED_SPEC, backend, features.device, features.dtype)
+    b = _resolve(True, backend, features.device, features.dtype)
     if b == "reference":
         return reference.carafe_fused(features, mask_logits, k, G, s)
-    return forward_op(FUSED_SPEC, b)(features, mask_logits, k, G, s)
+    return _forward(FUSED_SPEC, b)(features, mask_logits, k, G, s)
 
 
 # ---- fake kernels and autograd, for the C++ ops and their Triton twins ------------------------
@@ -79,13 +94,19 @@ def register(suffix: str = "") -> None:
         bwd = getattr(torch.ops.armnet_ops, f"{name}_backward{suffix}")
 
         @torch.library.register_fake(fwd)
-        def _(features, masks, kernel_size, group_size, scale_factor):
+        def _(features, masks, kernel_size, group_size, scale_factor, name=name):
+            # Mixed devices reach the fake kernel (the Meta key wins dispatch) and not the C++
+            # checks, so the fake kernel checks them.
+            torch._check(masks.device == features.device, lambda: (
+                f"{name}: the masks must be on the device of 'features' ({features.device}), "
+                f"got {masks.device}"))
             N, C, H, W = features.shape
             return features.new_empty((N, C, H * scale_factor, W * scale_factor))
 
         @torch.library.register_fake(f"armnet_ops::{name}_backward{suffix}")
         def _(grad_out, features, masks, kernel_size, group_size, scale_factor):
-            return torch.empty_like(features), torch.empty_like(masks)
+            # The kernels return contiguous gradients whatever the input strides.
+            return (features.new_empty(features.shape), masks.new_empty(masks.shape))
 
         def setup(ctx, inputs, output):
             ctx.save_for_backward(*inputs[:2])
