@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._prims_common import suggest_memory_format as memory_format  # ATen's x.suggest_memory_format()
 
 from . import reference
 from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, forward_op, resolve
@@ -124,10 +125,10 @@ def register(suffix: str = "") -> None:
 
     def out_like(x, c_out):
         N, _, H, W = x.shape
-        return x.new_empty((N, c_out, H, W)).contiguous(memory_format=x.suggest_memory_format())
+        return x.new_empty((N, c_out, H, W)).contiguous(memory_format=memory_format(x))
 
     def grad_x_like(x):
-        return x.new_empty(x.shape).contiguous(memory_format=x.suggest_memory_format())
+        return x.new_empty(x.shape).contiguous(memory_format=memory_format(x))
 
     @torch.library.register_fake(fwd)
     def _(x, weight, bias, dilation, scale, shift, relu):
