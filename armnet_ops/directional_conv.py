@@ -34,6 +34,18 @@ PAIR_SPEC = OpSpec("directional_conv2d_pair", "directional_conv2d_pair_forward",
 ACTIVATIONS = (None, "relu")
 
 
+@torch.compiler.assume_constant_result
+def _resolve(spec_name: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
+    """The backend that runs this call (armnet_ops._backend.resolve), evaluated once at trace
+    time under torch.compile: it reads the dispatcher's registry and imports the Triton module,
+    which dynamo cannot trace, and its answer is a constant of the arguments."""
+    spec = SPEC if spec_name == SPEC.name else PAIR_SPEC
+    b = resolve(spec, backend, torch.device(device_type), dtype)
+    if b == "triton":
+        forward_op(spec, b)  # imports armnet_ops.triton.directional_conv: registers the twins
+    return b
+
+
 def _check_branch(op, x, weight, bias, scale, shift, suffix=""):
     check_tensor(op, "weight" + suffix, weight, 4)
     check_odd(op, f"weight{suffix}.shape[2] (kernel height)", weight.shape[2])
@@ -66,10 +78,12 @@ def directional_conv2d(x, weight, bias=None, dilation=(1, 1), *, scale=None, shi
     _check_activation(op, activation)
     _check_branch(op, x, weight, bias, scale, shift)
     check_same_device_dtype(op, x=x, weight=weight, bias=bias, scale=scale, shift=shift)
-    b = resolve(SPEC, backend, x.device, x.dtype)
+    b = _resolve(SPEC.name, backend, x.device.type, x.dtype)
     if b == "reference":
         return reference.directional_conv2d(x, weight, bias, dilation, scale, shift, activation)
-    return forward_op(SPEC, b)(x, weight, bias, list(dilation), scale, shift, activation == "relu")
+    op = (torch.ops.armnet_ops.directional_conv2d_forward_triton if b == "triton"
+          else torch.ops.armnet_ops.directional_conv2d_forward)
+    return op(x, weight, bias, list(dilation), scale, shift, activation == "relu")
 
 
 def directional_conv2d_pair(x, weight_h, weight_v, bias_h=None, bias_v=None, dilation_h=(1, 1),
@@ -98,13 +112,15 @@ def directional_conv2d_pair(x, weight_h, weight_v, bias_h=None, bias_v=None, dil
     check_same_device_dtype(op, x=x, weight_h=weight_h, weight_v=weight_v, bias_h=bias_h,
                             bias_v=bias_v, scale_h=scale_h, shift_h=shift_h, scale_v=scale_v,
                             shift_v=shift_v)
-    b = resolve(PAIR_SPEC, backend, x.device, x.dtype)
+    b = _resolve(PAIR_SPEC.name, backend, x.device.type, x.dtype)
     if b == "reference":
         return (reference.directional_conv2d(x, weight_h, bias_h, dilation_h, scale_h, shift_h,
                                              activation),
                 reference.directional_conv2d(x, weight_v, bias_v, dilation_v, scale_v, shift_v,
                                              activation))
-    y_h, y_v = forward_op(PAIR_SPEC, b)(x, weight_h, weight_v, bias_h, bias_v, list(dilation_h),
+    op = (torch.ops.armnet_ops.directional_conv2d_pair_forward_triton if b == "triton"
+          else torch.ops.armnet_ops.directional_conv2d_pair_forward)
+    y_h, y_v = op(x, weight_h, weight_v, bias_h, bias_v, list(dilation_h),
                                         list(dilation_v), scale_h, shift_h, scale_v, shift_v,
                                         activation == "relu")
     return y_h, y_v

@@ -75,7 +75,8 @@ def _wgrad_configs():
 def _accumulate_taps(acc, x_ptr, w_ptr, n_idx, h_idx, w_idx, m_mask, offs_n, n_mask, H, W, C,
                      sxn, sxc, sxh, sxw, C_OUT,
                      KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                     UPCAST: tl.constexpr):
     """acc[m, n] += Σ_tap Σ_c x[pixel m shifted by the tap, c] · w[tap, c, n], w packed as
     (KH·KW, C, C_OUT) contiguous. Out-of-image taps read zeros (the same padding)."""
     offs_k0 = tl.arange(0, BLOCK_K)
@@ -93,6 +94,9 @@ def _accumulate_taps(acc, x_ptr, w_ptr, n_idx, h_idx, w_idx, m_mask, offs_n, n_m
                         mask=valid[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(w_tap + offs_k[:, None] * C_OUT + offs_n[None, :],
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 is exact here
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
     return acc
 
@@ -134,7 +138,7 @@ def _dconv_fwd_kernel(
         KH_A: tl.constexpr, KW_A: tl.constexpr, DH_A: tl.constexpr, DW_A: tl.constexpr,
         KH_B: tl.constexpr, KW_B: tl.constexpr, DH_B: tl.constexpr, DW_B: tl.constexpr,
         EPI_A: tl.constexpr, EPI_B: tl.constexpr, RELU: tl.constexpr, PAIR: tl.constexpr,
-        PRECISION: tl.constexpr, ACC: tl.constexpr,
+        PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Forward of one branch (A), or of two branches A and B that read the same x (PAIR). The
     output-channel tiles of one pixel block are consecutive program ids (both branches' tiles when
@@ -155,7 +159,7 @@ def _dconv_fwd_kernel(
         n_mask = offs_n < C_a
         acc = _accumulate_taps(acc, x_ptr, wa_ptr, n_idx, h_idx, w_idx, m_mask, offs_n, n_mask,
                                H, W, C_in, sxn, sxc, sxh, sxw, C_a, KH_A, KW_A, DH_A, DW_A,
-                               BLOCK_K, PRECISION, ACC)
+                               BLOCK_K, PRECISION, ACC, UPCAST)
         _epilogue_store(acc, ya_ptr, ba_ptr, sca_ptr, sha_ptr, n_idx, h_idx, w_idx, m_mask,
                         offs_n, n_mask, syan, syac, syah, syaw, EPI_A, RELU)
     else:
@@ -164,7 +168,7 @@ def _dconv_fwd_kernel(
             n_mask = offs_n < C_b
             acc = _accumulate_taps(acc, x_ptr, wb_ptr, n_idx, h_idx, w_idx, m_mask, offs_n,
                                    n_mask, H, W, C_in, sxn, sxc, sxh, sxw, C_b, KH_B, KW_B, DH_B,
-                                   DW_B, BLOCK_K, PRECISION, ACC)
+                                   DW_B, BLOCK_K, PRECISION, ACC, UPCAST)
             _epilogue_store(acc, yb_ptr, bb_ptr, scb_ptr, shb_ptr, n_idx, h_idx, w_idx, m_mask,
                             offs_n, n_mask, sybn, sybc, sybh, sybw, EPI_B, RELU)
 
@@ -179,7 +183,7 @@ def _dconv_dgrad_kernel(
         gb_ptr, wb_ptr, C_b, sgbn, sgbc, sgbh, sgbw,
         KH_A: tl.constexpr, KW_A: tl.constexpr, DH_A: tl.constexpr, DW_A: tl.constexpr,
         KH_B: tl.constexpr, KW_B: tl.constexpr, DH_B: tl.constexpr, DW_B: tl.constexpr,
-        PAIR: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        PAIR: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """grad_x = conv(g_a, w_a) (+ conv(g_b, w_b) when PAIR): the forward's tap loop over the
     output gradients, with the weights already flipped, transposed and scaled, packed as
@@ -197,11 +201,11 @@ def _dconv_dgrad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc = _accumulate_taps(acc, ga_ptr, wa_ptr, n_idx, h_idx, w_idx, m_mask, offs_n, n_mask,
                            H, W, C_a, sgan, sgac, sgah, sgaw, C_in, KH_A, KW_A, DH_A, DW_A,
-                           BLOCK_K, PRECISION, ACC)
+                           BLOCK_K, PRECISION, ACC, UPCAST)
     if PAIR:
         acc = _accumulate_taps(acc, gb_ptr, wb_ptr, n_idx, h_idx, w_idx, m_mask, offs_n, n_mask,
                                H, W, C_b, sgbn, sgbc, sgbh, sgbw, C_in, KH_B, KW_B, DH_B, DW_B,
-                               BLOCK_K, PRECISION, ACC)
+                               BLOCK_K, PRECISION, ACC, UPCAST)
     _epilogue_store(acc, gx_ptr, gx_ptr, gx_ptr, gx_ptr, n_idx, h_idx, w_idx, m_mask, offs_n,
                     n_mask, sgxn, sgxc, sgxh, sgxw, 0, False)
 
@@ -212,7 +216,7 @@ def _dconv_wgrad_kernel(
         x_ptr, g_ptr, part_ptr, M, H, W, C_in, C_out, PIX_PER_SPLIT,
         sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
         KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-        PRECISION: tl.constexpr, ACC: tl.constexpr,
+        PRECISION: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr):
     """part[split, tap, ci, co] = Σ_{pixels p of this split} x[p shifted by tap, ci] · g[p, co].
 
@@ -247,6 +251,9 @@ def _dconv_wgrad_kernel(
         g_row = n_idx * sgn + h_idx.to(tl.int64) * sgh + w_idx.to(tl.int64) * sgw
         g = tl.load(g_ptr + g_row[:, None] + offs_co[None, :].to(tl.int64) * sgc,
                     mask=p_mask[:, None] & co_mask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            g = g.to(tl.float32)
         acc = tl.dot(xt, g, acc, input_precision=PRECISION, out_dtype=ACC)
     base = (split.to(tl.int64) * (KH * KW) + tap) * C_in * C_out
     ptrs = part_ptr + base + offs_ci[:, None] * C_out + offs_co[None, :]
@@ -259,6 +266,13 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """Whether the dot operands are widened to fp32: only for bf16 under the interpreter, whose
+    bf16 dot gives garbage in Triton 3.8 (products of bf16 values are exact in fp32, so this
+    matches a tensor-core bf16 dot with fp32 accumulation)."""
+    return INTERPRET and dtype == torch.bfloat16
 
 
 def _acc(dtype: torch.dtype):
@@ -349,7 +363,8 @@ def _forward(x, branches, relu: bool):
             x_in, M, H, W, C_in, *_nchw_strides(x_in), *args_a, *args_b,
             KH_A=kha, KW_A=kwa, DH_A=dha, DW_A=dwa, KH_B=khb, KW_B=kwb, DH_B=dhb, DW_B=dwb,
             EPI_A=epa, EPI_B=epb, RELU=relu, PAIR=pair,
-            PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype))
+            PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype),
+            UPCAST=_upcast(x.dtype))
     return ys
 
 
@@ -396,7 +411,8 @@ def _dgrad(x, branches):
             gx, M, H, W, C_in, *_nchw_strides(gx), *args,
             KH_A=consts[0], KW_A=consts[1], DH_A=consts[2], DW_A=consts[3],
             KH_B=consts[4], KW_B=consts[5], DH_B=consts[6], DW_B=consts[7], PAIR=pair,
-            PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype))
+            PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype),
+            UPCAST=_upcast(x.dtype))
     return gx
 
 
@@ -432,7 +448,8 @@ def _wgrad_act(x, g_act, KH: int, KW: int, dilation) -> torch.Tensor:
         _dconv_wgrad_kernel[grid](
             x_in, g, part, M, H, W, C_in, C_out, pix_per_split, *_nchw_strides(x_in),
             *_nchw_strides(g), KH=KH, KW=KW, DH=int(dilation[0]), DW=int(dilation[1]),
-            PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype))
+            PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype),
+            UPCAST=_upcast(x.dtype))
     # A fixed-order reduction of the slices: deterministic.
     return part.sum(0).view(KH, KW, C_in, C_out).permute(3, 2, 0, 1)
 
