@@ -3,9 +3,9 @@
     y = act(conv2d(x, weight, bias, same padding, dilation=(DH, DW)) * scale + shift)
 
 Forward: M = N·H·W output pixels, N = C_out, K = KH·KW·C_in. A program owns a BLOCK_M × BLOCK_N
-output tile; it walks the KH·KW taps (unrolled: kernel size and dilation are tl.constexpr, so each
-tap is a constant pointer offset (kh-KH//2)·DH rows, (kw-KW//2)·DW columns) and, per tap, the
-input channels in BLOCK_K chunks. Taps that fall outside the image are masked to zero: that is
+output tile; it walks K as (tap, BLOCK_K channel chunk) in one flat, pipelined loop. Kernel size
+and dilation are tl.constexpr, so a tap's shift, (kh-KH//2)·DH rows and (kw-KW//2)·DW columns, is
+a per-tap pointer offset computed from constants. Taps that fall outside the image are masked to zero: that is
 the "same" zero padding, no padded copy of x is made. bias, the per-channel scale/shift (a folded
 BatchNorm) and ReLU are applied to the fp32 accumulator before the one store.
 
@@ -54,8 +54,9 @@ HAS_BIAS, HAS_SCALE, HAS_SHIFT = 1, 2, 4
 def _gemm_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+    # Few configurations: each is compiled per (channels, kernel, dilation) key.
     shapes = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-              (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (64, 64, 64, 4, 4), (64, 64, 32, 4, 2)]
+              (64, 64, 32, 4, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
@@ -63,8 +64,7 @@ def _gemm_configs():
 def _wgrad_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_CI": 16, "BLOCK_CO": 16, "BLOCK_P": 32}, num_warps=4)]
-    shapes = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 32, 8, 3),
-              (128, 128, 64, 8, 3), (64, 64, 128, 4, 3)]
+    shapes = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 128, 4, 3)]
     return [triton.Config({"BLOCK_CI": a, "BLOCK_CO": b, "BLOCK_P": p}, num_warps=w, num_stages=s)
             for a, b, p, w, s in shapes]
 
@@ -78,26 +78,32 @@ def _accumulate_taps(acc, x_ptr, w_ptr, n_idx, h_idx, w_idx, m_mask, offs_n, n_m
                      BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                      UPCAST: tl.constexpr):
     """acc[m, n] += Σ_tap Σ_c x[pixel m shifted by the tap, c] · w[tap, c, n], w packed as
-    (KH·KW, C, C_OUT) contiguous. Out-of-image taps read zeros (the same padding)."""
+    (KH·KW, C, C_OUT) contiguous. Out-of-image taps read zeros (the same padding).
+
+    The taps and the channel chunks are one flat loop of KH·KW·ceil(C / BLOCK_K) steps: one
+    software-pipelined K loop (loads of step i+1 overlap the dot of step i, across tap
+    boundaries too) and a small kernel body; the tap's shift is a couple of scalar operations
+    on compile-time constants per step."""
     offs_k0 = tl.arange(0, BLOCK_K)
-    for tap in tl.static_range(KH * KW):
+    chunks = tl.cdiv(C, BLOCK_K)
+    for step in range(0, KH * KW * chunks):
+        tap = step // chunks
+        k0 = (step - tap * chunks) * BLOCK_K
         ih = h_idx + (tap // KW - KH // 2) * DH
         iw = w_idx + (tap % KW - KW // 2) * DW
         valid = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         # int64 row offsets: N·H·W·C may pass 2^31.
         row = n_idx * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        w_tap = w_ptr + tap * C * C_OUT
-        for k0 in range(0, C, BLOCK_K):
-            offs_k = k0 + offs_k0
-            k_mask = offs_k < C
-            a = tl.load(x_ptr + row[:, None] + offs_k[None, :].to(tl.int64) * sxc,
-                        mask=valid[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_tap + offs_k[:, None] * C_OUT + offs_n[None, :],
-                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 is exact here
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
+        offs_k = k0 + offs_k0
+        k_mask = offs_k < C
+        a = tl.load(x_ptr + row[:, None] + offs_k[None, :].to(tl.int64) * sxc,
+                    mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_ptr + (tap * C + offs_k[:, None]).to(tl.int64) * C_OUT + offs_n[None, :],
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong (Triton 3.8); fp32 is exact here
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
     return acc
 
 
