@@ -25,7 +25,8 @@ from torch._prims_common import suggest_memory_format as memory_format  # ATen's
 
 from . import reference
 from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, forward_op, resolve
-from ._checks import check_odd, check_pair, check_same_device_dtype, check_size, check_tensor
+from ._checks import (check_int, check_odd, check_pair, check_same_device_dtype, check_size,
+                      check_tensor)
 
 SPEC = OpSpec("directional_conv2d", "directional_conv2d_forward",
               "armnet_ops.triton.directional_conv")
@@ -252,3 +253,36 @@ class DirectionalConv2d(nn.Module):
         return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size="
                 f"{tuple(self.weight.shape[2:])}, dilation={self.dilation}, "
                 f"activation={self.activation!r}")
+
+
+class DirectionalConv2dPair(nn.Module):
+    """The horizontal and vertical branches of ARM-Net's DTM on one input, as one op:
+    `horizontal` is DirectionalConv2d(..., dilation=(1, rate)), `vertical` is
+    DirectionalConv2d(..., dilation=(rate, 1)); forward returns (y_h, y_v).
+
+    When no batch statistics are needed (eval mode, or no BatchNorm) both branches run through
+    `directional_conv2d_pair`, whose Triton backend reads x once for both; in training mode with a
+    BatchNorm each branch runs as its own DirectionalConv2d.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, rate: int = 1,
+                 bias: bool = True, bn: bool = False, activation: str | None = None, *,
+                 backend: str = "auto"):
+        super().__init__()
+        rate = check_int("DirectionalConv2dPair", "rate", rate, 1)
+        self.backend, self.activation = backend, activation
+        self.horizontal = DirectionalConv2d(in_channels, out_channels, kernel_size, (1, rate), bias,
+                                            bn, activation, backend=backend)
+        self.vertical = DirectionalConv2d(in_channels, out_channels, kernel_size, (rate, 1), bias,
+                                          bn, activation, backend=backend)
+
+    def forward(self, x):
+        h, v = self.horizontal, self.vertical
+        if self.training and h.bn is not None:
+            return h(x), v(x)
+        scale_h, shift_h = h.folded_bn() if h.bn is not None else (None, None)
+        scale_v, shift_v = v.folded_bn() if v.bn is not None else (None, None)
+        return directional_conv2d_pair(x, h.weight, v.weight, h.bias, v.bias, h.dilation,
+                                       v.dilation, scale_h=scale_h, shift_h=shift_h,
+                                       scale_v=scale_v, shift_v=shift_v,
+                                       activation=self.activation, backend=self.backend)

@@ -20,6 +20,7 @@
 // grad_weight and the 1-D gradients contiguous.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <array>
@@ -137,16 +138,21 @@ Grads backward_aten(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
     grad_x = std::get<0>(grads);
     gw_act = std::get<1>(grads);  // depends on g_act and x only, not on the weight
   }
-  const Tensor sum_g = g_act.sum({0, 2, 3});
-  Tensor grad_w = scale.has_value() ? gw_act * scale->view({-1, 1, 1, 1}) : gw_act;
+  // The small reductions run in the op-math type (fp32 for fp16/bf16), rounded once at the end.
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const auto dtype = x.scalar_type();
+  const Tensor sum_g = g_act.sum({0, 2, 3}, /*keepdim=*/false, acc);
+  const Tensor gw = gw_act.to(acc);
+  const OptTensor s = scale.has_value() ? OptTensor(scale->to(acc)) : std::nullopt;
+  Tensor grad_w = (s.has_value() ? gw * s->view({-1, 1, 1, 1}) : gw).to(dtype);
   OptTensor grad_b, grad_scale, grad_shift;
-  if (bias.has_value()) grad_b = scale.has_value() ? sum_g * *scale : sum_g;
+  if (bias.has_value()) grad_b = (s.has_value() ? sum_g * *s : sum_g).to(dtype);
   if (scale.has_value()) {
-    Tensor gs = (gw_act * weight).sum({1, 2, 3});
-    if (bias.has_value()) gs = gs + *bias * sum_g;
-    grad_scale = gs;
+    Tensor gs = (gw * weight.to(acc)).sum({1, 2, 3});
+    if (bias.has_value()) gs = gs + bias->to(acc) * sum_g;
+    grad_scale = gs.to(dtype);
   }
-  if (shift.has_value()) grad_shift = sum_g.clone();
+  if (shift.has_value()) grad_shift = sum_g.to(dtype, /*non_blocking=*/false, /*copy=*/true);
   return {grad_x.contiguous(fmt), grad_w.contiguous(), grad_b, grad_scale, grad_shift};
 }
 
