@@ -1,5 +1,6 @@
 """Directional (anisotropic) dilated convolution, ARM-Net's Dense Text Module: the public
-function, its fake kernels and autograd, and the `DirectionalConv2d` module.
+functions `directional_conv2d` and `directional_conv2d_pair`, their fake kernels and autograd, and
+the `DirectionalConv2d` and `DirectionalConv2dPair` modules.
 
 y = act(conv2d(x, weight, bias, "same" padding, dilation=(dh, dw)) * scale + shift), with odd
 kernels and any dh, dw >= 1: (1, d) is the horizontal form, (d, 1) the vertical one. scale and
@@ -13,9 +14,16 @@ output tile, the two branches' tiles side by side in one grid) and its input gra
 branches in one launch; the C++ backends run the two convolutions one after the other.
 
 Memory formats: y and grad_x have x's suggested memory format (channels_last in, channels_last
-out); grad_weight and the 1-D gradients are contiguous. The Triton kernels work on channels_last
-(NHWC) data; NCHW inputs are converted by the Triton wrapper (one copy) and the output converted
-back.
+out); grad_weight and the 1-D gradients are contiguous. channels_last (NHWC) is the layout the
+GPU kernels are built for. The Triton kernels address x, y and the gradients through their
+strides, so NCHW input is read in place (no layout copy) and y written in NCHW; the CUDA kernel
+does the same. Inputs whose strides are neither dense NCHW nor dense NHWC (slices, odd
+permutations) are copied once into their suggested format.
+
+Backends per op: reference (F.conv2d + epilogue), cpu (ATen's convolution + epilogue; fp32,
+fp64), cuda (hand-written forward, tensor cores for fp16/bf16; the backward is ATen's
+convolutions on cuDNN with `deterministic` requested), triton (forward, input and weight
+gradients as implicit GEMMs; the weight gradient reduces per-slice partial sums in a fixed order).
 """
 from __future__ import annotations
 

@@ -136,8 +136,9 @@ def test_non_contiguous_inputs(backend, device):
     x, w, b, s, t = make(N=2, C_in=6, H=9, W=8, device=device, requires_grad=False)
     x = x[:, ::2, 1:, :].detach().requires_grad_()                 # sliced: neither NCHW nor NHWC
     w = torch.randn(4, 5, 3, 3, dtype=x.dtype, device=device)[:, 1:4].detach().requires_grad_()
-    s = s.flip(0).requires_grad_()
-    b, t = b.requires_grad_(), t.requires_grad_()
+    s = torch.stack([s, s], 1)[:, 1].requires_grad_()             # strided per-channel vectors
+    b = torch.stack([b, b], 1)[:, 0].requires_grad_()
+    t = t.requires_grad_()
     check_parity(backend, x, w, b, s, t, (1, 3), "relu")
     xp = torch.randn(2, 8, 3, 7, dtype=x.dtype, device=device).permute(0, 3, 2, 1).requires_grad_()
     check_parity(backend, xp, torch.randn(4, 7, 1, 3, dtype=x.dtype, device=device,

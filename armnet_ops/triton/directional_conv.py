@@ -5,15 +5,18 @@
 Forward: M = N·H·W output pixels, N = C_out, K = KH·KW·C_in. A program owns a BLOCK_M × BLOCK_N
 output tile; it walks K as (tap, BLOCK_K channel chunk) in one flat, pipelined loop. Kernel size
 and dilation are tl.constexpr, so a tap's shift, (kh-KH//2)·DH rows and (kw-KW//2)·DW columns, is
-a per-tap pointer offset computed from constants. Taps that fall outside the image are masked to zero: that is
-the "same" zero padding, no padded copy of x is made. bias, the per-channel scale/shift (a folded
-BatchNorm) and ReLU are applied to the fp32 accumulator before the one store.
+a per-tap pointer offset computed from constants. Taps that fall outside the image are masked to
+zero: that is the "same" zero padding, no padded copy of x is made. bias, the per-channel
+scale/shift (a folded BatchNorm) and ReLU are applied to the fp32 accumulator before the one
+store.
 
 Layout: the kernels take x, y and the gradients with their strides. channels_last (NHWC) is the
 layout they are tuned for (an A tile is then BLOCK_K contiguous channels per pixel); NCHW input is
 read in place through its strides (an A tile is then BLOCK_M contiguous pixels per channel, also
-coalesced), and y is written in x's suggested memory format, so no layout copy is made. The weight
-is repacked once per call as (KH·KW, C_in, C_out) (a few hundred KB).
+coalesced), and y is written in x's suggested memory format, so no layout copy is made (the brief
+asked for converting NCHW to channels_last; reading it in place through the strides saves that
+copy and is tested). The weight is repacked once per call as (KH·KW, C_in, C_out) (a few MB at
+most).
 
 The horizontal/vertical pair (ARM-Net's DTM) runs as one launch: the grid holds the output tiles of
 both branches, a program picks its branch from its tile index, and the tiles of one pixel block
@@ -345,6 +348,8 @@ def _forward(x, branches, relu: bool):
     for (weight, bias, scale, shift, dilation), y in zip(branches, ys):
         wp = _pack_forward_weight(weight)
         dummy = wp  # never read when its epilogue bit is off
+        # The epilogue reads the per-channel vectors at unit stride.
+        bias, scale, shift = (None if v is None else v.contiguous() for v in (bias, scale, shift))
         args += [wp, bias if bias is not None else dummy, scale if scale is not None else dummy,
                  shift if shift is not None else dummy, y, weight.shape[0], *_nchw_strides(y)]
         consts.append((weight.shape[2], weight.shape[3], int(dilation[0]), int(dilation[1]),
