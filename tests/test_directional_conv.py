@@ -380,6 +380,21 @@ def test_compile_module(backend, device):
         assert_close(o, r)
 
 
+@pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
+                                            pytest.param("cuda", "cuda", id="cuda", marks=needs_cuda)])
+def test_compile_inductor(backend, device):
+    """The default compiler too (slower to build than aot_eager: one case)."""
+    torch._dynamo.reset()
+    m = DirectionalConv2d(2, 3, kernel_size=(1, 3), dilation=(1, 2), bn=True, activation="relu",
+                          backend=backend).to(device).eval()
+    _randomize_bn(m)
+    x = torch.randn(1, 2, 5, 4, device=device, requires_grad=True)
+    y = torch.compile(m, fullgraph=True)(x)
+    assert_close(y, m(x).double())
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 AUTOCAST = [pytest.param("auto", "cpu", torch.bfloat16, id="cpu-auto-bf16"),
             pytest.param("triton", "cpu", torch.bfloat16, id="triton-interpreter-bf16",
                          marks=needs_triton_cpu),
