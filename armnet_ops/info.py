@@ -11,10 +11,10 @@ import torch
 from . import _backend
 from .carafe import FUSED_SPEC as CARAFE_FUSED_SPEC, SPEC as CARAFE_SPEC
 from .cca import MAP_SPEC, SPEC as CCA_SPEC, WEIGHT_SPEC
-from .directional_conv import SPEC as DCONV_SPEC
+from .directional_conv import PAIR_SPEC as DCONV_PAIR_SPEC, SPEC as DCONV_SPEC
 
 SPECS = {s.name: s for s in (CCA_SPEC, WEIGHT_SPEC, MAP_SPEC, CARAFE_SPEC, CARAFE_FUSED_SPEC,
-                             DCONV_SPEC)}
+                             DCONV_SPEC, DCONV_PAIR_SPEC)}
 
 
 def available_backends(op: str, device="cpu") -> list[str]:

@@ -48,4 +48,18 @@ TORCH_LIBRARY(armnet_ops, m) {
       "directional_conv2d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, Tensor y, "
       "int[2] dilation, Tensor? scale, Tensor? shift, bool relu) -> (Tensor grad_x, "
       "Tensor grad_weight, Tensor? grad_bias, Tensor? grad_scale, Tensor? grad_shift)");
+  // The horizontal and vertical branches of ARM-Net's DTM read the same input: one op computes
+  // both, y_h = act(conv(x, weight_h, dilation_h) ...) and y_v likewise, with one pass over x
+  // where the backend fuses them (Triton). The backward sums both branches into grad_x.
+  m.def(
+      "directional_conv2d_pair_forward(Tensor x, Tensor weight_h, Tensor weight_v, Tensor? bias_h, "
+      "Tensor? bias_v, int[2] dilation_h, int[2] dilation_v, Tensor? scale_h, Tensor? shift_h, "
+      "Tensor? scale_v, Tensor? shift_v, bool relu) -> (Tensor y_h, Tensor y_v)");
+  m.def(
+      "directional_conv2d_pair_backward(Tensor grad_y_h, Tensor grad_y_v, Tensor x, Tensor weight_h, "
+      "Tensor weight_v, Tensor? bias_h, Tensor? bias_v, Tensor y_h, Tensor y_v, int[2] dilation_h, "
+      "int[2] dilation_v, Tensor? scale_h, Tensor? shift_h, Tensor? scale_v, Tensor? shift_v, "
+      "bool relu) -> (Tensor grad_x, Tensor grad_weight_h, Tensor grad_weight_v, Tensor? grad_bias_h, "
+      "Tensor? grad_bias_v, Tensor? grad_scale_h, Tensor? grad_shift_h, Tensor? grad_scale_v, "
+      "Tensor? grad_shift_v)");
 }
