@@ -61,6 +61,9 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+SPECS: dict = {}  # public op name -> OpSpec, filled as the op modules define them
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """What the dispatcher needs to know of one public op.
@@ -75,6 +78,9 @@ class OpSpec:
         "reference": FLOATS, "cpu": (torch.float32, torch.float64), "cuda": FLOATS,
         "triton": FLOATS})
     gpu_order: tuple = ("cuda", "triton")
+
+    def __post_init__(self):
+        SPECS[self.name] = self
 
 
 def _triton_op(spec: OpSpec):
@@ -139,11 +145,19 @@ def resolve(spec: OpSpec, backend: str, device: torch.device, dtype: torch.dtype
     return backend
 
 
+@torch.compiler.assume_constant_result
+def select(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
+    """resolve() for the public op named `op`, as the public functions call it. torch.compile
+    evaluates it once at trace time and keeps the answer as a constant: it asks the dispatcher
+    and imports modules, which Dynamo cannot trace, and its answer does not change within a
+    process."""
+    return resolve(SPECS[op], backend, torch.device(device_type), dtype)
+
+
 def forward_op(spec: OpSpec, backend: str):
-    """The registered forward op that runs a non-reference backend."""
-    if backend == "triton":
-        return _triton_op(spec)
-    return getattr(torch.ops.armnet_ops, spec.cpp_op)
+    """The registered forward op that runs a kernel backend. Choosing "triton" has imported the
+    op's Triton module (availability does), so this is a plain lookup that Dynamo traces."""
+    return getattr(torch.ops.armnet_ops, spec.cpp_op + ("_triton" if backend == "triton" else ""))
 
 
 def autocast_inputs(*tensors):

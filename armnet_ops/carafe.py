@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import reference
-from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, forward_op, resolve
+from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, forward_op, select
 from ._checks import check_int, check_odd, check_same_device_dtype, check_size, check_tensor
 
 SPEC = OpSpec("carafe", "carafe_forward", "armnet_ops.triton.carafe")
@@ -45,30 +45,15 @@ def _check(op, features, masks, masks_name, kernel_size, group_size, scale_facto
     return k, G, s
 
 
-@torch.compiler.assume_constant_result
-def _resolve(fused: bool, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend of a call. torch.compile evaluates it once at trace time and keeps the answer
-    as a constant (the dispatcher and importlib queries behind it are not traceable)."""
-    spec = FUSED_SPEC if fused else SPEC
-    b = resolve(spec, backend, device, dtype)
-    if b == "triton":
-        forward_op(spec, b)  # imports the Triton module, which registers the twins
-    return b
-
-
-def _forward(spec: OpSpec, b: str):
-    return getattr(torch.ops.armnet_ops, spec.cpp_op + ("_triton" if b == "triton" else ""))
-
-
 def carafe(features, masks, kernel_size: int, group_size: int, scale_factor: int, *,
            backend: str = "auto"):
     """Reassembles `features` with normalised `masks` (N, G·k², sH, sW) (mmcv's carafe)."""
     features, masks = autocast_inputs(features, masks)
     k, G, s = _check("carafe", features, masks, "masks", kernel_size, group_size, scale_factor, False)
-    b = _resolve(False, backend, features.device, features.dtype)
+    b = select(SPEC.name, backend, features.device.type, features.dtype)
     if b == "reference":
         return reference.carafe(features, masks, k, G, s)
-    return _forward(SPEC, b)(features, masks, k, G, s)
+    return forward_op(SPEC, b)(features, masks, k, G, s)
 
 
 def carafe_fused(features, mask_logits, kernel_size: int, group_size: int, scale_factor: int, *,
@@ -78,10 +63,10 @@ def carafe_fused(features, mask_logits, kernel_size: int, group_size: int, scale
     features, mask_logits = autocast_inputs(features, mask_logits)
     k, G, s = _check("carafe_fused", features, mask_logits, "mask_logits", kernel_size,
                      group_size, scale_factor, True)
-    b = _resolve(True, backend, features.device, features.dtype)
+    b = select(FUSED_SPEC.name, backend, features.device.type, features.dtype)
     if b == "reference":
         return reference.carafe_fused(features, mask_logits, k, G, s)
-    return _forward(FUSED_SPEC, b)(features, mask_logits, k, G, s)
+    return forward_op(FUSED_SPEC, b)(features, mask_logits, k, G, s)
 
 
 # ---- fake kernels and autograd, for the C++ ops and their Triton twins ------------------------

@@ -16,28 +16,14 @@ import torch
 from torch import nn
 
 from . import reference
-from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, resolve
+from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, forward_op, select
 from ._checks import check_same_device_dtype, check_size, check_tensor
 
-SPEC = OpSpec("criss_cross_attention", "cca_forward", "armnet_ops.triton.cca")
+# "auto" on a GPU prefers Triton: its kernels use tensor cores (tl.dot), the CUDA kernel is SIMT.
+SPEC = OpSpec("criss_cross_attention", "cca_forward", "armnet_ops.triton.cca",
+              gpu_order=("triton", "cuda"))
 WEIGHT_SPEC = OpSpec("cca_weight", "cca_weight", "armnet_ops.triton.cca")
 MAP_SPEC = OpSpec("cca_map", "cca_map", "armnet_ops.triton.cca")
-
-
-_SPECS = {spec.name: spec for spec in (SPEC, WEIGHT_SPEC, MAP_SPEC)}
-
-
-@torch.compiler.assume_constant_result
-def _resolve(name: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """resolve() as a constant for torch.compile: it asks the dispatcher and the file system,
-    which Dynamo cannot trace, and its answer does not change within a process."""
-    return resolve(_SPECS[name], backend, device, dtype)
-
-
-def _op(spec: OpSpec, backend: str):
-    """The registered forward op of a kernel backend. _resolve has imported the Triton module
-    already, so this is a plain attribute lookup that Dynamo traces (forward_op imports)."""
-    return getattr(torch.ops.armnet_ops, spec.cpp_op + ("_triton" if backend == "triton" else ""))
 
 
 def _check_qk(op, q, k):
@@ -84,11 +70,11 @@ def criss_cross_attention(q, k, v, *, scale: float = 1.0, backend: str = "auto",
                              f"{tuple(v.shape)}, got {tuple(residual.shape)}")
         if not isinstance(gamma, torch.Tensor):
             gamma = torch.as_tensor(gamma, dtype=residual.dtype, device=residual.device)
-    b = _resolve(SPEC.name, backend, q.device, q.dtype)
+    b = select(SPEC.name, backend, q.device.type, q.dtype)
     if b == "reference":
         out = reference.criss_cross_attention(q, k, v, float(scale))
     else:
-        out = _op(SPEC, b)(q, k, v, float(scale))[0]
+        out = forward_op(SPEC, b)(q, k, v, float(scale))[0]
     if residual is None:
         return out
     # The epilogue in PyTorch: autograd gives d(gamma) = sum(grad * out) and d(residual) = grad.
@@ -99,10 +85,10 @@ def cca_weight(q, k, *, backend: str = "auto"):
     """CCNet's ca_weight: the raw energy (N, H+W-1, H, W), row keys then column keys."""
     q, k = autocast_inputs(q, k)
     _check_qk("cca_weight", q, k)
-    b = _resolve(WEIGHT_SPEC.name, backend, q.device, q.dtype)
+    b = select(WEIGHT_SPEC.name, backend, q.device.type, q.dtype)
     if b == "reference":
         return reference.cca_weight(q, k)
-    return _op(WEIGHT_SPEC, b)(q, k)
+    return forward_op(WEIGHT_SPEC, b)(q, k)
 
 
 def cca_map(attn, v, *, backend: str = "auto"):
@@ -113,10 +99,10 @@ def cca_map(attn, v, *, backend: str = "auto"):
     _check_v(op, v, attn, "attn")
     H, W = v.shape[2:]
     check_size(op, "attn", attn, 1, H + W - 1, "H+W-1 channels")
-    b = _resolve(MAP_SPEC.name, backend, v.device, v.dtype)
+    b = select(MAP_SPEC.name, backend, v.device.type, v.dtype)
     if b == "reference":
         return reference.cca_map(attn, v)
-    return _op(MAP_SPEC, b)(attn, v)
+    return forward_op(MAP_SPEC, b)(attn, v)
 
 
 # ---- fake kernels and autograd, for the C++ ops and their Triton twins ------------------------

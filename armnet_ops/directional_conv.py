@@ -32,27 +32,17 @@ from torch import nn
 from torch._prims_common import suggest_memory_format as memory_format  # ATen's x.suggest_memory_format()
 
 from . import reference
-from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, forward_op, resolve
+from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, forward_op, select
 from ._checks import (check_int, check_odd, check_pair, check_same_device_dtype, check_size,
                       check_tensor)
 
+# "auto" on a GPU prefers Triton: its kernels are autotuned and software-pipelined and cover
+# the backward too, while the CUDA forward has no asynchronous copies and trains through ATen.
 SPEC = OpSpec("directional_conv2d", "directional_conv2d_forward",
-              "armnet_ops.triton.directional_conv")
+              "armnet_ops.triton.directional_conv", gpu_order=("triton", "cuda"))
 PAIR_SPEC = OpSpec("directional_conv2d_pair", "directional_conv2d_pair_forward",
-                   "armnet_ops.triton.directional_conv")
+                   "armnet_ops.triton.directional_conv", gpu_order=("triton", "cuda"))
 ACTIVATIONS = (None, "relu")
-
-
-@torch.compiler.assume_constant_result
-def _resolve(spec_name: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
-    """The backend that runs this call (armnet_ops._backend.resolve), evaluated once at trace
-    time under torch.compile: it reads the dispatcher's registry and imports the Triton module,
-    which dynamo cannot trace, and its answer is a constant of the arguments."""
-    spec = SPEC if spec_name == SPEC.name else PAIR_SPEC
-    b = resolve(spec, backend, torch.device(device_type), dtype)
-    if b == "triton":
-        forward_op(spec, b)  # imports armnet_ops.triton.directional_conv: registers the twins
-    return b
 
 
 def _check_branch(op, x, weight, bias, scale, shift, suffix=""):
@@ -87,7 +77,7 @@ def directional_conv2d(x, weight, bias=None, dilation=(1, 1), *, scale=None, shi
     _check_activation(op, activation)
     _check_branch(op, x, weight, bias, scale, shift)
     check_same_device_dtype(op, x=x, weight=weight, bias=bias, scale=scale, shift=shift)
-    b = _resolve(SPEC.name, backend, x.device.type, x.dtype)
+    b = select(SPEC.name, backend, x.device.type, x.dtype)
     if b == "reference":
         return reference.directional_conv2d(x, weight, bias, dilation, scale, shift, activation)
     op = (torch.ops.armnet_ops.directional_conv2d_forward_triton if b == "triton"
@@ -121,7 +111,7 @@ def directional_conv2d_pair(x, weight_h, weight_v, bias_h=None, bias_v=None, dil
     check_same_device_dtype(op, x=x, weight_h=weight_h, weight_v=weight_v, bias_h=bias_h,
                             bias_v=bias_v, scale_h=scale_h, shift_h=shift_h, scale_v=scale_v,
                             shift_v=shift_v)
-    b = _resolve(PAIR_SPEC.name, backend, x.device.type, x.dtype)
+    b = select(PAIR_SPEC.name, backend, x.device.type, x.dtype)
     if b == "reference":
         return (reference.directional_conv2d(x, weight_h, bias_h, dilation_h, scale_h, shift_h,
                                              activation),

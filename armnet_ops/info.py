@@ -9,12 +9,9 @@ import platform
 import torch
 
 from . import _backend
-from .carafe import FUSED_SPEC as CARAFE_FUSED_SPEC, SPEC as CARAFE_SPEC
-from .cca import MAP_SPEC, SPEC as CCA_SPEC, WEIGHT_SPEC
-from .directional_conv import PAIR_SPEC as DCONV_PAIR_SPEC, SPEC as DCONV_SPEC
+from . import carafe as _carafe, cca as _cca, directional_conv as _dconv  # noqa: F401  (define the specs)
 
-SPECS = {s.name: s for s in (CCA_SPEC, WEIGHT_SPEC, MAP_SPEC, CARAFE_SPEC, CARAFE_FUSED_SPEC,
-                             DCONV_SPEC, DCONV_PAIR_SPEC)}
+SPECS = _backend.SPECS
 
 
 def available_backends(op: str, device="cpu") -> list[str]:

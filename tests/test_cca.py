@@ -171,7 +171,8 @@ def test_deterministic_backward(backend, device):
 def test_lse_saved(backend, device):
     """The saved statistic is the log-sum-exp of the H+W-1 scaled energies, in op-math type."""
     q, k, v = _inputs(1, 3, 2, 5, 4, torch.float32, device)
-    op = armnet_ops._backend.forward_op(armnet_ops.cca.SPEC, backend)
+    spec = armnet_ops.cca.SPEC
+    op = armnet_ops._backend.forward_op(spec, armnet_ops._backend.select(spec.name, backend, device, torch.float32))
     _, lse = op(q, k, v, 0.5)
     assert lse.dtype == torch.float32 and lse.shape == (1, 5, 4)
     e = reference.cca_weight(q.double().cpu(), k.double().cpu()) * 0.5
