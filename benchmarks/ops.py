@@ -178,10 +178,12 @@ def child_memory(spec_json: str) -> None:
     print((_status_kib("VmHWM") - before) / 1024)
 
 
-def measure(case: Case, backend: str, device: torch.device, dtype, quick: bool) -> dict:
+def measure(case: Case, backend: str, device: torch.device, dtype) -> dict:
     args, kwargs = case.inputs(device, dtype)
     leaves = [a for a in args + tuple(kwargs.values()) if isinstance(a, torch.Tensor)]
-    reps = 5 if quick else 20
+    # CPU wall clocks are noisy (thread start-up, first-touch of fresh buffers): more runs and a
+    # floor of a second of them, median taken.
+    reps, min_seconds = (10, 1.0) if device.type == "cpu" else (20, 0.0)
 
     def forward():
         with torch.no_grad():
@@ -195,8 +197,8 @@ def measure(case: Case, backend: str, device: torch.device, dtype, quick: bool) 
             t.grad = None
         run_backend(case, backend, args, kwargs).backward(grad)
 
-    fwd = time_ms(forward, device, warmup=2, reps=reps)
-    fwd_bwd = time_ms(forward_backward, device, warmup=2, reps=reps)
+    fwd = time_ms(forward, device, warmup=3, reps=reps, min_seconds=min_seconds)
+    fwd_bwd = time_ms(forward_backward, device, warmup=3, reps=reps, min_seconds=min_seconds)
     row = dict(op=case.op, shape=case.label, dtype=str(dtype).replace("torch.", ""), backend=backend,
                fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwd_bwd, 4),
                peak_extra_mib=None)
@@ -230,7 +232,7 @@ def main(argv=None) -> None:
         for dtype in dtypes:
             base = None
             for backend in backends_for(case, device, dtype):
-                row = measure(case, backend, device, dtype, a.quick)
+                row = measure(case, backend, device, dtype)
                 if backend == "reference":
                     base = row
                 if base is not None:
