@@ -97,6 +97,14 @@ def _softmax_stats(logit_ptr, lbase, p, q, pq_mask, HW, K2, S: tl.constexpr,
 
 
 @triton.jit
+def _tap_prob(logit_ptr, off, pq_mask, mx, inv, ACC: tl.constexpr):
+    """[BLOCK_P, S2P] softmax weight of one tap for every child, recomputed from its logit and
+    the statistics of _softmax_stats (inv = 1 / sum)."""
+    x = tl.load(logit_ptr + off, mask=pq_mask, other=0.0).to(ACC)
+    return tl.exp(x - mx) * inv
+
+
+@triton.jit
 def _carafe_fwd_kernel(feat_ptr, mask_ptr, out_ptr, C, H, W, G, Cg, K: tl.constexpr,
                        S: tl.constexpr, FUSED: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_P: tl.constexpr, S2P: tl.constexpr, ACC: tl.constexpr):
@@ -125,9 +133,8 @@ def _carafe_fwd_kernel(feat_ptr, mask_ptr, out_ptr, C, H, W, G, Cg, K: tl.conste
     for t in range(0, K2):
         f = _tap_features(feat_ptr, chan, cmask, t, h, w, pmask, H, W, K, ACC)
         if FUSED:
-            x = tl.load(mask_ptr + lbase + t * (S * S * HW) + q[None, :] * HW + p[:, None],
-                        mask=pq_mask, other=0.0).to(ACC)
-            m = tl.exp(x - mx) * inv
+            m = _tap_prob(mask_ptr, lbase + t * (S * S * HW) + q[None, :] * HW + p[:, None],
+                          pq_mask, mx, inv, ACC)
         else:
             m = tl.load(mask_ptr + mbase + t * (HW * S * S) + yx, mask=pq_mask,
                         other=0.0).to(ACC)
@@ -181,13 +188,13 @@ def _carafe_bwd_mask_kernel(go_ptr, feat_ptr, mask_ptr, gm_ptr, lse_ptr, C, H, W
         dot = tl.zeros((BLOCK_P, S2P), ACC)
         for t in range(0, K2):
             off = lbase + t * (S * S * HW) + goff
-            pr = tl.exp(tl.load(mask_ptr + off, mask=pq_mask, other=0.0).to(ACC) - mx) * inv
+            pr = _tap_prob(mask_ptr, off, pq_mask, mx, inv, ACC)
             dot += pr * tl.load(gm_ptr + off, mask=pq_mask, other=0.0)
         # dp is overwritten in place below; every read above must be done first.
         tl.debug_barrier()
         for t in range(0, K2):
             off = lbase + t * (S * S * HW) + goff
-            pr = tl.exp(tl.load(mask_ptr + off, mask=pq_mask, other=0.0).to(ACC) - mx) * inv
+            pr = _tap_prob(mask_ptr, off, pq_mask, mx, inv, ACC)
             dp = tl.load(gm_ptr + off, mask=pq_mask, other=0.0)
             tl.store(gm_ptr + off, pr * (dp - dot), mask=pq_mask)
         # Per-child log-sum-exp, for the feature gradient: p_t = exp(logit_t - lse).

@@ -88,6 +88,20 @@ def _store_tile(base, r, rmask, sr, c, cmask, sc, acc, ACCUMULATE: tl.constexpr,
 
 
 @triton.jit
+def _contract(a_base, r, rmask, sa_r, sa_c, b_base, s, smask, sb_c, sb_s, C,
+              BR: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
+              PREC: tl.constexpr):
+    """[BR, BS] = sum_c A[r, c]·B[c, s] over C channels, BC at a time (tiles read with strides)."""
+    acc = tl.zeros([BR, BS], ACC)
+    for c0 in range(0, C, BC):
+        c, cmask = _span(c0, BC, C)
+        a = _load_tile(a_base, r, rmask, sa_r, c, cmask, sa_c)
+        b = _load_tile(b_base, c, cmask, sb_c, s, smask, sb_s)
+        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
 def _energy(q_tile, k_base, s, smask, d, dmask, skc, sk_pos, scale,
             ACC: tl.constexpr, PREC: tl.constexpr):
     """scale·Q·K^T for one key tile: Q [BP, BD] (pixels x channels), keys s [BS] -> [BP, BS]."""
@@ -199,12 +213,8 @@ def _line_dq(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, dq_ptr, L, n_lines, D
         prob = _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
                       EXCLUDE_SELF, ACC, PREC)
         # dP = dO·V^T over all Cv, tile by tile.
-        dp = tl.zeros([BP, BS], ACC)
-        for c0 in range(0, CV, BC):
-            c, cmask = _span(c0, BC, CV)
-            go = _load_tile(go_base, p, pmask, sg_pos, c, cmask, sgc)
-            vt = _load_tile(v_base, c, cmask, svc, s, smask, sv_pos)
-            dp += tl.dot(go, vt, input_precision=PREC, out_dtype=ACC)
+        dp = _contract(go_base, p, pmask, sg_pos, sgc, v_base, s, smask, svc, sv_pos, CV,
+                       BP, BS, BC, ACC, PREC)
         ds = prob * (dp - dd[:, None]) * scale
         k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
         acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PREC, out_dtype=ACC)
@@ -235,12 +245,9 @@ def _line_dk(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, dk_ptr, L, n_lines, D
         lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
         dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
         prob = _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC, PREC)
-        dp = tl.zeros([BS, BP], ACC)
-        for c0 in range(0, CV, BC):
-            c, cmask = _span(c0, BC, CV)
-            v_tile = _load_tile(v_base, s, smask, sv_pos, c, cmask, svc)
-            got = _load_tile(go_base, c, cmask, sgc, p, pmask, sg_pos)
-            dp += tl.dot(v_tile, got, input_precision=PREC, out_dtype=ACC)
+        # dP^T = V·dO^T over all Cv.
+        dp = _contract(v_base, s, smask, sv_pos, svc, go_base, p, pmask, sgc, sg_pos, CV,
+                       BS, BP, BC, ACC, PREC)
         ds = prob * (dp - dd[None, :]) * scale
         acc += tl.dot(ds.to(qt.dtype), tl.trans(qt), input_precision=PREC, out_dtype=ACC)
     _store_tile(dk_ptr + n * son + line * so_line, s, smask, so_pos, d, dmask, soc, acc,
@@ -425,12 +432,8 @@ def _line_pair(x_ptr, y_ptr, e_ptr, L, n_lines, C, CH0,
     s, smask = _tile(2, BS, L)
     x_base = x_ptr + n * sxn + line * sx_line
     y_base = y_ptr + n * syn + line * sy_line
-    acc = tl.zeros([BP, BS], ACC)
-    for c0 in range(0, C, BC):
-        c, cmask = _span(c0, BC, C)
-        x = _load_tile(x_base, p, pmask, sx_pos, c, cmask, sxc)
-        yt = _load_tile(y_base, c, cmask, syc, s, smask, sy_pos)
-        acc += tl.dot(x, yt, input_precision=PREC, out_dtype=ACC)
+    acc = _contract(x_base, p, pmask, sx_pos, sxc, y_base, s, smask, syc, sy_pos, C, BP, BS, BC,
+                    ACC, PREC)
     ch = _energy_channel(p, s, CH0, EXCLUDE_SELF)
     off = e_ptr + n * sen + line * se_line + p[:, None] * se_pos + ch.to(tl.int64) * sec
     tl.store(off, acc.to(e_ptr.dtype.element_ty), mask=_valid(p, pmask, s, smask, EXCLUDE_SELF))
