@@ -494,6 +494,18 @@ void check_attn(const at::Tensor& a, const at::Tensor& v, const char* op) {
               "device, got ", a.device(), " and ", v.device());
 }
 
+// The two-op API's kernels share one signature, (in0, in1, out, total, C, H, W), with one thread
+// per element of out; a launch is skipped by the caller when out is empty.
+template <typename scalar_t, typename Kernel>
+void launch_elementwise(Kernel kernel, const at::Tensor& in0, const at::Tensor& in1,
+                        const at::Tensor& out, int64_t C, int64_t H, int64_t W) {
+  const int64_t total = out.numel();
+  kernel<<<elementwise_blocks(total), kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      in0.data_ptr<scalar_t>(), in1.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total,
+      static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor cca_weight_cuda(const at::Tensor& q_, const at::Tensor& k_) {
   check_cuda_inputs(q_, k_, q_, "cca_weight");
   c10::cuda::CUDAGuard guard(q_.device());
@@ -504,11 +516,7 @@ at::Tensor cca_weight_cuda(const at::Tensor& q_, const at::Tensor& k_) {
   if (total == 0) return e;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_weight_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cca_weight_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kElementwiseThreads, 0,
-                                         at::cuda::getCurrentCUDAStream()>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), total,
-        static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<scalar_t>(cca_weight_kernel<scalar_t, acc_t>, q, k, e, C, H, W);
   });
   return e;
 }
@@ -526,17 +534,10 @@ std::tuple<at::Tensor, at::Tensor> cca_weight_backward_cuda(const at::Tensor& g_
   if (total == 0) return {gq.zero_(), gk.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_weight_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto stream = at::cuda::getCurrentCUDAStream();
-    cca_weight_backward_kernel<scalar_t, acc_t, false>
-        <<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
-            g.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(), total,
-            static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cca_weight_backward_kernel<scalar_t, acc_t, true>
-        <<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
-            g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), total,
-            static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<scalar_t>(cca_weight_backward_kernel<scalar_t, acc_t, false>, g, k, gq, C,
+                                 H, W);
+    launch_elementwise<scalar_t>(cca_weight_backward_kernel<scalar_t, acc_t, true>, g, q, gk, C,
+                                 H, W);
   });
   return {gq, gk};
 }
@@ -551,11 +552,7 @@ at::Tensor cca_map_cuda(const at::Tensor& a_, const at::Tensor& v_) {
   if (total == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cca_map_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cca_map_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kElementwiseThreads, 0,
-                                      at::cuda::getCurrentCUDAStream()>>>(
-        a.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total,
-        static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<scalar_t>(cca_map_kernel<scalar_t, acc_t>, a, v, out, C, H, W);
   });
   return out;
 }
@@ -572,20 +569,12 @@ std::tuple<at::Tensor, at::Tensor> cca_map_backward_cuda(const at::Tensor& g_,
   const int64_t total_a = ga.numel(), total_v = gv.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cca_map_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto stream = at::cuda::getCurrentCUDAStream();
     if (total_a > 0) {
-      cca_map_backward_attn_kernel<scalar_t, acc_t>
-          <<<elementwise_blocks(total_a), kElementwiseThreads, 0, stream>>>(
-              g.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(), total_a,
-              static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_elementwise<scalar_t>(cca_map_backward_attn_kernel<scalar_t, acc_t>, g, v, ga, C, H,
+                                   W);
     }
     if (total_v > 0) {
-      cca_map_backward_v_kernel<scalar_t, acc_t>
-          <<<elementwise_blocks(total_v), kElementwiseThreads, 0, stream>>>(
-              g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), total_v,
-              static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_elementwise<scalar_t>(cca_map_backward_v_kernel<scalar_t, acc_t>, g, a, gv, C, H, W);
     }
   });
   return {ga, gv};
