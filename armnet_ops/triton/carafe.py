@@ -58,6 +58,27 @@ def _tile(pid_p, HW, W, S: tl.constexpr, BLOCK_P: tl.constexpr, S2P: tl.constexp
 
 
 @triton.jit
+def _child_offset(h, w, i, j, S: tl.constexpr, sW):
+    """[BLOCK_P, S2P] offset, inside one high-resolution plane, of child (i, j) of pixel (h, w)."""
+    return (h[:, None] * S + i[None, :]) * sW + (w[:, None] * S + j[None, :])
+
+
+@triton.jit
+def _tap_features(feat_ptr, chan, cmask, t, h, w, pmask, H, W, K: tl.constexpr,
+                  ACC: tl.constexpr):
+    """[BLOCK_C, BLOCK_P] features under tap t = ky·K + kx of the window centred on (h, w),
+    zero outside the image (the zero padding of the reference)."""
+    R: tl.constexpr = (K - 1) // 2
+    ky = t // K
+    kx = t % K
+    hh = h + ky - R
+    ww = w + kx - R
+    ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    return tl.load(feat_ptr + chan[:, None] * (H * W) + (hh * W + ww)[None, :],
+                   mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
+
+
+@triton.jit
 def _softmax_stats(logit_ptr, lbase, p, q, pq_mask, HW, K2, S: tl.constexpr,
                    BLOCK_P: tl.constexpr, S2P: tl.constexpr, ACC: tl.constexpr):
     """Running max and sum of exp over the k² taps of each child (an online softmax pass), so
@@ -76,6 +97,14 @@ def _softmax_stats(logit_ptr, lbase, p, q, pq_mask, HW, K2, S: tl.constexpr,
 
 
 @triton.jit
+def _tap_prob(logit_ptr, off, pq_mask, mx, inv, ACC: tl.constexpr):
+    """[BLOCK_P, S2P] softmax weight of one tap for every child, recomputed from its logit and
+    the statistics of _softmax_stats (inv = 1 / sum)."""
+    x = tl.load(logit_ptr + off, mask=pq_mask, other=0.0).to(ACC)
+    return tl.exp(x - mx) * inv
+
+
+@triton.jit
 def _carafe_fwd_kernel(feat_ptr, mask_ptr, out_ptr, C, H, W, G, Cg, K: tl.constexpr,
                        S: tl.constexpr, FUSED: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_P: tl.constexpr, S2P: tl.constexpr, ACC: tl.constexpr):
@@ -87,15 +116,13 @@ def _carafe_fwd_kernel(feat_ptr, mask_ptr, out_ptr, C, H, W, G, Cg, K: tl.conste
     HW = H * W
     sW = S * W
     K2: tl.constexpr = K * K
-    R: tl.constexpr = (K - 1) // 2
     p, pmask, h, w, q, qmask, i, j = _tile(pid_p, HW, W, S, BLOCK_P, S2P)
     pq_mask = pmask[:, None] & qmask[None, :]
     cl = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cl < Cg
     # int64 plane bases: N·C·sH·sW may pass 2^31 even when one plane does not.
     chan = (n * C + g * Cg + cl).to(tl.int64)
-    # Output offset of child (i, j) of pixel (h, w) inside a plane.
-    yx = (h[:, None] * S + i[None, :]) * sW + (w[:, None] * S + j[None, :])
+    yx = _child_offset(h, w, i, j, S, sW)
     if FUSED:
         lbase = (ng * K2).to(tl.int64) * (S * S * HW)
         mx, den = _softmax_stats(mask_ptr, lbase, p, q, pq_mask, HW, K2, S, BLOCK_P, S2P, ACC)
@@ -104,17 +131,10 @@ def _carafe_fwd_kernel(feat_ptr, mask_ptr, out_ptr, C, H, W, G, Cg, K: tl.conste
         mbase = (ng * K2).to(tl.int64) * (HW * S * S)
     acc = tl.zeros((BLOCK_C, BLOCK_P, S2P), ACC)
     for t in range(0, K2):
-        ky = t // K
-        kx = t % K
-        hh = h + ky - R
-        ww = w + kx - R
-        ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        f = tl.load(feat_ptr + chan[:, None] * HW + (hh * W + ww)[None, :],
-                    mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
+        f = _tap_features(feat_ptr, chan, cmask, t, h, w, pmask, H, W, K, ACC)
         if FUSED:
-            x = tl.load(mask_ptr + lbase + t * (S * S * HW) + q[None, :] * HW + p[:, None],
-                        mask=pq_mask, other=0.0).to(ACC)
-            m = tl.exp(x - mx) * inv
+            m = _tap_prob(mask_ptr, lbase + t * (S * S * HW) + q[None, :] * HW + p[:, None],
+                          pq_mask, mx, inv, ACC)
         else:
             m = tl.load(mask_ptr + mbase + t * (HW * S * S) + yx, mask=pq_mask,
                         other=0.0).to(ACC)
@@ -139,10 +159,9 @@ def _carafe_bwd_mask_kernel(go_ptr, feat_ptr, mask_ptr, gm_ptr, lse_ptr, C, H, W
     HW = H * W
     sW = S * W
     K2: tl.constexpr = K * K
-    R: tl.constexpr = (K - 1) // 2
     p, pmask, h, w, q, qmask, i, j = _tile(pid_p, HW, W, S, BLOCK_P, S2P)
     pq_mask = pmask[:, None] & qmask[None, :]
-    yx = (h[:, None] * S + i[None, :]) * sW + (w[:, None] * S + j[None, :])
+    yx = _child_offset(h, w, i, j, S, sW)
     gbase = (ng * K2).to(tl.int64) * (HW * S * S)
     if FUSED:
         # Logit layout: tap t, child q at plane t·s² + q.
@@ -156,13 +175,7 @@ def _carafe_bwd_mask_kernel(go_ptr, feat_ptr, mask_ptr, gm_ptr, lse_ptr, C, H, W
         go = tl.load(go_ptr + chan[:, None, None] * (HW * S * S) + yx[None, :, :],
                      mask=cmask[:, None, None] & pq_mask[None, :, :], other=0.0).to(ACC)
         for t in range(0, K2):
-            ky = t // K
-            kx = t % K
-            hh = h + ky - R
-            ww = w + kx - R
-            ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            f = tl.load(feat_ptr + chan[:, None] * HW + (hh * W + ww)[None, :],
-                        mask=cmask[:, None] & ok[None, :], other=0.0).to(ACC)
+            f = _tap_features(feat_ptr, chan, cmask, t, h, w, pmask, H, W, K, ACC)
             part = tl.sum(go * f[:, :, None], axis=0)
             ptrs = gm_ptr + gbase + t * (HW * S * S) + goff
             tl.store(ptrs, tl.load(ptrs, mask=pq_mask, other=0.0) + part, mask=pq_mask)
@@ -175,13 +188,13 @@ def _carafe_bwd_mask_kernel(go_ptr, feat_ptr, mask_ptr, gm_ptr, lse_ptr, C, H, W
         dot = tl.zeros((BLOCK_P, S2P), ACC)
         for t in range(0, K2):
             off = lbase + t * (S * S * HW) + goff
-            pr = tl.exp(tl.load(mask_ptr + off, mask=pq_mask, other=0.0).to(ACC) - mx) * inv
+            pr = _tap_prob(mask_ptr, off, pq_mask, mx, inv, ACC)
             dot += pr * tl.load(gm_ptr + off, mask=pq_mask, other=0.0)
         # dp is overwritten in place below; every read above must be done first.
         tl.debug_barrier()
         for t in range(0, K2):
             off = lbase + t * (S * S * HW) + goff
-            pr = tl.exp(tl.load(mask_ptr + off, mask=pq_mask, other=0.0).to(ACC) - mx) * inv
+            pr = _tap_prob(mask_ptr, off, pq_mask, mx, inv, ACC)
             dp = tl.load(gm_ptr + off, mask=pq_mask, other=0.0)
             tl.store(gm_ptr + off, pr * (dp - dot), mask=pq_mask)
         # Per-child log-sum-exp, for the feature gradient: p_t = exp(logit_t - lse).
@@ -216,7 +229,7 @@ def _carafe_bwd_feat_kernel(go_ptr, mask_ptr, lse_ptr, gf_ptr, C, H, W, G, Cg, K
         w = ww + R - kx
         ok = pmask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         okq = ok[:, None] & qmask[None, :]
-        yx = (h[:, None] * S + i[None, :]) * sW + (w[:, None] * S + j[None, :])
+        yx = _child_offset(h, w, i, j, S, sW)
         if FUSED:
             src = q[None, :] * HW + (h * W + w)[:, None]
             x = tl.load(mask_ptr + mbase + t * (S * S * HW) + src, mask=okq, other=0.0).to(ACC)

@@ -47,12 +47,65 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_TILE = 128 if _INTERPRET else 64
 
 
+# ---- shared pieces of the line kernels ----------------------------------------------------------
+
 @triton.jit
-def _energy(q_tile, k_ptr, kn, line, s, smask, d, dmask, skc, sk_line, sk_pos, scale,
+def _line_of(n_lines):
+    """Grid axis 0 -> (image n, line), int64 so that every offset built from them is int64."""
+    pid = tl.program_id(0)
+    return (pid // n_lines).to(tl.int64), (pid % n_lines).to(tl.int64)
+
+
+@triton.jit
+def _span(start, B: tl.constexpr, L):
+    """Indices start + [0, B) and which of them lie in [0, L)."""
+    i = start + tl.arange(0, B)
+    return i, i < L
+
+
+@triton.jit
+def _tile(AXIS: tl.constexpr, B: tl.constexpr, L):
+    """This program's tile of B indices along grid axis AXIS (int64), and its mask."""
+    return _span(tl.program_id(AXIS).to(tl.int64) * B, B, L)
+
+
+@triton.jit
+def _load_tile(base, r, rmask, sr, c, cmask, sc):
+    """[R, C] tile base[r·sr + c·sc], zero where a row or a column is masked."""
+    return tl.load(base + r[:, None] * sr + c[None, :] * sc, mask=rmask[:, None] & cmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_tile(base, r, rmask, sr, c, cmask, sc, acc, ACCUMULATE: tl.constexpr,
+                ACC: tl.constexpr):
+    """Writes acc to the [R, C] tile; the second pass (ACCUMULATE) adds what the first wrote."""
+    off = base + r[:, None] * sr + c[None, :] * sc
+    omask = rmask[:, None] & cmask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(off, mask=omask, other=0.0).to(ACC)
+    tl.store(off, acc.to(base.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _contract(a_base, r, rmask, sa_r, sa_c, b_base, s, smask, sb_c, sb_s, C,
+              BR: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
+              PREC: tl.constexpr):
+    """[BR, BS] = sum_c A[r, c]·B[c, s] over C channels, BC at a time (tiles read with strides)."""
+    acc = tl.zeros([BR, BS], ACC)
+    for c0 in range(0, C, BC):
+        c, cmask = _span(c0, BC, C)
+        a = _load_tile(a_base, r, rmask, sa_r, c, cmask, sa_c)
+        b = _load_tile(b_base, c, cmask, sb_c, s, smask, sb_s)
+        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _energy(q_tile, k_base, s, smask, d, dmask, skc, sk_pos, scale,
             ACC: tl.constexpr, PREC: tl.constexpr):
     """scale·Q·K^T for one key tile: Q [BP, BD] (pixels x channels), keys s [BS] -> [BP, BS]."""
-    kt = tl.load(k_ptr + kn + line * sk_line + s[None, :] * sk_pos + d[:, None] * skc,
-                 mask=dmask[:, None] & smask[None, :], other=0.0)
+    kt = _load_tile(k_base, d, dmask, skc, s, smask, sk_pos)
     return tl.dot(q_tile, kt, input_precision=PREC, out_dtype=ACC) * scale
 
 
@@ -67,28 +120,41 @@ def _valid(p, pmask, s, smask, EXCLUDE_SELF: tl.constexpr):
 
 
 @triton.jit
+def _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
+           EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """[BP, BS] attention weights exp(scale·<q_p, k_s> - lse_p), recomputed; 0 off the key set."""
+    e = _energy(q_tile, k_base, s, smask, d, dmask, skc, sk_pos, scale, ACC, PREC)
+    return tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), tl.exp(e - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF: tl.constexpr,
+             ACC: tl.constexpr, PREC: tl.constexpr):
+    """The weights transposed, [BS, BP] (keys x pixels), from a key tile and a transposed Q tile."""
+    et = tl.dot(k_tile, qt, input_precision=PREC, out_dtype=ACC) * scale
+    valid = tl.trans(_valid(p, pmask, s, smask, EXCLUDE_SELF))
+    return tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
+
+
+# ---- the fused op's kernels ---------------------------------------------------------------------
+
+@triton.jit
 def _line_lse(q_ptr, k_ptr, lse_ptr, L, n_lines, D, scale,
               sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, sln, sl_line, sl_pos,
               EXCLUDE_SELF: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
               ACC: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    n = (pid // n_lines).to(tl.int64)
-    line = (pid % n_lines).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64) * BP + tl.arange(0, BP)
-    pmask = p < L
-    d = tl.arange(0, BD)
-    dmask = d < D
-    q_tile = tl.load(q_ptr + n * sqn + line * sq_line + p[:, None] * sq_pos + d[None, :] * sqc,
-                     mask=pmask[:, None] & dmask[None, :], other=0.0)
+    n, line = _line_of(n_lines)
+    p, pmask = _tile(1, BP, L)
+    d, dmask = _span(0, BD, D)
+    k_base = k_ptr + n * skn + line * sk_line
+    q_tile = _load_tile(q_ptr + n * sqn + line * sq_line, p, pmask, sq_pos, d, dmask, sqc)
     # A finite start for the running max: a fully masked tile (H = 1 in a column pass) then gives
     # exp(-inf - m) = 0 rather than NaN, and the lse of an empty key set is -inf.
     m = tl.full([BP], -1.0e30, ACC)
     acc_l = tl.zeros([BP], ACC)
     for s0 in range(0, L, BS):
-        s = s0 + tl.arange(0, BS)
-        smask = s < L
-        e = _energy(q_tile, k_ptr, n * skn, line, s, smask, d, dmask, skc, sk_line, sk_pos, scale,
-                    ACC, PREC)
+        s, smask = _span(s0, BS, L)
+        e = _energy(q_tile, k_base, s, smask, d, dmask, skc, sk_pos, scale, ACC, PREC)
         e = tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), e, float("-inf"))
         m_new = tl.maximum(m, tl.max(e, 1))
         acc_l = acc_l * tl.exp(m - m_new) + tl.sum(tl.exp(e - m_new[:, None]), 1)
@@ -105,33 +171,23 @@ def _line_out(q_ptr, k_ptr, v_ptr, lse_ptr, o_ptr, L, n_lines, D, CV, scale,
               EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, BP: tl.constexpr,
               BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
               PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    n = (pid // n_lines).to(tl.int64)
-    line = (pid % n_lines).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64) * BP + tl.arange(0, BP)
-    pmask = p < L
-    c = tl.program_id(2).to(tl.int64) * BC + tl.arange(0, BC)
-    cmask = c < CV
-    d = tl.arange(0, BD)
-    dmask = d < D
-    q_tile = tl.load(q_ptr + n * sqn + line * sq_line + p[:, None] * sq_pos + d[None, :] * sqc,
-                     mask=pmask[:, None] & dmask[None, :], other=0.0)
+    n, line = _line_of(n_lines)
+    p, pmask = _tile(1, BP, L)
+    c, cmask = _tile(2, BC, CV)
+    d, dmask = _span(0, BD, D)
+    k_base = k_ptr + n * skn + line * sk_line
+    v_base = v_ptr + n * svn + line * sv_line
+    q_tile = _load_tile(q_ptr + n * sqn + line * sq_line, p, pmask, sq_pos, d, dmask, sqc)
     lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     acc = tl.zeros([BP, BC], ACC)
     for s0 in range(0, L, BS):
-        s = s0 + tl.arange(0, BS)
-        smask = s < L
-        e = _energy(q_tile, k_ptr, n * skn, line, s, smask, d, dmask, skc, sk_line, sk_pos, scale,
-                    ACC, PREC)
-        prob = tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), tl.exp(e - lse[:, None]), 0.0)
-        v_tile = tl.load(v_ptr + n * svn + line * sv_line + s[:, None] * sv_pos + c[None, :] * svc,
-                         mask=smask[:, None] & cmask[None, :], other=0.0)
+        s, smask = _span(s0, BS, L)
+        prob = _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
+                      EXCLUDE_SELF, ACC, PREC)
+        v_tile = _load_tile(v_base, s, smask, sv_pos, c, cmask, svc)
         acc += tl.dot(prob.to(v_tile.dtype), v_tile, input_precision=PREC, out_dtype=ACC)
-    o_off = o_ptr + n * son + line * so_line + p[:, None] * so_pos + c[None, :] * soc
-    omask = pmask[:, None] & cmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(o_off, mask=omask, other=0.0).to(ACC)
-    tl.store(o_off, acc.to(o_ptr.dtype.element_ty), mask=omask)
+    _store_tile(o_ptr + n * son + line * so_line, p, pmask, so_pos, c, cmask, soc, acc,
+                ACCUMULATE, ACC)
 
 
 @triton.jit
@@ -142,43 +198,28 @@ def _line_dq(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, dq_ptr, L, n_lines, D
              BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
              PREC: tl.constexpr):
     """dq for a tile of pixels (so* are the strides of the dq buffer)."""
-    pid = tl.program_id(0)
-    n = (pid // n_lines).to(tl.int64)
-    line = (pid % n_lines).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64) * BP + tl.arange(0, BP)
-    pmask = p < L
-    d = tl.arange(0, BD)
-    dmask = d < D
-    q_tile = tl.load(q_ptr + n * sqn + line * sq_line + p[:, None] * sq_pos + d[None, :] * sqc,
-                     mask=pmask[:, None] & dmask[None, :], other=0.0)
+    n, line = _line_of(n_lines)
+    p, pmask = _tile(1, BP, L)
+    d, dmask = _span(0, BD, D)
+    k_base = k_ptr + n * skn + line * sk_line
+    v_base = v_ptr + n * svn + line * sv_line
+    go_base = go_ptr + n * sgn + line * sg_line
+    q_tile = _load_tile(q_ptr + n * sqn + line * sq_line, p, pmask, sq_pos, d, dmask, sqc)
     lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     acc = tl.zeros([BP, BD], ACC)
     for s0 in range(0, L, BS):
-        s = s0 + tl.arange(0, BS)
-        smask = s < L
-        e = _energy(q_tile, k_ptr, n * skn, line, s, smask, d, dmask, skc, sk_line, sk_pos, scale,
-                    ACC, PREC)
-        prob = tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), tl.exp(e - lse[:, None]), 0.0)
+        s, smask = _span(s0, BS, L)
+        prob = _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
+                      EXCLUDE_SELF, ACC, PREC)
         # dP = dO·V^T over all Cv, tile by tile.
-        dp = tl.zeros([BP, BS], ACC)
-        for c0 in range(0, CV, BC):
-            c = c0 + tl.arange(0, BC)
-            cmask = c < CV
-            go = tl.load(go_ptr + n * sgn + line * sg_line + p[:, None] * sg_pos + c[None, :] * sgc,
-                         mask=pmask[:, None] & cmask[None, :], other=0.0)
-            vt = tl.load(v_ptr + n * svn + line * sv_line + s[None, :] * sv_pos + c[:, None] * svc,
-                         mask=cmask[:, None] & smask[None, :], other=0.0)
-            dp += tl.dot(go, vt, input_precision=PREC, out_dtype=ACC)
+        dp = _contract(go_base, p, pmask, sg_pos, sgc, v_base, s, smask, svc, sv_pos, CV,
+                       BP, BS, BC, ACC, PREC)
         ds = prob * (dp - dd[:, None]) * scale
-        k_tile = tl.load(k_ptr + n * skn + line * sk_line + s[:, None] * sk_pos + d[None, :] * skc,
-                         mask=smask[:, None] & dmask[None, :], other=0.0)
+        k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
         acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PREC, out_dtype=ACC)
-    off = dq_ptr + n * son + line * so_line + p[:, None] * so_pos + d[None, :] * soc
-    omask = pmask[:, None] & dmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(off, mask=omask, other=0.0).to(ACC)
-    tl.store(off, acc.to(dq_ptr.dtype.element_ty), mask=omask)
+    _store_tile(dq_ptr + n * son + line * so_line, p, pmask, so_pos, d, dmask, soc, acc,
+                ACCUMULATE, ACC)
 
 
 @triton.jit
@@ -190,42 +231,27 @@ def _line_dk(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, dk_ptr, L, n_lines, D
              PREC: tl.constexpr):
     """dk for a tile of keys, gathered over the pixels of the line (transposed tiles: keys are
     the rows, pixels the columns; so* are the strides of the dk buffer)."""
-    pid = tl.program_id(0)
-    n = (pid // n_lines).to(tl.int64)
-    line = (pid % n_lines).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64) * BS + tl.arange(0, BS)
-    smask = s < L
-    d = tl.arange(0, BD)
-    dmask = d < D
-    k_tile = tl.load(k_ptr + n * skn + line * sk_line + s[:, None] * sk_pos + d[None, :] * skc,
-                     mask=smask[:, None] & dmask[None, :], other=0.0)
+    n, line = _line_of(n_lines)
+    s, smask = _tile(1, BS, L)
+    d, dmask = _span(0, BD, D)
+    q_base = q_ptr + n * sqn + line * sq_line
+    v_base = v_ptr + n * svn + line * sv_line
+    go_base = go_ptr + n * sgn + line * sg_line
+    k_tile = _load_tile(k_ptr + n * skn + line * sk_line, s, smask, sk_pos, d, dmask, skc)
     acc = tl.zeros([BS, BD], ACC)
     for p0 in range(0, L, BP):
-        p = p0 + tl.arange(0, BP)
-        pmask = p < L
-        qt = tl.load(q_ptr + n * sqn + line * sq_line + p[None, :] * sq_pos + d[:, None] * sqc,
-                     mask=dmask[:, None] & pmask[None, :], other=0.0)
-        et = tl.dot(k_tile, qt, input_precision=PREC, out_dtype=ACC) * scale
+        p, pmask = _span(p0, BP, L)
+        qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
         lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
         dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-        valid = tl.trans(_valid(p, pmask, s, smask, EXCLUDE_SELF))
-        prob = tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
-        dp = tl.zeros([BS, BP], ACC)
-        for c0 in range(0, CV, BC):
-            c = c0 + tl.arange(0, BC)
-            cmask = c < CV
-            v_tile = tl.load(v_ptr + n * svn + line * sv_line + s[:, None] * sv_pos + c[None, :] * svc,
-                             mask=smask[:, None] & cmask[None, :], other=0.0)
-            got = tl.load(go_ptr + n * sgn + line * sg_line + p[None, :] * sg_pos + c[:, None] * sgc,
-                          mask=cmask[:, None] & pmask[None, :], other=0.0)
-            dp += tl.dot(v_tile, got, input_precision=PREC, out_dtype=ACC)
+        prob = _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC, PREC)
+        # dP^T = V·dO^T over all Cv.
+        dp = _contract(v_base, s, smask, sv_pos, svc, go_base, p, pmask, sgc, sg_pos, CV,
+                       BS, BP, BC, ACC, PREC)
         ds = prob * (dp - dd[None, :]) * scale
         acc += tl.dot(ds.to(qt.dtype), tl.trans(qt), input_precision=PREC, out_dtype=ACC)
-    off = dk_ptr + n * son + line * so_line + s[:, None] * so_pos + d[None, :] * soc
-    omask = smask[:, None] & dmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(off, mask=omask, other=0.0).to(ACC)
-    tl.store(off, acc.to(dk_ptr.dtype.element_ty), mask=omask)
+    _store_tile(dk_ptr + n * son + line * so_line, s, smask, so_pos, d, dmask, soc, acc,
+                ACCUMULATE, ACC)
 
 
 @triton.jit
@@ -236,35 +262,23 @@ def _line_dv(q_ptr, k_ptr, go_ptr, lse_ptr, dv_ptr, L, n_lines, D, CV, scale,
              BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
              PREC: tl.constexpr):
     """dv for a tile of keys and a tile of Cv: sum over the pixels of the line of P^T·dO."""
-    pid = tl.program_id(0)
-    n = (pid // n_lines).to(tl.int64)
-    line = (pid % n_lines).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64) * BS + tl.arange(0, BS)
-    smask = s < L
-    c = tl.program_id(2).to(tl.int64) * BC + tl.arange(0, BC)
-    cmask = c < CV
-    d = tl.arange(0, BD)
-    dmask = d < D
-    k_tile = tl.load(k_ptr + n * skn + line * sk_line + s[:, None] * sk_pos + d[None, :] * skc,
-                     mask=smask[:, None] & dmask[None, :], other=0.0)
+    n, line = _line_of(n_lines)
+    s, smask = _tile(1, BS, L)
+    c, cmask = _tile(2, BC, CV)
+    d, dmask = _span(0, BD, D)
+    q_base = q_ptr + n * sqn + line * sq_line
+    go_base = go_ptr + n * sgn + line * sg_line
+    k_tile = _load_tile(k_ptr + n * skn + line * sk_line, s, smask, sk_pos, d, dmask, skc)
     acc = tl.zeros([BS, BC], ACC)
     for p0 in range(0, L, BP):
-        p = p0 + tl.arange(0, BP)
-        pmask = p < L
-        qt = tl.load(q_ptr + n * sqn + line * sq_line + p[None, :] * sq_pos + d[:, None] * sqc,
-                     mask=dmask[:, None] & pmask[None, :], other=0.0)
-        et = tl.dot(k_tile, qt, input_precision=PREC, out_dtype=ACC) * scale
+        p, pmask = _span(p0, BP, L)
+        qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
         lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-        valid = tl.trans(_valid(p, pmask, s, smask, EXCLUDE_SELF))
-        prob = tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
-        go = tl.load(go_ptr + n * sgn + line * sg_line + p[:, None] * sg_pos + c[None, :] * sgc,
-                     mask=pmask[:, None] & cmask[None, :], other=0.0)
+        prob = _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC, PREC)
+        go = _load_tile(go_base, p, pmask, sg_pos, c, cmask, sgc)
         acc += tl.dot(prob.to(go.dtype), go, input_precision=PREC, out_dtype=ACC)
-    off = dv_ptr + n * svn + line * sv_line + s[:, None] * sv_pos + c[None, :] * svc
-    omask = smask[:, None] & cmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(off, mask=omask, other=0.0).to(ACC)
-    tl.store(off, acc.to(dv_ptr.dtype.element_ty), mask=omask)
+    _store_tile(dv_ptr + n * svn + line * sv_line, s, smask, sv_pos, c, cmask, svc, acc,
+                ACCUMULATE, ACC)
 
 
 # ---- launch helpers -------------------------------------------------------------------------
@@ -413,22 +427,13 @@ def _line_pair(x_ptr, y_ptr, e_ptr, L, n_lines, C, CH0,
                sxn, sxc, sx_line, sx_pos, syn, syc, sy_line, sy_pos, sen, sec, se_line, se_pos,
                EXCLUDE_SELF: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
                ACC: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    n = (pid // n_lines).to(tl.int64)
-    line = (pid % n_lines).to(tl.int64)
-    p = tl.program_id(1).to(tl.int64) * BP + tl.arange(0, BP)
-    s = tl.program_id(2).to(tl.int64) * BS + tl.arange(0, BS)
-    pmask = p < L
-    smask = s < L
-    acc = tl.zeros([BP, BS], ACC)
-    for c0 in range(0, C, BC):
-        c = c0 + tl.arange(0, BC)
-        cmask = c < C
-        x = tl.load(x_ptr + n * sxn + line * sx_line + p[:, None] * sx_pos + c[None, :] * sxc,
-                    mask=pmask[:, None] & cmask[None, :], other=0.0)
-        yt = tl.load(y_ptr + n * syn + line * sy_line + s[None, :] * sy_pos + c[:, None] * syc,
-                     mask=cmask[:, None] & smask[None, :], other=0.0)
-        acc += tl.dot(x, yt, input_precision=PREC, out_dtype=ACC)
+    n, line = _line_of(n_lines)
+    p, pmask = _tile(1, BP, L)
+    s, smask = _tile(2, BS, L)
+    x_base = x_ptr + n * sxn + line * sx_line
+    y_base = y_ptr + n * syn + line * sy_line
+    acc = _contract(x_base, p, pmask, sx_pos, sxc, y_base, s, smask, syc, sy_pos, C, BP, BS, BC,
+                    ACC, PREC)
     ch = _energy_channel(p, s, CH0, EXCLUDE_SELF)
     off = e_ptr + n * sen + line * se_line + p[:, None] * se_pos + ch.to(tl.int64) * sec
     tl.store(off, acc.to(e_ptr.dtype.element_ty), mask=_valid(p, pmask, s, smask, EXCLUDE_SELF))
@@ -442,17 +447,13 @@ def _line_aggregate(m_ptr, y_ptr, o_ptr, L, n_lines, C, CH0,
                     PREC: tl.constexpr):
     """out[i, c] (+)= sum_j M'[i, j] Y[j, c] over the positions j of the line; M is read from
     the energy layout as M[p = i, s = j], or transposed as M[p = j, s = i]."""
-    pid = tl.program_id(0)
-    n = (pid // n_lines).to(tl.int64)
-    line = (pid % n_lines).to(tl.int64)
-    i = tl.program_id(1).to(tl.int64) * BI + tl.arange(0, BI)
-    imask = i < L
-    c = tl.program_id(2).to(tl.int64) * BC + tl.arange(0, BC)
-    cmask = c < C
+    n, line = _line_of(n_lines)
+    i, imask = _tile(1, BI, L)
+    c, cmask = _tile(2, BC, C)
+    y_base = y_ptr + n * syn + line * sy_line
     acc = tl.zeros([BI, BC], ACC)
     for j0 in range(0, L, BJ):
-        j = j0 + tl.arange(0, BJ)
-        jmask = j < L
+        j, jmask = _span(j0, BJ, L)
         if TRANSPOSED:
             valid = tl.trans(_valid(j, jmask, i, imask, EXCLUDE_SELF))   # [BI, BJ]
             ch = tl.trans(_energy_channel(j, i, CH0, EXCLUDE_SELF))
@@ -462,14 +463,10 @@ def _line_aggregate(m_ptr, y_ptr, o_ptr, L, n_lines, C, CH0,
             ch = _energy_channel(i, j, CH0, EXCLUDE_SELF)
             m_off = m_ptr + n * smn + line * sm_line + i[:, None] * sm_pos + ch.to(tl.int64) * smc
         m = tl.load(m_off, mask=valid, other=0.0)
-        y = tl.load(y_ptr + n * syn + line * sy_line + j[:, None] * sy_pos + c[None, :] * syc,
-                    mask=jmask[:, None] & cmask[None, :], other=0.0)
+        y = _load_tile(y_base, j, jmask, sy_pos, c, cmask, syc)
         acc += tl.dot(m.to(y.dtype), y, input_precision=PREC, out_dtype=ACC)
-    off = o_ptr + n * son + line * so_line + i[:, None] * so_pos + c[None, :] * soc
-    omask = imask[:, None] & cmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(off, mask=omask, other=0.0).to(ACC)
-    tl.store(off, acc.to(o_ptr.dtype.element_ty), mask=omask)
+    _store_tile(o_ptr + n * son + line * so_line, i, imask, so_pos, c, cmask, soc, acc,
+                ACCUMULATE, ACC)
 
 
 def _energy_strides(e: torch.Tensor, row: bool):

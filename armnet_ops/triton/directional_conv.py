@@ -136,6 +136,14 @@ def _pixel_coords(offs_m, H, W):
     return n_idx, rem // W, rem % W
 
 
+@triton.jit
+def _pixel_block(pid_m, M, H, W, BLOCK_M: tl.constexpr):
+    """Block pid_m of BLOCK_M output pixels (flattened N·H·W): its mask and (n, h, w)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_idx, h_idx, w_idx = _pixel_coords(offs_m, H, W)
+    return offs_m < M, n_idx, h_idx, w_idx
+
+
 @triton.autotune(configs=_gemm_configs(),
                  key=["C_in", "C_a", "C_b", "KH_A", "KW_A", "DH_A", "DW_A", "KH_B", "KW_B", "DH_B",
                       "DW_B", "PAIR"])
@@ -159,9 +167,7 @@ def _dconv_fwd_kernel(
         tiles_n += tl.cdiv(C_b, BLOCK_N)
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    n_idx, h_idx, w_idx = _pixel_coords(offs_m, H, W)
+    m_mask, n_idx, h_idx, w_idx = _pixel_block(pid_m, M, H, W, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     if pid_n < tiles_a:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -202,9 +208,7 @@ def _dconv_dgrad_kernel(
     tiles_n = tl.cdiv(C_in, BLOCK_N)
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    n_idx, h_idx, w_idx = _pixel_coords(offs_m, H, W)
+    m_mask, n_idx, h_idx, w_idx = _pixel_block(pid_m, M, H, W, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C_in
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)

@@ -24,6 +24,8 @@
 #include <cmath>
 #include <vector>
 
+#include "carafe_checks.h"
+
 namespace armnet_ops {
 namespace {
 
@@ -36,19 +38,7 @@ struct Geometry {
 
 Geometry check_inputs(const char* op, const at::Tensor& features, const at::Tensor& masks,
                       const char* masks_name, int64_t k, int64_t G, int64_t s, bool fused) {
-  TORCH_CHECK(features.dim() == 4, op, ": argument 'features' must be 4-D, got ", features.dim(),
-              "-D with shape ", features.sizes());
-  TORCH_CHECK(masks.dim() == 4, op, ": argument '", masks_name, "' must be 4-D, got ",
-              masks.dim(), "-D with shape ", masks.sizes());
-  TORCH_CHECK(masks.scalar_type() == features.scalar_type(), op, ": argument '", masks_name,
-              "' must have the dtype of 'features' (", features.scalar_type(), "), got ",
-              masks.scalar_type());
-  TORCH_CHECK(masks.device() == features.device(), op, ": argument '", masks_name,
-              "' must be on the device of 'features' (", features.device(), "), got ",
-              masks.device());
-  TORCH_CHECK(k >= 1 && k % 2 == 1, op, ": argument 'kernel_size' must be odd and >= 1, got ", k);
-  TORCH_CHECK(G >= 1, op, ": argument 'group_size' must be >= 1, got ", G);
-  TORCH_CHECK(s >= 1, op, ": argument 'scale_factor' must be >= 1, got ", s);
+  carafe_checks::check_inputs(op, features, masks, masks_name, k, G, s, fused);
   Geometry g{};
   g.N = features.size(0);
   g.C = features.size(1);
@@ -61,25 +51,7 @@ Geometry check_inputs(const char* op, const at::Tensor& features, const at::Tens
   g.k2 = k * k;
   g.sH = s * g.H;
   g.sW = s * g.W;
-  TORCH_CHECK(g.C % G == 0, op, ": the channels of 'features' (", g.C,
-              ") must be divisible by group_size (", G, "), got C % G = ", g.C % G);
   g.Cg = g.C / G;
-  TORCH_CHECK(masks.size(0) == g.N, op, ": argument '", masks_name, "' must have N = ", g.N,
-              " (dim 0), got ", masks.size(0));
-  if (fused) {
-    TORCH_CHECK(masks.size(1) == G * g.k2 * s * s, op, ": argument '", masks_name,
-                "' must have G·k²·s² = ", G * g.k2 * s * s, " channels (dim 1), got ",
-                masks.size(1));
-    TORCH_CHECK(masks.size(2) == g.H && masks.size(3) == g.W, op, ": argument '", masks_name,
-                "' must have the spatial size of 'features' (", g.H, ", ", g.W, "), got (",
-                masks.size(2), ", ", masks.size(3), ")");
-  } else {
-    TORCH_CHECK(masks.size(1) == G * g.k2, op, ": argument '", masks_name, "' must have G·k² = ",
-                G * g.k2, " channels (dim 1), got ", masks.size(1));
-    TORCH_CHECK(masks.size(2) == g.sH && masks.size(3) == g.sW, op, ": argument '", masks_name,
-                "' must have spatial size (s·H, s·W) = (", g.sH, ", ", g.sW, "), got (",
-                masks.size(2), ", ", masks.size(3), ")");
-  }
   return g;
 }
 
@@ -282,15 +254,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out_in,
                                   G, s, fused);
   TORCH_CHECK(features_in.device().is_cpu(), op, ": the CPU kernel needs CPU tensors, got ",
               features_in.device());
-  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == g.N && grad_out_in.size(1) == g.C &&
-                  grad_out_in.size(2) == g.sH && grad_out_in.size(3) == g.sW,
-              op, ": argument 'grad_out' must have shape (", g.N, ", ", g.C, ", ", g.sH, ", ", g.sW,
-              "), got ", grad_out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == features_in.scalar_type() &&
-                  grad_out_in.device() == features_in.device(),
-              op, ": argument 'grad_out' must have the dtype and device of 'features' (",
-              features_in.scalar_type(), ", ", features_in.device(), "), got ",
-              grad_out_in.scalar_type(), ", ", grad_out_in.device());
+  carafe_checks::check_grad_out(op, grad_out_in, features_in, s);
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor features = features_in.contiguous();
   const at::Tensor masks = masks_in.contiguous();

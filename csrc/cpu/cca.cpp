@@ -35,6 +35,8 @@
 #include <limits>
 #include <vector>
 
+#include "cca_checks.h"
+
 namespace armnet_ops {
 namespace {
 
@@ -85,16 +87,7 @@ int kernel_isa() {
 #endif
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
-  TORCH_CHECK(q.dim() == 4, op, ": argument 'q' must be 4-D (N, Cqk, H, W), got ", q.dim(), "-D");
-  TORCH_CHECK(k.sizes() == q.sizes(), op, ": argument 'k' must have the shape of 'q' ", q.sizes(),
-              ", got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4, op, ": argument 'v' must be 4-D (N, Cv, H, W), got ", v.dim(), "-D");
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(2) == q.size(2) && v.size(3) == q.size(3), op,
-              ": argument 'v' must have N, H, W of 'q' (", q.size(0), ", ", q.size(2), ", ",
-              q.size(3), "), got ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
+  cca_checks::check_qkv(q, k, v, op);
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op,
               ": expected CPU tensors");
 }
@@ -120,12 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, double scale) {
   check_inputs(q_, k_, v_, "cca_backward");
-  TORCH_CHECK(grad_out.sizes() == v_.sizes() && out_.sizes() == v_.sizes(),
-              "cca_backward: grad_out and out must have the shape of v ", v_.sizes(), ", got ",
-              grad_out.sizes(), " and ", out_.sizes());
-  TORCH_CHECK(lse_.dim() == 3 && lse_.size(0) == q_.size(0) && lse_.size(1) == q_.size(2) &&
-                  lse_.size(2) == q_.size(3),
-              "cca_backward: lse must be (N, H, W), got ", lse_.sizes());
+  cca_checks::check_backward(grad_out, q_, v_, out_, lse_);
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   auto go = grad_out.to(v.scalar_type()).contiguous(), out = out_.contiguous();
   auto lse = lse_.to(q.scalar_type()).contiguous();
@@ -162,10 +150,7 @@ std::tuple<at::Tensor, at::Tensor> cca_weight_backward_cpu(const at::Tensor& g_,
                                                            const at::Tensor& k_) {
   check_inputs(q_, k_, q_, "cca_weight_backward");
   const int64_t N = q_.size(0), C = q_.size(1), H = q_.size(2), W = q_.size(3);
-  TORCH_CHECK(g_.dim() == 4 && g_.size(0) == N && g_.size(1) == H + W - 1 && g_.size(2) == H &&
-                  g_.size(3) == W,
-              "cca_weight_backward: grad_energy must be (N, H+W-1, H, W) = (", N, ", ",
-              H + W - 1, ", ", H, ", ", W, "), got ", g_.sizes());
+  cca_checks::check_grad_energy(g_, q_);
   auto q = q_.contiguous(), k = k_.contiguous(), g = g_.to(q.scalar_type()).contiguous();
   auto gq = at::zeros_like(q), gk = at::zeros_like(k);
   if (N * H * W == 0) return {gq, gk};
@@ -177,19 +162,8 @@ std::tuple<at::Tensor, at::Tensor> cca_weight_backward_cpu(const at::Tensor& g_,
   return {gq, gk};
 }
 
-void check_map(const at::Tensor& a, const at::Tensor& v, const char* op) {
-  TORCH_CHECK(v.dim() == 4, op, ": argument 'v' must be 4-D (N, C, H, W), got ", v.dim(), "-D");
-  const int64_t N = v.size(0), H = v.size(2), W = v.size(3);
-  TORCH_CHECK(a.dim() == 4 && a.size(0) == N && a.size(1) == H + W - 1 && a.size(2) == H &&
-                  a.size(3) == W,
-              op, ": argument 'attn' must be (N, H+W-1, H, W) = (", N, ", ", H + W - 1, ", ", H,
-              ", ", W, "), got ", a.sizes());
-  TORCH_CHECK(a.scalar_type() == v.scalar_type(), op, ": attn and v must share one dtype, got ",
-              a.scalar_type(), " and ", v.scalar_type());
-}
-
 at::Tensor cca_map_cpu(const at::Tensor& a_, const at::Tensor& v_) {
-  check_map(a_, v_, "cca_map");
+  cca_checks::check_attn(a_, v_, "cca_map");
   auto a = a_.contiguous(), v = v_.contiguous();
   const int64_t N = v.size(0), C = v.size(1), H = v.size(2), W = v.size(3);
   auto out = at::empty_like(v);
@@ -203,9 +177,8 @@ at::Tensor cca_map_cpu(const at::Tensor& a_, const at::Tensor& v_) {
 
 std::tuple<at::Tensor, at::Tensor> cca_map_backward_cpu(const at::Tensor& g_, const at::Tensor& a_,
                                                         const at::Tensor& v_) {
-  check_map(a_, v_, "cca_map_backward");
-  TORCH_CHECK(g_.sizes() == v_.sizes(), "cca_map_backward: grad_out must have the shape of v ",
-              v_.sizes(), ", got ", g_.sizes());
+  cca_checks::check_attn(a_, v_, "cca_map_backward");
+  cca_checks::check_map_grad(g_, v_);
   auto a = a_.contiguous(), v = v_.contiguous(), g = g_.to(v.scalar_type()).contiguous();
   const int64_t N = v.size(0), C = v.size(1), H = v.size(2), W = v.size(3);
   auto ga = at::zeros_like(a), gv = at::zeros_like(v);

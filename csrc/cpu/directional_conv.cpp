@@ -27,14 +27,11 @@
 #include <optional>
 #include <tuple>
 
+#include "directional_conv.h"
+
 namespace armnet_ops {
 namespace dconv {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-using Grads = std::tuple<Tensor, Tensor, OptTensor, OptTensor, OptTensor>;
-
-// The checks of armnet_ops/_checks.py, for callers that reach torch.ops directly.
 void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                   at::IntArrayRef dilation, const OptTensor& scale, const OptTensor& shift) {
   TORCH_CHECK(x.dim() == 4, op, ": argument 'x' must be 4-D (N, C, H, W), got ", x.dim(), "-D");
@@ -157,9 +154,6 @@ Grads backward_aten(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
 }
 
 // ---- the horizontal + vertical pair --------------------------------------------------------------
-
-using PairGrads = std::tuple<Tensor, Tensor, Tensor, OptTensor, OptTensor, OptTensor, OptTensor,
-                             OptTensor, OptTensor>;
 
 // Both branches through backward_aten, grad_x summed. Device-generic (the CUDA key reuses it).
 PairGrads pair_backward_aten(const Tensor& grad_y_h, const Tensor& grad_y_v, const Tensor& x,

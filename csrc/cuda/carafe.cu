@@ -47,6 +47,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "carafe_checks.h"
 #include "carafe_kernels.cuh"
 
 namespace armnet_ops {
@@ -62,41 +63,11 @@ struct Geometry {
 
 Geometry check_inputs(const char* op, const at::Tensor& features, const at::Tensor& masks,
                       const char* masks_name, int64_t k, int64_t G, int64_t s, bool fused) {
-  TORCH_CHECK(features.dim() == 4, op, ": argument 'features' must be 4-D, got ", features.dim(),
-              "-D with shape ", features.sizes());
-  TORCH_CHECK(masks.dim() == 4, op, ": argument '", masks_name, "' must be 4-D, got ",
-              masks.dim(), "-D with shape ", masks.sizes());
+  carafe_checks::check_inputs(op, features, masks, masks_name, k, G, s, fused);
   TORCH_CHECK(features.is_cuda(), op, ": the CUDA kernel needs CUDA tensors, got 'features' on ",
               features.device());
-  TORCH_CHECK(masks.device() == features.device(), op, ": argument '", masks_name,
-              "' must be on the device of 'features' (", features.device(), "), got ",
-              masks.device());
-  TORCH_CHECK(masks.scalar_type() == features.scalar_type(), op, ": argument '", masks_name,
-              "' must have the dtype of 'features' (", features.scalar_type(), "), got ",
-              masks.scalar_type());
-  TORCH_CHECK(k >= 1 && k % 2 == 1, op, ": argument 'kernel_size' must be odd and >= 1, got ", k);
-  TORCH_CHECK(G >= 1, op, ": argument 'group_size' must be >= 1, got ", G);
-  TORCH_CHECK(s >= 1, op, ": argument 'scale_factor' must be >= 1, got ", s);
   Geometry g{features.size(0), features.size(1), features.size(2), features.size(3), k, G, s};
-  TORCH_CHECK(g.C % G == 0, op, ": the channels of 'features' (", g.C,
-              ") must be divisible by group_size (", G, "), got C % G = ", g.C % G);
   const int64_t k2 = k * k;
-  TORCH_CHECK(masks.size(0) == g.N, op, ": argument '", masks_name, "' must have N = ", g.N,
-              " (dim 0), got ", masks.size(0));
-  if (fused) {
-    TORCH_CHECK(masks.size(1) == G * k2 * s * s, op, ": argument '", masks_name,
-                "' must have G·k²·s² = ", G * k2 * s * s, " channels (dim 1), got ",
-                masks.size(1));
-    TORCH_CHECK(masks.size(2) == g.H && masks.size(3) == g.W, op, ": argument '", masks_name,
-                "' must have the spatial size of 'features' (", g.H, ", ", g.W, "), got (",
-                masks.size(2), ", ", masks.size(3), ")");
-  } else {
-    TORCH_CHECK(masks.size(1) == G * k2, op, ": argument '", masks_name, "' must have G·k² = ",
-                G * k2, " channels (dim 1), got ", masks.size(1));
-    TORCH_CHECK(masks.size(2) == s * g.H && masks.size(3) == s * g.W, op, ": argument '",
-                masks_name, "' must have spatial size (s·H, s·W) = (", s * g.H, ", ", s * g.W,
-                "), got (", masks.size(2), ", ", masks.size(3), ")");
-  }
   // Sizes that travel as int: per-plane coordinates and the block count. Element offsets are
   // int64 throughout.
   constexpr int64_t kMax = std::numeric_limits<int>::max();
@@ -194,15 +165,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out_in,
   const char* op = fused ? "carafe_fused_backward" : "carafe_backward";
   const Geometry g = check_inputs(op, features_in, masks_in, fused ? "mask_logits" : "masks", k,
                                   G, s, fused);
-  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == g.N && grad_out_in.size(1) == g.C &&
-                  grad_out_in.size(2) == s * g.H && grad_out_in.size(3) == s * g.W,
-              op, ": argument 'grad_out' must have shape (", g.N, ", ", g.C, ", ", s * g.H, ", ",
-              s * g.W, "), got ", grad_out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == features_in.scalar_type() &&
-                  grad_out_in.device() == features_in.device(),
-              op, ": argument 'grad_out' must have the dtype and device of 'features' (",
-              features_in.scalar_type(), ", ", features_in.device(), "), got ",
-              grad_out_in.scalar_type(), ", ", grad_out_in.device());
+  carafe_checks::check_grad_out(op, grad_out_in, features_in, s);
   const c10::cuda::CUDAGuard guard(features_in.device());
   at::Tensor grad_out = grad_out_in.contiguous();
   // grad_out is read s children at a time as one vector; a contiguous view with an odd storage

@@ -33,6 +33,8 @@
 #include <cmath>
 #include <limits>
 
+#include "cca_checks.h"
+
 namespace armnet_ops {
 namespace {
 
@@ -404,16 +406,7 @@ __global__ void cca_map_backward_v_kernel(const scalar_t* __restrict__ go,
 
 void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const char* op) {
-  TORCH_CHECK(q.dim() == 4, op, ": argument 'q' must be 4-D (N, Cqk, H, W), got ", q.dim(), "-D");
-  TORCH_CHECK(k.sizes() == q.sizes(), op, ": argument 'k' must have the shape of 'q' ", q.sizes(),
-              ", got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4 && v.size(0) == q.size(0) && v.size(2) == q.size(2) &&
-                  v.size(3) == q.size(3),
-              op, ": argument 'v' must be 4-D with N, H, W of 'q' (", q.size(0), ", ", q.size(2),
-              ", ", q.size(3), "), got ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k, v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-              v.scalar_type());
+  cca_checks::check_qkv(q, k, v, op);
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), op,
               ": q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ",
               v.device());
@@ -463,12 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, double scale) {
   check_cuda_inputs(q_, k_, v_, "cca_backward");
-  TORCH_CHECK(grad_out.sizes() == v_.sizes() && out_.sizes() == v_.sizes(),
-              "cca_backward: grad_out and out must have the shape of v ", v_.sizes(), ", got ",
-              grad_out.sizes(), " and ", out_.sizes());
-  TORCH_CHECK(lse_.dim() == 3 && lse_.size(0) == q_.size(0) && lse_.size(1) == q_.size(2) &&
-                  lse_.size(2) == q_.size(3),
-              "cca_backward: lse must be (N, H, W), got ", lse_.sizes());
+  cca_checks::check_backward(grad_out, q_, v_, out_, lse_);
   c10::cuda::CUDAGuard guard(q_.device());
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   auto go = grad_out.to(v.scalar_type()).contiguous(), out = out_.to(v.scalar_type()).contiguous();
@@ -501,16 +489,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
 }
 
 void check_attn(const at::Tensor& a, const at::Tensor& v, const char* op) {
-  TORCH_CHECK(v.dim() == 4, op, ": argument 'v' must be 4-D (N, C, H, W), got ", v.dim(), "-D");
-  const int64_t N = v.size(0), H = v.size(2), W = v.size(3);
-  TORCH_CHECK(a.dim() == 4 && a.size(0) == N && a.size(1) == H + W - 1 && a.size(2) == H &&
-                  a.size(3) == W,
-              op, ": argument 'attn' must be (N, H+W-1, H, W) = (", N, ", ", H + W - 1, ", ", H,
-              ", ", W, "), got ", a.sizes());
-  TORCH_CHECK(a.scalar_type() == v.scalar_type(), op, ": attn and v must share one dtype, got ",
-              a.scalar_type(), " and ", v.scalar_type());
+  cca_checks::check_attn(a, v, op);
   TORCH_CHECK(a.is_cuda() && v.device() == a.device(), op, ": attn and v must be on one CUDA "
               "device, got ", a.device(), " and ", v.device());
+}
+
+// The two-op API's kernels share one signature, (in0, in1, out, total, C, H, W), with one thread
+// per element of out; a launch is skipped by the caller when out is empty.
+template <typename scalar_t, typename Kernel>
+void launch_elementwise(Kernel kernel, const at::Tensor& in0, const at::Tensor& in1,
+                        const at::Tensor& out, int64_t C, int64_t H, int64_t W) {
+  const int64_t total = out.numel();
+  kernel<<<elementwise_blocks(total), kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      in0.data_ptr<scalar_t>(), in1.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total,
+      static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor cca_weight_cuda(const at::Tensor& q_, const at::Tensor& k_) {
@@ -523,11 +516,7 @@ at::Tensor cca_weight_cuda(const at::Tensor& q_, const at::Tensor& k_) {
   if (total == 0) return e;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_weight_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cca_weight_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kElementwiseThreads, 0,
-                                         at::cuda::getCurrentCUDAStream()>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), total,
-        static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<scalar_t>(cca_weight_kernel<scalar_t, acc_t>, q, k, e, C, H, W);
   });
   return e;
 }
@@ -536,11 +525,8 @@ std::tuple<at::Tensor, at::Tensor> cca_weight_backward_cuda(const at::Tensor& g_
                                                             const at::Tensor& q_,
                                                             const at::Tensor& k_) {
   check_cuda_inputs(q_, k_, q_, "cca_weight_backward");
-  const int64_t N = q_.size(0), C = q_.size(1), H = q_.size(2), W = q_.size(3);
-  TORCH_CHECK(g_.dim() == 4 && g_.size(0) == N && g_.size(1) == H + W - 1 && g_.size(2) == H &&
-                  g_.size(3) == W,
-              "cca_weight_backward: grad_energy must be (N, H+W-1, H, W) = (", N, ", ",
-              H + W - 1, ", ", H, ", ", W, "), got ", g_.sizes());
+  const int64_t C = q_.size(1), H = q_.size(2), W = q_.size(3);
+  cca_checks::check_grad_energy(g_, q_);
   c10::cuda::CUDAGuard guard(q_.device());
   auto q = q_.contiguous(), k = k_.contiguous(), g = g_.to(q.scalar_type()).contiguous();
   auto gq = at::empty_like(q), gk = at::empty_like(k);
@@ -548,17 +534,10 @@ std::tuple<at::Tensor, at::Tensor> cca_weight_backward_cuda(const at::Tensor& g_
   if (total == 0) return {gq.zero_(), gk.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_weight_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto stream = at::cuda::getCurrentCUDAStream();
-    cca_weight_backward_kernel<scalar_t, acc_t, false>
-        <<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
-            g.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(), total,
-            static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    cca_weight_backward_kernel<scalar_t, acc_t, true>
-        <<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(
-            g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), total,
-            static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<scalar_t>(cca_weight_backward_kernel<scalar_t, acc_t, false>, g, k, gq, C,
+                                 H, W);
+    launch_elementwise<scalar_t>(cca_weight_backward_kernel<scalar_t, acc_t, true>, g, q, gk, C,
+                                 H, W);
   });
   return {gq, gk};
 }
@@ -573,11 +552,7 @@ at::Tensor cca_map_cuda(const at::Tensor& a_, const at::Tensor& v_) {
   if (total == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cca_map_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cca_map_kernel<scalar_t, acc_t><<<elementwise_blocks(total), kElementwiseThreads, 0,
-                                      at::cuda::getCurrentCUDAStream()>>>(
-        a.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), total,
-        static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<scalar_t>(cca_map_kernel<scalar_t, acc_t>, a, v, out, C, H, W);
   });
   return out;
 }
@@ -586,8 +561,7 @@ std::tuple<at::Tensor, at::Tensor> cca_map_backward_cuda(const at::Tensor& g_,
                                                          const at::Tensor& a_,
                                                          const at::Tensor& v_) {
   check_attn(a_, v_, "cca_map_backward");
-  TORCH_CHECK(g_.sizes() == v_.sizes(), "cca_map_backward: grad_out must have the shape of v ",
-              v_.sizes(), ", got ", g_.sizes());
+  cca_checks::check_map_grad(g_, v_);
   c10::cuda::CUDAGuard guard(v_.device());
   auto a = a_.contiguous(), v = v_.contiguous(), g = g_.to(v.scalar_type()).contiguous();
   const int64_t C = v.size(1), H = v.size(2), W = v.size(3);
@@ -595,20 +569,12 @@ std::tuple<at::Tensor, at::Tensor> cca_map_backward_cuda(const at::Tensor& g_,
   const int64_t total_a = ga.numel(), total_v = gv.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cca_map_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto stream = at::cuda::getCurrentCUDAStream();
     if (total_a > 0) {
-      cca_map_backward_attn_kernel<scalar_t, acc_t>
-          <<<elementwise_blocks(total_a), kElementwiseThreads, 0, stream>>>(
-              g.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(), total_a,
-              static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_elementwise<scalar_t>(cca_map_backward_attn_kernel<scalar_t, acc_t>, g, v, ga, C, H,
+                                   W);
     }
     if (total_v > 0) {
-      cca_map_backward_v_kernel<scalar_t, acc_t>
-          <<<elementwise_blocks(total_v), kElementwiseThreads, 0, stream>>>(
-              g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), total_v,
-              static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_elementwise<scalar_t>(cca_map_backward_v_kernel<scalar_t, acc_t>, g, a, gv, C, H, W);
     }
   });
   return {ga, gv};

@@ -39,28 +39,10 @@
 #include <tuple>
 #include <type_traits>
 
+#include "directional_conv.h"
+
 namespace armnet_ops {
 namespace dconv {
-
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-using Grads = std::tuple<Tensor, Tensor, OptTensor, OptTensor, OptTensor>;
-using PairGrads = std::tuple<Tensor, Tensor, Tensor, OptTensor, OptTensor, OptTensor, OptTensor,
-                             OptTensor, OptTensor>;
-
-// Defined in csrc/cpu/directional_conv.cpp (the same extension library).
-void check_inputs(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                  at::IntArrayRef dilation, const OptTensor& scale, const OptTensor& shift);
-Grads backward_aten(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
-                    const OptTensor& bias, const Tensor& y, at::IntArrayRef dilation,
-                    const OptTensor& scale, const OptTensor& shift, bool relu);
-PairGrads pair_backward_aten(const Tensor& grad_y_h, const Tensor& grad_y_v, const Tensor& x,
-                             const Tensor& weight_h, const Tensor& weight_v,
-                             const OptTensor& bias_h, const OptTensor& bias_v, const Tensor& y_h,
-                             const Tensor& y_v, at::IntArrayRef dilation_h,
-                             at::IntArrayRef dilation_v, const OptTensor& scale_h,
-                             const OptTensor& shift_h, const OptTensor& scale_v,
-                             const OptTensor& shift_v, bool relu);
 
 // Sizes, strides (in elements) and the dilated-kernel geometry, passed by value.
 struct ConvShape {
