@@ -170,7 +170,8 @@ def train(args) -> dict:
         if main and not args.quiet:
             print(f"epoch {epoch + 1}/{args.epochs}: mean loss {run_loss / max(n, 1):.4f}, "
                   f"lr {lr:.2e}, {time.time() - t0:.0f} s", flush=True)
-        checkpoint(epoch + 1 if not stop else epoch)
+        # an epoch cut short by --max-steps is redone from its start on resume
+        checkpoint(epoch + 1 if n == steps_per_epoch else epoch)
         if stop:
             break
     elapsed = time.time() - t0
