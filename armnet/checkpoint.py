@@ -28,7 +28,8 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint: no such file {path!r}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint holds tensors and plain Python values, never code to run
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise RuntimeError(f"--checkpoint: cannot read {path!r} as a torch checkpoint: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

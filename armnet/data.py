@@ -110,6 +110,27 @@ def load_image(path: str, mode: str = "RGB") -> Image.Image:
         raise RuntimeError(f"cannot read image {path!r} (corrupt or not an image): {e}") from e
 
 
+def load_label(path: str) -> np.ndarray:
+    """A label image as a 2-D array of its stored values.
+
+    Greyscale and palette PNGs keep their raw values (a palette index is the class value in
+    label files; converting through the palette would turn it into a luminance); RGB labels are
+    converted to grey.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "1":  # bilevel: white = 255
+                return np.asarray(im).astype(np.int64) * 255
+            if im.mode in ("L", "P", "I", "I;16"):
+                return np.asarray(im).astype(np.int64)
+            return np.asarray(im.convert("L")).astype(np.int64)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"label file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise RuntimeError(f"cannot read label {path!r} (corrupt or not an image): {e}") from e
+
+
 def _require_dir(path: str, what: str) -> None:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what}: directory not found: {path!r}")
@@ -243,7 +264,7 @@ class TextSegDataset(SegmentationDataset):
             raise FileNotFoundError(f"TextSeg: no image for id {sid!r} in {self.image_dir}")
         if not os.path.exists(lpath):
             raise FileNotFoundError(f"TextSeg: label file not found: {lpath}")
-        raw = np.asarray(load_image(lpath, "L"))
+        raw = load_label(lpath)
         mask = np.zeros(raw.shape, np.uint8)
         mask[raw == 100] = 1
         mask[raw == IGNORE] = IGNORE
@@ -276,7 +297,8 @@ class TotalTextDataset(SegmentationDataset):
         lpath = _find_with_ext(self.label_dir, sid)
         if lpath is None:
             raise FileNotFoundError(f"Total-Text: no label for {sid!r} in {self.label_dir}")
-        mask = (np.asarray(load_image(lpath, "L")) > 127).astype(np.uint8)
+        raw = load_label(lpath)
+        mask = (raw > 127).astype(np.uint8)
         return load_image(_find_with_ext(self.image_dir, sid)), mask, None
 
 

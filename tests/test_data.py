@@ -227,3 +227,14 @@ def test_gaussian_map_from_char_boxes_and_from_mask():
 def test_pluggable_rem_target(textseg_root):
     ds = TextSegDataset(str(textseg_root), "train", rem_target=lambda m, b: np.full(m.shape, 0.25))
     assert torch.all(ds[0]["rem_target"] == 0.25)
+
+
+def test_palette_label_keeps_raw_values(textseg_root):
+    lab = np.zeros((10, 12), np.uint8)
+    lab[0:2, 0:2] = 100
+    lab[9, 9] = 255
+    im = Image.fromarray(lab).convert("P")
+    im.putpalette([0, 0, 0] * 256)  # a palette that maps every value to black
+    im.save(textseg_root / "semantic_label" / "a1_maskfg.png")
+    m = TextSegDataset(str(textseg_root), "train")[0]["mask"]
+    assert int((m == 1).sum()) == 4 and m[9, 9] == IGNORE

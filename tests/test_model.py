@@ -18,7 +18,9 @@ from armnet.model import (ChannelSemanticAwareModule, DenseTextModule, Recogniti
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-@pytest.mark.parametrize("ctor,size", [(armnet_tiny, (2, 40, 48)), (armnet_r50, (1, 64, 48))])
+@pytest.mark.parametrize("ctor,size", [
+    (armnet_tiny, (2, 40, 48)),
+    pytest.param(armnet_r50, (1, 64, 48), marks=pytest.mark.slow)])
 def test_forward_shapes_and_backward(ctor, size):
     n, h, w = size
     model = ctor()

@@ -122,6 +122,7 @@ def _train_args(out, *extra):
         *extra])
 
 
+@pytest.mark.slow
 def test_checkpoint_and_resume(tmp_path):
     first = train(_train_args(tmp_path, "--max-steps", "2"))
     assert first["steps"] == 2
