@@ -4,7 +4,7 @@ Synthetic quality recipe (armnet_tiny on CPU, ~20 min; held-out split with a dif
 
     python -m armnet train --model armnet_tiny --dataset synthetic --synth-n 2000 \\
         --synth-seed 1 --synth-size 128 128 --crop-size 128 128 --scale-min 0.75 \\
-        --scale-max 1.25 --epochs 12 --batch-size 16 --lr 1e-3 --warmup-epochs 1 --cache \\
+        --scale-max 1.25 --epochs 4 --batch-size 16 --lr 1e-3 --warmup-epochs 1 --cache \\
         --out runs/synth_tiny
     python -m armnet eval --checkpoint runs/synth_tiny/last.pt --dataset synthetic \\
         --synth-n 300 --synth-seed 12345 --synth-size 128 128 --batch-size 16 \\
