@@ -97,6 +97,7 @@ def test_lr_schedule_warmup_then_poly():
 
 # ---- training ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_short_synthetic_training_lowers_the_loss():
     torch.manual_seed(0)
     ds = SyntheticTextDataset(4, seed=3, size=(48, 48))
