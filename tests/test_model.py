@@ -107,8 +107,8 @@ def test_auto_matches_reference_backend():
     x = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
         a, r = auto(x), ref(x)
-    torch.testing.assert_close(a["logits"], r["logits"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(a["rem_map"], r["rem_map"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a["logits"], r["logits"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(a["rem_map"], r["rem_map"], rtol=1e-3, atol=1e-3)
 
 
 # ---- backbone --------------------------------------------------------------------------------------
