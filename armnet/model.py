@@ -24,9 +24,9 @@ Choices the paper leaves open (each is repeated in the docstring of the module t
   giving r²k_u² = 4·25 mask logits, `carafe_fused` with k_u = 5, r = 2).
   Channel branch: W_c = softmax(F·Fᵀ / (H·W)) over channels (the 1/(H·W) keeps the softmax out
   of saturation; it is a mean instead of a sum of products), filter generation g = 1×1 conv on
-  W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 → one depthwise 3×3 kernel per
-  sample and channel, applied to F_s by a grouped convolution; the result is added to F_s
-  (residual, so a zero g starts the stage as plain CARAFE) and fused by 1×1 conv + BN + ReLU.
+  W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 and a softmax over the 9 taps →
+  one normalised depthwise 3×3 kernel per sample and channel, applied to F_s by a grouped
+  convolution; the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU.
   Low-level blend: concatenation with a 1×1 projection of the backbone feature at the stage's
   output stride, then 3×3 conv + BN + ReLU. The last stage (to full resolution) has no backbone
   feature to blend.
@@ -133,8 +133,10 @@ class ChannelSemanticAwareModule(nn.Module):
     """DPD channel branch: per-sample depthwise k×k kernels from channel attention (eq. 5).
 
     W_c = softmax(F·Fᵀ/(H·W)) (N, C, C); g = 1×1 conv on W_c·F (zero-initialised); adaptive average
-    pooling to k×k gives F_c (N, C, k, k), which is applied to the spatial branch output F_s as a
-    depthwise convolution (one grouped conv over the N·C channels of the batch).
+    pooling to k×k gives F_c (N, C, k, k), normalised by a softmax over its k² taps (as CARAFE
+    normalises its kernels: unnormalised dynamic kernels scale activations by |F|·|g| and blew up
+    in eval mode), which is applied to the spatial branch output F_s as a depthwise convolution
+    (one grouped conv over the N·C channels of the batch). With g = 0 the kernel is a k×k mean.
     """
 
     def __init__(self, channels: int, kernel_size: int = 3):
@@ -150,8 +152,9 @@ class ChannelSemanticAwareModule(nn.Module):
         energy = torch.bmm(flat, flat.transpose(1, 2)) / (h * w)
         w_c = torch.softmax(energy.float(), dim=-1).to(flat.dtype)
         attended = torch.bmm(w_c, flat).reshape(n, c, h, w)
-        kernels = F.adaptive_avg_pool2d(self.generate(attended), self.kernel_size)
         k = self.kernel_size
+        kernels = F.adaptive_avg_pool2d(self.generate(attended), k)
+        kernels = torch.softmax(kernels.reshape(n, c, k * k).float(), -1).reshape(n, c, k, k)
         hs, ws = f_s.shape[-2:]
         out = F.conv2d(f_s.reshape(1, n * c, hs, ws), kernels.reshape(n * c, 1, k, k).to(f_s.dtype),
                        padding=k // 2, groups=n * c)
@@ -198,6 +201,7 @@ class LightUNet(nn.Module):
         self.dec2 = conv_bn_relu(4 * width, width)
         self.dec1 = conv_bn_relu(2 * width, width)
         self.out = nn.Conv2d(width, 1, 1)
+        nn.init.constant_(self.out.bias, -3.0)  # start near the mostly-empty target (σ(-3) ≈ 0.05)
 
     def forward(self, x):
         e1 = self.enc1(x)

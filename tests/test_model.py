@@ -186,10 +186,15 @@ def test_channel_branch_matches_explicit_per_sample_depthwise_conv():
         flat = f[n].reshape(6, -1)
         w_c = torch.softmax(flat @ flat.T / flat.shape[1], dim=-1)
         kern = F.adaptive_avg_pool2d(mod.generate((w_c @ flat).reshape(1, 6, 5, 7)), 3)[0]
+        kern = torch.softmax(kern.reshape(6, 9), -1).reshape(6, 3, 3)
         expect = F.conv2d(f_s[n:n + 1], kern[:, None], padding=1, groups=6)
         torch.testing.assert_close(got[n:n + 1], expect, rtol=1e-5, atol=1e-5)
-    zero = ChannelSemanticAwareModule(6)  # g starts at zero: the branch adds nothing
-    assert zero(f, f_s).abs().max() == 0
+    zero = ChannelSemanticAwareModule(6)  # g starts at zero: a 3×3 mean filter
+    box = F.avg_pool2d(f_s, 3, stride=1, padding=1, count_include_pad=True)
+    torch.testing.assert_close(zero(f, f_s), box, rtol=1e-5, atol=1e-5)
+    # normalised kernels keep the output within the input's range, whatever g does
+    torch.nn.init.normal_(mod.generate.weight, std=100.0)
+    assert mod(f * 50, f_s).abs().max() <= f_s.abs().max() + 1e-5
 
 
 def test_rem_attention_matches_equation_6():
