@@ -290,10 +290,7 @@ class ARMNet(nn.Module):
         else:
             self.decoder = None
             self.head = nn.Conv2d(tsm_channels, num_classes, 1)
-        # Small head weights and a text-prior bias (text is ~5% of pixels): the first steps then
-        # start from the class prior instead of large random logits at full resolution, which
-        # otherwise cost the decoder many steps to undo.
-        nn.init.normal_(self.head.weight, std=0.01)
+        # A text-prior bias (text is ~5% of pixels): training starts near the class prior.
         nn.init.zeros_(self.head.bias)
         if num_classes == 2:
             self.head.bias.data[1] = math.log(0.05 / 0.95)
