@@ -1,6 +1,7 @@
 """Command line: `python -m armnet {train,eval,predict,synth}`; see `--help` of each.
 
-Synthetic quality recipe (armnet_tiny on CPU, ~20 min; held-out split with a different seed):
+Synthetic quality recipe (armnet_tiny on CPU, aimed at ~20 min and F >= 0.80 on a held-out split
+with a different seed; NOT yet verified, see armnet/README.md):
 
     python -m armnet train --model armnet_tiny --dataset synthetic --synth-n 2000 \\
         --synth-seed 1 --synth-size 128 128 --crop-size 128 128 --scale-min 0.75 \\
