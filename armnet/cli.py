@@ -1,0 +1,117 @@
+"""Command line: `python -m armnet {train,eval,predict,synth}`; see `--help` of each.
+
+Synthetic quality recipe (armnet_tiny on CPU, aimed at ~20 min and F >= 0.80 on a held-out split
+with a different seed; NOT yet verified, see armnet/README.md):
+
+    python -m armnet train --model armnet_tiny --dataset synthetic --synth-n 2000 \\
+        --synth-seed 1 --synth-size 128 128 --crop-size 128 128 --scale-min 0.75 \\
+        --scale-max 1.25 --epochs 4 --batch-size 16 --lr 1e-3 --warmup-epochs 1 --cache \\
+        --out runs/synth_tiny
+    python -m armnet eval --checkpoint runs/synth_tiny/last.pt --dataset synthetic \\
+        --synth-n 300 --synth-seed 12345 --synth-size 128 128 --batch-size 16 \\
+        --out-json runs/synth_tiny/eval_synth.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .model import MODELS
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1")
+    p.add_argument("--ops-backend", default="auto",
+                   choices=["auto", "reference", "cpu", "cuda", "triton"],
+                   help="armnet_ops backend for CCA, CARAFE and directional conv")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="autocast dtype; auto = bf16/fp16 on GPU, off on CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if data:
+        p.add_argument("--dataset", default="synthetic",
+                       choices=["synthetic", "textseg", "totaltext", "icdar13"])
+        p.add_argument("--data-root", default=None, help="dataset folder (not for synthetic)")
+        p.add_argument("--split", default=None, help="train/val/test (default: train for "
+                       "`train`, test for `eval`)")
+        p.add_argument("--synth-n", type=int, default=1000, help="synthetic: number of images")
+        p.add_argument("--synth-seed", type=int, default=0, help="synthetic: generator seed")
+        p.add_argument("--synth-size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+        p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m armnet", description="ARM-Net scene text segmentation")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (torchrun for several processes)")
+    _common(t)
+    t.add_argument("--model", default="armnet_r50", choices=sorted(MODELS))
+    t.add_argument("--out", default="runs/armnet", help="checkpoint folder (last.pt, train_log.json)")
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=8, help="per process")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--warmup-epochs", type=int, default=5)
+    t.add_argument("--power", type=float, default=0.9, help="poly decay power")
+    t.add_argument("--rem-weight", type=float, default=1.0, help="weight of the REM l1 loss")
+    t.add_argument("--crop-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    t.add_argument("--scale-min", type=float, default=0.5)
+    t.add_argument("--scale-max", type=float, default=2.0)
+    t.add_argument("--cache", action="store_true", help="synthetic: keep rendered images in memory")
+    t.add_argument("--backbone-weights", default=None,
+                   help="torchvision-format ResNet state dict (e.g. resnet50 ImageNet weights)")
+    t.add_argument("--resume", default=None, help="checkpoint file, or 'auto' for <out>/last.pt")
+    t.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--channels-last", action="store_true")
+    for name in ("tsm", "gtm", "dtm", "dpd", "rem"):
+        t.add_argument(f"--no-{name}", action="store_true", help=f"ablation: drop the {name.upper()}")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint: P/R/F (TexRNet style), dataset P/R/F, fgIoU")
+    _common(e)
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--model", default=None, choices=sorted(MODELS), help="check the checkpoint's model")
+    e.add_argument("--out-json", default=None, help="write the metrics here")
+    e.add_argument("--batch-size", type=int, default=1, help="synthetic only (same-size images)")
+    e.add_argument("--max-images", type=int, default=0)
+
+    p = sub.add_parser("predict", help="write <stem>_mask.png and <stem>_overlay.png per image")
+    _common(p, data=False)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", default=None, choices=sorted(MODELS))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="downscale images whose longer side exceeds this (0: never)")
+
+    s = sub.add_parser("synth", help="write a synthetic set to disk in the TextSeg layout")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
+    s.add_argument("--split", default="test")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import train
+            args.split = args.split or "train"
+            train(args)
+        elif args.command == "eval":
+            from .evaluate import evaluate
+            args.split = args.split or "test"
+            evaluate(args)
+        elif args.command == "predict":
+            from .evaluate import predict
+            predict(args)
+        elif args.command == "synth":
+            from .data import write_synthetic
+            write_synthetic(args.out, args.n, args.seed, tuple(args.size), args.split)
+            print(f"wrote {args.n} images to {args.out}")
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"armnet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

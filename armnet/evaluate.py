@@ -1,0 +1,122 @@
+"""`python -m armnet eval` and `python -m armnet predict`.
+
+eval: runs a checkpoint over a dataset split (images at their own size, batch 1 unless all images
+share a size), accumulates armnet.metrics.TextSegMetrics, prints the table and writes JSON
+(metrics, checkpoint, dataset, device, time).
+
+predict: for each IMAGE writes `<out>/<stem>_mask.png` (0 background / 255 text) and
+`<out>/<stem>_overlay.png` (the image with text pixels tinted red and outlined, for a person).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import load_model
+from .data import build_dataset, collate, load_image, normalize
+from .metrics import TextSegMetrics, format_table
+from .train import amp_dtype
+
+
+def _device(arg: str) -> torch.device:
+    return torch.device("cuda" if arg == "auto" and torch.cuda.is_available()
+                        else ("cpu" if arg == "auto" else arg))
+
+
+@torch.no_grad()
+def predict_logits(model, image: torch.Tensor, dtype=None) -> torch.Tensor:
+    with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return model(image)["logits"].float()
+
+
+def evaluate(args) -> dict:
+    device = _device(args.device)
+    model, ckpt = load_model(args.checkpoint, args.model, args.ops_backend)
+    model.to(device).eval()
+    dataset = build_dataset(args.dataset, args.data_root, args.split, augment=None,
+                            synth_n=args.synth_n, synth_seed=args.synth_seed,
+                            synth_size=tuple(args.synth_size), rem_target=None)
+    n = len(dataset) if not args.max_images else min(args.max_images, len(dataset))
+    if n == 0:
+        raise RuntimeError(f"the {args.dataset} {args.split!r} split has no images")
+    subset = torch.utils.data.Subset(dataset, range(n))
+    bs = args.batch_size if args.dataset == "synthetic" else 1
+    loader = DataLoader(subset, bs, shuffle=False, num_workers=args.workers, collate_fn=collate)
+    metrics = TextSegMetrics()
+    dtype = amp_dtype(args.amp, device)
+    t0 = time.time()
+    for batch in tqdm(loader, desc="eval", disable=args.quiet, dynamic_ncols=True, leave=False):
+        logits = predict_logits(model, batch["image"].to(device), dtype)
+        metrics.update(logits.argmax(1).cpu(), batch["mask"])
+    result = metrics.compute()
+    elapsed = time.time() - t0
+    title = f"{ckpt['model_name']} on {args.dataset}/{args.split}"
+    print(format_table(result, title))
+    report = {"metrics": result, "checkpoint": os.path.abspath(args.checkpoint),
+              "model": ckpt["model_name"], "model_kwargs": ckpt.get("model_kwargs", {}),
+              "trained_steps": ckpt.get("iteration"),
+              "dataset": {"name": args.dataset, "root": args.data_root, "split": args.split,
+                          **({"synth_n": args.synth_n, "synth_seed": args.synth_seed,
+                              "synth_size": list(args.synth_size)}
+                             if args.dataset == "synthetic" else {})},
+              "device": str(device), "ops_backend": args.ops_backend, "seconds": elapsed,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__}
+    if args.out_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
+        with open(args.out_json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out_json}")
+    return report
+
+
+def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.55) -> Image.Image:
+    """The image with text pixels tinted red and their outline drawn in yellow."""
+    rgb = np.asarray(image.convert("RGB"), np.float32)
+    m = mask.astype(bool)
+    out = rgb.copy()
+    out[m] = (1 - alpha) * rgb[m] + alpha * np.array([255, 0, 0], np.float32)
+    pil_mask = Image.fromarray(np.uint8(m) * 255)
+    edge = (np.asarray(pil_mask.filter(ImageFilter.MaxFilter(3))) > 0) & ~m
+    out[edge] = (255, 230, 0)
+    return Image.fromarray(np.uint8(out))
+
+
+def predict(args) -> list[str]:
+    device = _device(args.device)
+    model, _ = load_model(args.checkpoint, args.model, args.ops_backend)
+    model.to(device).eval()
+    dtype = amp_dtype(args.amp, device)
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+    for path in args.images:
+        img = load_image(path)
+        if args.max_side and max(img.size) > args.max_side:
+            s = args.max_side / max(img.size)
+            work = img.resize((max(round(img.width * s), 1), max(round(img.height * s), 1)),
+                              Image.BILINEAR)
+        else:
+            work = img
+        x = normalize(torch.from_numpy(np.asarray(work, np.uint8).copy()).permute(2, 0, 1).float())
+        logits = predict_logits(model, x[None].to(device), dtype)
+        if work.size != img.size:
+            logits = F.interpolate(logits, size=(img.height, img.width), mode="bilinear",
+                                   align_corners=False)
+        mask = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        mpath = os.path.join(args.out, f"{stem}_mask.png")
+        opath = os.path.join(args.out, f"{stem}_overlay.png")
+        Image.fromarray(mask * 255).save(mpath)
+        overlay(img, mask).save(opath)
+        written += [mpath, opath]
+        print(f"{path}: {100 * mask.mean():.1f}% text -> {mpath}, {opath}")
+    return written

@@ -1,0 +1,190 @@
+"""`python -m armnet train`: Adam, warm-up + poly learning rate, AMP, DDP, checkpoint/resume.
+
+Schedule (per optimizer step, paper §4.1): linear warm-up from lr/100 to lr over the first
+`warmup_epochs` epochs (capped at half of the run, so short runs still decay), then
+lr · (1 − t)^power with t going from 0 to 1 over the remaining steps.
+
+Multi-process: launch with `torchrun --nproc_per_node=K -m armnet train ...`; each rank trains on
+its DistributedSampler shard (gloo on CPU, NCCL on CUDA with one GPU per local rank); rank 0
+writes checkpoints and shows the progress bar. `--batch-size` is per process.
+
+Checkpoints: `<out>/last.pt` after every epoch (and when `--max-steps` stops a run early);
+`--resume <file>` or `--resume auto` (= `<out>/last.pt` if it exists) restores model, optimizer,
+AMP scaler, epoch and step, and training continues with the same schedule.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from .backbone import load_backbone_weights
+from .checkpoint import load_state, read_checkpoint, save_checkpoint
+from .data import TrainAugment, build_dataset, collate
+from .model import ARMNetLoss, build_model
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float, power: float = 0.9) -> float:
+    if warmup > 0 and step < warmup:
+        return base_lr * (0.01 + 0.99 * step / warmup)
+    t = (step - warmup) / max(total - warmup, 1)
+    return base_lr * max(1.0 - t, 0.0) ** power
+
+
+def setup_distributed(device_arg: str):
+    """Returns (rank, world_size, local_rank, device); initialises the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, local, device
+
+
+def amp_dtype(arg: str, device: torch.device):
+    """None (fp32) or the autocast dtype: "auto" = bf16 on GPUs that have it, else fp16; off on CPU."""
+    if arg == "off" or (arg == "auto" and device.type != "cuda"):
+        return None
+    if arg == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[arg]
+
+
+def model_kwargs_from_args(args) -> dict:
+    return {"use_tsm": not args.no_tsm, "use_dpd": not args.no_dpd, "use_rem": not args.no_rem,
+            "use_gtm": not args.no_gtm, "use_dtm": not args.no_dtm}
+
+
+def train(args) -> dict:
+    rank, world, _, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed + rank)
+    main = rank == 0
+    os.makedirs(args.out, exist_ok=True)
+
+    augment = TrainAugment(tuple(args.crop_size), (args.scale_min, args.scale_max))
+    dataset = build_dataset(args.dataset, args.data_root, args.split, augment=augment,
+                            synth_n=args.synth_n, synth_seed=args.synth_seed,
+                            synth_size=tuple(args.synth_size), cache=args.cache, aug_seed=args.seed)
+    if len(dataset) == 0:
+        raise RuntimeError(f"the {args.dataset} {args.split!r} split has no images")
+    sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
+               if world > 1 else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
+    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers,
+                        collate_fn=collate, drop_last=len(dataset) // world >= args.batch_size,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+
+    kwargs = model_kwargs_from_args(args)
+    model = build_model(args.model, ops_backend=args.ops_backend, **kwargs)
+    if args.backbone_weights:
+        load_backbone_weights(model.backbone, args.backbone_weights)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    dtype = amp_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    criterion = ARMNetLoss(args.rem_weight)
+
+    steps_per_epoch = len(loader)
+    total = args.epochs * steps_per_epoch
+    warmup = min(args.warmup_epochs * steps_per_epoch, total // 2)
+    start_epoch, step = 0, 0
+    resume = args.resume
+    if resume == "auto":
+        resume = os.path.join(args.out, "last.pt")
+        resume = resume if os.path.exists(resume) else None
+    if resume:
+        ckpt = read_checkpoint(resume)
+        if ckpt["model_name"] != args.model:
+            raise RuntimeError(f"--resume: {resume!r} holds a {ckpt['model_name']!r} model, "
+                               f"but --model is {args.model!r}")
+        load_state(model, ckpt["model"], resume)
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step = ckpt.get("epoch", 0), ckpt.get("iteration", 0)
+        if main:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {step}")
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(epoch_done: int):
+        if main:
+            save_checkpoint(os.path.join(args.out, "last.pt"), model, args.model, kwargs,
+                            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            epoch=epoch_done, iteration=step, args=vars(args))
+
+    history, t0 = [], time.time()
+    stop = False
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        dataset.set_epoch(epoch)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main or args.quiet,
+                   dynamic_ncols=True, leave=False)
+        run_loss, n = 0.0, 0
+        for batch in bar:
+            lr = lr_at(step, total, warmup, args.lr, args.power)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            image = batch["image"].to(device, non_blocking=True)
+            if args.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            mask = batch["mask"].to(device, non_blocking=True)
+            rem_target = batch["rem_target"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = net(image, rem_target)
+            loss, parts = criterion(out, mask, rem_target)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            run_loss += loss.item()
+            n += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+            history.append({"step": step, "loss": loss.item(), "lr": lr, **parts})
+            if args.max_steps and step >= args.max_steps:
+                stop = True
+                break
+        bar.close()
+        if main and not args.quiet:
+            print(f"epoch {epoch + 1}/{args.epochs}: mean loss {run_loss / max(n, 1):.4f}, "
+                  f"lr {lr:.2e}, {time.time() - t0:.0f} s", flush=True)
+        # an epoch cut short by --max-steps is redone from its start on resume
+        checkpoint(epoch + 1 if n == steps_per_epoch else epoch)
+        if stop:
+            break
+    elapsed = time.time() - t0
+    summary = {"steps": step, "seconds": elapsed, "world_size": world,
+               "first_loss": history[0]["loss"] if history else None,
+               "last_loss": history[-1]["loss"] if history else None,
+               "checkpoint": os.path.join(args.out, "last.pt")}
+    if main:
+        with open(os.path.join(args.out, "train_log.json"), "w") as f:
+            json.dump({"summary": summary, "args": vars(args), "history": history}, f)
+        print(f"trained {step} steps in {elapsed:.0f} s; checkpoint {summary['checkpoint']}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+

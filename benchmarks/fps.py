@@ -1,0 +1,227 @@
+"""ARM-Net inference throughput (frames per second).
+
+    python benchmarks/fps.py                                   # armnet_r50, 512×512, batch 1
+    python benchmarks/fps.py --ops-backend both --dtype bf16 --channels-last --compile
+    python benchmarks/fps.py --cuda-graphs --batch 4 --resolution 640 640
+
+Defaults: the device present (CUDA, else CPU); dtype bf16 on CUDA and fp32 on CPU (the model and
+input are cast, not autocast); warm-up 10 / timed 50 iterations on CUDA, 1 / 2 on CPU so the
+default run stays under 2 minutes on a small CPU. Every timed iteration is bracketed by device
+synchronisation (CUDA: torch.cuda.synchronize()), so a time is the whole forward pass.
+`--ops-backend both` runs armnet_ops' kernels ("auto") and the pure-PyTorch "reference" ops one
+after the other on the same weights and reports the speed-up.
+
+Prints a table and writes JSON to benchmarks/results/fps_<device>_<UTC time>.json (or --json):
+device, versions (torch, triton, python, armnet_ops and the backends it resolved), git commit,
+date, options and the raw per-iteration times.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    v = {"python": platform.python_version(), "torch": torch.__version__,
+         "cuda": torch.version.cuda}
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    import armnet_ops
+    v["armnet_ops"] = armnet_ops.__version__
+    return v
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs, " \
+           f"{torch.get_num_threads()} torch threads)"
+
+
+def resolved_backends(device: torch.device, dtype: torch.dtype, requested: str) -> dict:
+    """Which backend each op runs on for `requested` (what "auto" picked)."""
+    import importlib
+
+    from armnet_ops._backend import resolve
+    mods = {m: importlib.import_module(f"armnet_ops.{m}") for m in ("cca", "carafe", "directional_conv")}
+    out = {}
+    for name, spec in (("criss_cross_attention", mods["cca"].SPEC),
+                       ("carafe_fused", mods["carafe"].FUSED_SPEC),
+                       ("directional_conv2d", mods["directional_conv"].SPEC)):
+        try:
+            out[name] = resolve(spec, requested, device, dtype)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            out[name] = f"error: {e}"
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(args, backend: str, device: torch.device, dtype: torch.dtype, state=None):
+    from armnet import build_model
+    model = build_model(args.model, ops_backend=backend)
+    if state is not None:
+        model.load_state_dict(state)
+    model = model.to(device=device, dtype=dtype).eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def time_one(args, backend: str, device: torch.device, dtype: torch.dtype, state) -> dict:
+    model = build(args, backend, device, dtype, state)
+    h, w = args.resolution
+    x = torch.randn(args.batch, 3, h, w, device=device, dtype=dtype)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward(inp):
+        return model(inp)["logits"]
+
+    fn = forward
+    if args.compile:
+        fn = torch.compile(forward, mode=args.compile_mode, fullgraph=False)
+    times = []
+    with torch.inference_mode():
+        if args.cuda_graphs:
+            if device.type != "cuda":
+                raise SystemExit("--cuda-graphs needs a CUDA device")
+            static_x = x.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # warm up allocations and lazy inits outside the graph
+                    fn(static_x)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = fn(static_x)
+
+            def run():
+                graph.replay()
+                return static_out
+        else:
+            def run():
+                return fn(x)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            run()
+        sync(device)
+        warm_s = time.perf_counter() - t0
+        for _ in range(args.iters):
+            sync(device)
+            t = time.perf_counter()
+            run()
+            sync(device)
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return {"ops_backend": backend, "resolved": resolved_backends(device, dtype, backend),
+            "times_s": times, "warmup_s": warm_s, "median_ms": 1e3 * med,
+            "mean_ms": 1e3 * statistics.fmean(times), "min_ms": 1e3 * min(times),
+            "fps": args.batch / med}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="armnet_r50", choices=["armnet_r50", "armnet_tiny"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--resolution", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                    help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--ops-backend", default="auto",
+                    choices=["auto", "reference", "cpu", "cuda", "triton", "both"],
+                    help="'both' = auto and reference, same weights")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="capture and replay a CUDA graph")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--json", default=None, help="output file (default: benchmarks/results/...)")
+    ap.add_argument("--no-json", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    gpu = device.type == "cuda"
+    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
+    args.iters = args.iters if args.iters is not None else (50 if gpu else 2)
+    warnings.filterwarnings("ignore", message="armnet_ops:")
+    torch.manual_seed(0)
+
+    backends = ["auto", "reference"] if args.ops_backend == "both" else [args.ops_backend]
+    from armnet import build_model
+    state = build_model(args.model).state_dict()  # one set of weights for every run
+    runs = [time_one(args, b, device, dtype, state) for b in backends]
+
+    opts = {k: v for k, v in vars(args).items() if k not in ("json", "no_json")}
+    opts["dtype"] = str(dtype).removeprefix("torch.")
+    hdr = (f"{args.model} {args.resolution[0]}x{args.resolution[1]} batch {args.batch} "
+           f"{opts['dtype']} on {device_name(device)}"
+           f"{' channels_last' if args.channels_last else ''}{' compile' if args.compile else ''}"
+           f"{' cuda-graphs' if args.cuda_graphs else ''}")
+    print(hdr)
+    print(f"{'ops backend':12s} {'median ms':>10s} {'min ms':>9s} {'fps':>9s}  resolved")
+    for r in runs:
+        res = ",".join(sorted(set(v if not str(v).startswith("error") else "error"
+                                  for v in r["resolved"].values())))
+        print(f"{r['ops_backend']:12s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['fps']:9.2f}  {res}")
+    report = {"benchmark": "fps", "model": args.model, "device": device_name(device),
+              "device_type": device.type, "versions": versions(), "git_commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "options": opts, "runs": runs}
+    if len(runs) == 2:
+        report["speedup_auto_over_reference"] = runs[1]["median_ms"] / runs[0]["median_ms"]
+        print(f"speed-up of auto over reference: {report['speedup_auto_over_reference']:.2f}x")
+    if not args.no_json:
+        path = args.json or os.path.join(
+            ROOT, "benchmarks", "results",
+            f"fps_{device.type}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

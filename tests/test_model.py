@@ -1,0 +1,244 @@
+"""ARM-Net network: shapes, backward, ablations, backbone naming/weights, module semantics.
+
+Everything runs on CPU at tiny resolutions; the ops run on whatever backend "auto" resolves to
+(the reference when the extension is not built) and are compared with "reference".
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import armnet_ops
+from armnet import ARMNetLoss, armnet_r50, armnet_tiny, load_backbone_weights
+from armnet.backbone import Bottleneck, ResNet, resnet50_os8, resnet_tiny
+from armnet.model import (ChannelSemanticAwareModule, DenseTextModule, RecognitionEnhancedModule,
+                          build_model)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.mark.parametrize("ctor,size", [
+    (armnet_tiny, (2, 40, 48)),
+    pytest.param(armnet_r50, (1, 64, 48), marks=pytest.mark.slow)])
+def test_forward_shapes_and_backward(ctor, size):
+    n, h, w = size
+    model = ctor()
+    x = torch.randn(n, 3, h, w, requires_grad=True)
+    target = torch.rand(n, 1, h, w)
+    out = model(x, target)
+    assert out["logits"].shape == (n, 2, h, w)
+    assert out["rem_map"].shape == (n, 1, math.ceil(h / 8), math.ceil(w / 8))
+    assert ((out["rem_map"] >= 0) & (out["rem_map"] <= 1)).all()
+    mask = torch.randint(0, 2, (n, h, w))
+    loss, parts = ARMNetLoss()(out, mask, target)
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    no_grad = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
+    assert set(parts) == {"ce", "rem_l1"}
+
+
+def test_odd_input_size_is_padded_and_cropped():
+    model = armnet_tiny().eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 37, 29))
+    assert out["logits"].shape == (1, 2, 37, 29)
+
+
+@pytest.mark.parametrize("switch", ["use_tsm", "use_gtm", "use_dtm", "use_dpd", "use_rem"])
+def test_ablation_switches(switch):
+    full = armnet_tiny()
+    model = armnet_tiny(**{switch: False})
+    names = {n.split(".")[0] + "." + n.split(".")[1] if "." in n else n
+             for n, _ in model.named_parameters()}
+    if switch == "use_tsm":
+        assert not any(isinstance(m, (armnet_ops.nn.CrissCrossAttention, DenseTextModule))
+                       for m in model.modules())
+    if switch == "use_gtm":
+        assert not any(isinstance(m, armnet_ops.nn.CrissCrossAttention) for m in model.modules())
+        assert any(isinstance(m, DenseTextModule) for m in model.modules())
+    if switch == "use_dtm":
+        assert not any(isinstance(m, DenseTextModule) for m in model.modules())
+        assert any(isinstance(m, armnet_ops.nn.CrissCrossAttention) for m in model.modules())
+    if switch == "use_dpd":
+        assert model.decoder is None
+        assert not any(isinstance(m, armnet_ops.nn.CARAFEPack) for m in model.modules())
+    if switch == "use_rem":
+        assert model.rem is None
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
+    assert names
+    x = torch.randn(2, 3, 32, 40)
+    out = model(x, torch.rand(2, 1, 32, 40))
+    assert out["logits"].shape == (2, 2, 32, 40)
+    assert (out["rem_map"] is None) == (switch == "use_rem")
+    loss, parts = ARMNetLoss()(out, torch.randint(0, 2, (2, 32, 40)), torch.rand(2, 1, 32, 40))
+    loss.backward()
+    assert ("rem_l1" in parts) == (switch != "use_rem")
+
+
+def test_all_off_is_fcn_baseline():
+    model = armnet_tiny(use_tsm=False, use_dpd=False, use_rem=False)
+    assert not any(isinstance(m, (armnet_ops.nn.CrissCrossAttention, armnet_ops.nn.CARAFEPack,
+                                  armnet_ops.nn.DirectionalConv2d)) for m in model.modules())
+    assert model(torch.randn(1, 3, 24, 24))["logits"].shape == (1, 2, 24, 24)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_ops_backend_reaches_every_op_module(backend):
+    model = armnet_tiny(ops_backend=backend)
+    ops = [m for m in model.modules() if isinstance(m, (armnet_ops.nn.CrissCrossAttention,
+                                                        armnet_ops.nn.CARAFEPack,
+                                                        armnet_ops.nn.DirectionalConv2d))]
+    assert len(ops) == 1 + 3 + 8  # one CCA (shared over R = 2), 3 DPD stages, 4 rates × 2 dirs
+    assert {m.backend for m in ops} == {backend}
+
+
+def test_auto_matches_reference_backend():
+    torch.manual_seed(1)
+    auto = armnet_tiny(ops_backend="auto").eval()
+    # make gamma and the zero-initialised branches non-trivial so every op matters
+    with torch.no_grad():
+        for name, p in auto.named_parameters():
+            if name.endswith("gamma") or "channel.generate" in name:
+                p.normal_(0, 0.5)
+    ref = armnet_tiny(ops_backend="reference").eval()
+    ref.load_state_dict(auto.state_dict())
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        a, r = auto(x), ref(x)
+    torch.testing.assert_close(a["logits"], r["logits"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(a["rem_map"], r["rem_map"], rtol=1e-3, atol=1e-3)
+
+
+# ---- backbone --------------------------------------------------------------------------------------
+
+def test_backbone_torchvision_names_and_dilation():
+    net = resnet50_os8()
+    keys = set(net.state_dict())
+    for k in ("conv1.weight", "bn1.running_mean", "layer1.0.downsample.0.weight",
+              "layer1.0.downsample.1.running_var", "layer2.3.conv3.weight", "layer3.5.bn2.weight",
+              "layer4.2.conv3.weight", "layer4.0.downsample.1.num_batches_tracked"):
+        assert k in keys, k
+    assert not any(k.startswith("fc.") for k in keys)
+    # 3-4-6-3 bottlenecks, 53 convolutions (incl. 4 downsample) and 53 BNs as torchvision's resnet50
+    assert [len(getattr(net, f"layer{i}")) for i in range(1, 5)] == [3, 4, 6, 3]
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 53
+    # replace_stride_with_dilation=[False, True, True]: first dilated block keeps the old dilation
+    assert net.layer2[0].conv2.stride == (2, 2)
+    assert net.layer3[0].conv2.stride == (1, 1) and net.layer3[0].conv2.dilation == (1, 1)
+    assert net.layer3[1].conv2.dilation == (2, 2)
+    assert net.layer4[0].conv2.dilation == (2, 2) and net.layer4[1].conv2.dilation == (4, 4)
+    assert net.layer4[0].downsample[0].stride == (1, 1)
+    feats = net(torch.randn(1, 3, 64, 96))
+    assert feats["layer4"].shape == (1, 2048, 8, 12)
+    assert feats["layer1"].shape == (1, 256, 16, 24) and feats["stem"].shape == (1, 64, 32, 48)
+    tiny = resnet_tiny()(torch.randn(1, 3, 64, 64))
+    assert tiny["layer4"].shape[-2:] == (8, 8)
+
+
+def test_backbone_weights_load_torchvision_format(tmp_path):
+    src = ResNet(Bottleneck, (3, 4, 6, 3), num_classes=1000)  # with an fc, as torchvision saves
+    for p in src.parameters():
+        torch.nn.init.normal_(p)
+    path = tmp_path / "resnet50.pth"
+    torch.save(src.state_dict(), path)
+    model = armnet_r50()
+    load_backbone_weights(model.backbone, path)
+    for k, v in model.backbone.state_dict().items():
+        torch.testing.assert_close(v, src.state_dict()[k], msg=k)
+
+    bad = dict(src.state_dict())
+    bad["layer1.0.conv1.weight"] = torch.zeros(1, 1, 1, 1)
+    torch.save(bad, tmp_path / "bad_shape.pth")
+    with pytest.raises(RuntimeError, match="layer1.0.conv1.weight"):
+        load_backbone_weights(model.backbone, tmp_path / "bad_shape.pth")
+    del bad["layer1.0.conv1.weight"]
+    torch.save(bad, tmp_path / "missing.pth")
+    with pytest.raises(RuntimeError, match="missing"):
+        load_backbone_weights(model.backbone, tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_backbone_weights(model.backbone, tmp_path / "nope.pth")
+
+
+# ---- module semantics ---------------------------------------------------------------------------
+
+def test_dtm_is_cascade_of_horizontal_and_vertical_dilations():
+    dtm = DenseTextModule(8, 4, rates=(1, 2, 3, 6))
+    assert [m.dilation for m in dtm.horizontal] == [(1, 1), (1, 2), (1, 3), (1, 6)]
+    assert [m.dilation for m in dtm.vertical] == [(1, 1), (2, 1), (3, 1), (6, 1)]
+    dtm.eval()
+    x = torch.randn(1, 8, 12, 12)
+    outs = dtm(x)
+    assert len(outs) == 4 and all(o.shape == (1, 4, 12, 12) for o in outs)
+    # the cascade: stage 2 reads stage 1's output, not x
+    expect = dtm.horizontal[1](outs[0]) + dtm.vertical[1](outs[0])
+    torch.testing.assert_close(outs[1], expect)
+
+
+def test_channel_branch_matches_explicit_per_sample_depthwise_conv():
+    torch.manual_seed(0)
+    mod = ChannelSemanticAwareModule(6, kernel_size=3)
+    torch.nn.init.normal_(mod.generate.weight)
+    f, f_s = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 10, 14)
+    got = mod(f, f_s)
+    for n in range(2):
+        flat = f[n].reshape(6, -1)
+        w_c = torch.softmax(flat @ flat.T / flat.shape[1], dim=-1)
+        kern = F.adaptive_avg_pool2d(mod.generate((w_c @ flat).reshape(1, 6, 5, 7)), 3)[0]
+        kern = torch.softmax(kern.reshape(6, 9), -1).reshape(6, 3, 3)
+        expect = F.conv2d(f_s[n:n + 1], kern[:, None], padding=1, groups=6)
+        torch.testing.assert_close(got[n:n + 1], expect, rtol=1e-5, atol=1e-5)
+    zero = ChannelSemanticAwareModule(6)  # g starts at zero: a 3×3 mean filter
+    box = F.avg_pool2d(f_s, 3, stride=1, padding=1, count_include_pad=True)
+    torch.testing.assert_close(zero(f, f_s), box, rtol=1e-5, atol=1e-5)
+    # normalised kernels keep the output within the input's range, whatever g does
+    torch.nn.init.normal_(mod.generate.weight, std=100.0)
+    assert mod(f * 50, f_s).abs().max() <= f_s.abs().max() + 1e-5
+
+
+def test_rem_attention_matches_equation_6():
+    torch.manual_seed(0)
+    rem = RecognitionEnhancedModule(8, embed=4, unet_width=4).eval()
+    rem.gamma.data.fill_(0.7)
+    f = torch.randn(2, 8, 5, 6)
+    out, attn_map = rem(f)
+    q = rem.query(attn_map).flatten(2).transpose(1, 2)     # F_Q (N, HW, d)
+    k = rem.key(f).flatten(2).transpose(1, 2)               # F_K
+    v = f.flatten(2).transpose(1, 2)                        # F_V
+    t_e = torch.softmax(k @ q.transpose(1, 2) / 2.0, -1) @ v
+    expect = f + 0.7 * t_e.transpose(1, 2).reshape(2, 8, 5, 6)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_rem_teacher_forcing_uses_target_in_training_only():
+    rem = RecognitionEnhancedModule(8, embed=4, unet_width=4, teacher_forcing=True)
+    rem.gamma.data.fill_(1.0)
+    f = torch.randn(2, 8, 8, 8)
+    zeros, ones = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    ones[:, :, :4] = 0  # a map that varies over positions changes the attention
+    assert not torch.allclose(rem(f, zeros)[0], rem(f, ones)[0])
+    rem.eval()
+    torch.testing.assert_close(rem(f, zeros)[0], rem(f, ones)[0])
+
+
+def test_loss_ignore_index_and_rem_term():
+    logits = torch.randn(2, 2, 4, 4)
+    mask = torch.randint(0, 2, (2, 4, 4))
+    mask[0, 0] = 255
+    rem_map, target = torch.rand(2, 1, 2, 2), torch.rand(2, 1, 4, 4)
+    loss, parts = ARMNetLoss(rem_weight=0.5)({"logits": logits, "rem_map": rem_map}, mask, target)
+    keep = mask != 255
+    logp = torch.log_softmax(logits, 1)
+    ce = -logp.permute(0, 2, 3, 1)[keep].gather(1, mask[keep][:, None]).mean()
+    l1 = (rem_map - F.avg_pool2d(target, 2)).abs().mean()
+    torch.testing.assert_close(loss, ce + 0.5 * l1)
+    all_ignored = torch.full((2, 4, 4), 255)
+    loss, _ = ARMNetLoss()({"logits": logits.requires_grad_(), "rem_map": None}, all_ignored)
+    assert loss.item() == 0.0 and torch.isfinite(loss)
+    loss.backward()
+
+
+def test_build_model_rejects_unknown_name():
+    with pytest.raises(ValueError, match="armnet_tiny"):
+        build_model("armnet_r101")

@@ -1,0 +1,159 @@
+"""Training: schedule, a short synthetic run that lowers the loss, resume, 2-process DDP (gloo),
+and the evaluation metrics on hand-worked cases."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from armnet.cli import parser
+from armnet.data import SyntheticTextDataset, collate
+from armnet.metrics import TextSegMetrics, format_table
+from armnet.model import ARMNetLoss, armnet_tiny
+from armnet.train import lr_at, train
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+def t(rows):
+    return torch.tensor(rows)
+
+
+def test_metrics_per_image_mean_vs_dataset_level():
+    m = TextSegMetrics()
+    # image 1: pred 1 1 0 0 / gt 1 0 1 0  -> tp 1, fp 1, fn 1: P 1/2, R 1/2
+    m.update(t([[1, 1, 0, 0]]), t([[1, 0, 1, 0]]))
+    # image 2: pred 1 1 1 1 / gt 1 1 1 255 -> tp 3, fp 0 (255 excluded), fn 0: P 1, R 1
+    m.update(t([[1, 1, 1, 1]]), t([[1, 1, 1, 255]]))
+    r = m.compute()
+    assert r["P"] == pytest.approx(0.75) and r["R"] == pytest.approx(0.75)
+    assert r["F"] == pytest.approx(0.75)                       # F from the means
+    assert (r["tp"], r["fp"], r["fn"]) == (4, 1, 1)
+    assert r["dataset_P"] == pytest.approx(0.8) and r["dataset_R"] == pytest.approx(0.8)
+    assert r["dataset_F"] == pytest.approx(0.8) and r["fgIoU"] == pytest.approx(4 / 6)
+
+
+def test_metrics_f_from_means_not_mean_of_f():
+    m = TextSegMetrics()
+    m.update(t([[1, 0, 0, 0]]), t([[1, 1, 1, 1]]))   # P 1, R 1/4
+    m.update(t([[1, 1, 1, 1]]), t([[1, 0, 0, 0]]))   # P 1/4, R 1
+    r = m.compute()
+    assert r["P"] == pytest.approx(0.625) and r["R"] == pytest.approx(0.625)
+    assert r["F"] == pytest.approx(0.625)              # mean of per-image F would be 0.4
+
+
+def test_metrics_empty_masks_and_ignore():
+    m = TextSegMetrics()
+    m.update(t([[0, 0], [0, 0]]), t([[0, 0], [0, 255]]))   # no text, none predicted: P = R = 1
+    assert m.compute()["F"] == 1.0 and m.compute()["fgIoU"] == 1.0
+    m.update(t([[1, 0], [0, 0]]), t([[0, 0], [0, 0]]))     # no text, one false positive: P 0, R 1
+    r = m.compute()
+    assert r["P"] == pytest.approx(0.5) and r["R"] == pytest.approx(1.0)
+    assert r["dataset_P"] == 0.0 and r["fgIoU"] == 0.0
+    m2 = TextSegMetrics()
+    m2.update(t([[0, 0]]), t([[1, 1]]))                     # text missed entirely: P 0, R 0
+    r2 = m2.compute()
+    assert r2["P"] == 0 and r2["R"] == 0 and r2["F"] == 0
+    m3 = TextSegMetrics()
+    m3.update(t([[1, 1, 0]]), t([[255, 255, 255]]))         # everything ignored counts as empty
+    assert m3.compute()["P"] == 1.0 and m3.compute()["fp"] == 0
+    with pytest.raises(ValueError, match="no images"):
+        TextSegMetrics().compute()
+    with pytest.raises(ValueError, match="shape"):
+        TextSegMetrics().update(t([[1]]), t([[1, 1]]))
+    assert "fgIoU" in format_table(r, "x")
+
+
+def test_metrics_batched_update_equals_per_image():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 2, (3, 5, 6), generator=g)
+    gt = torch.randint(0, 2, (3, 5, 6), generator=g)
+    gt[0, 0] = 255
+    a, b = TextSegMetrics(), TextSegMetrics()
+    a.update(pred, gt)
+    for i in range(3):
+        b.update(pred[i], gt[i])
+    assert a.compute() == b.compute()
+
+
+# ---- schedule ---------------------------------------------------------------------------------------
+
+def test_lr_schedule_warmup_then_poly():
+    total, warm, base = 100, 10, 1e-4
+    lrs = [lr_at(s, total, warm, base, 0.9) for s in range(total)]
+    assert lrs[0] == pytest.approx(base * 0.01)
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))
+    assert lrs[warm] == pytest.approx(base)
+    assert lrs[warm + 45] == pytest.approx(base * 0.5 ** 0.9)
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    assert lr_at(total, total, warm, base) == 0.0
+    assert lr_at(0, 10, 0, base) == base
+
+
+# ---- training ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_short_synthetic_training_lowers_the_loss():
+    torch.manual_seed(0)
+    ds = SyntheticTextDataset(4, seed=3, size=(48, 48))
+    batch = collate([ds[i] for i in range(4)])
+    model = armnet_tiny()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    crit = ARMNetLoss()
+    losses = []
+    for _ in range(10):
+        loss, _ = crit(model(batch["image"], batch["rem_target"]), batch["mask"], batch["rem_target"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
+
+
+def _train_args(out, *extra):
+    return parser().parse_args([
+        "train", "--model", "armnet_tiny", "--dataset", "synthetic", "--synth-n", "8",
+        "--synth-size", "48", "48", "--crop-size", "48", "48", "--batch-size", "4",
+        "--epochs", "3", "--warmup-epochs", "1", "--out", str(out), "--quiet", "--split", "train",
+        *extra])
+
+
+@pytest.mark.slow
+def test_checkpoint_and_resume(tmp_path):
+    first = train(_train_args(tmp_path, "--max-steps", "2"))
+    assert first["steps"] == 2
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ckpt["iteration"] == 2 and ckpt["epoch"] == 1 and ckpt["model_name"] == "armnet_tiny"
+    second = train(_train_args(tmp_path, "--resume", "auto"))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 3 and ckpt["iteration"] == 2 + 4   # epochs 2 and 3, 2 steps each
+    assert second["steps"] == 6
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert [h["step"] for h in log["history"]] == [3, 4, 5, 6]
+    # resuming a different model is refused
+    args = _train_args(tmp_path, "--resume", str(tmp_path / "last.pt"))
+    args.model = "armnet_r50"
+    with pytest.raises(RuntimeError, match="armnet_tiny"):
+        train(args)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "armnet", "train", "--model", "armnet_tiny", "--dataset", "synthetic",
+           "--synth-n", "8", "--synth-size", "48", "48", "--crop-size", "48", "48",
+           "--batch-size", "2", "--epochs", "1", "--max-steps", "2", "--device", "cpu",
+           "--out", str(tmp_path), "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["summary"]["world_size"] == 2 and log["summary"]["steps"] == 2
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert not any(k.startswith("module.") for k in ckpt["model"])   # saved unwrapped
