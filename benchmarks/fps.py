@@ -21,73 +21,33 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for path in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 import torch  # noqa: E402
+
+from common import environment, synchronize  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict:
-    v = {"python": platform.python_version(), "torch": torch.__version__,
-         "cuda": torch.version.cuda}
-    try:
-        import triton
-        v["triton"] = triton.__version__
-    except ImportError:
-        v["triton"] = None
-    import armnet_ops
-    v["armnet_ops"] = armnet_ops.__version__
-    return v
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs, " \
-           f"{torch.get_num_threads()} torch threads)"
-
-
 def resolved_backends(device: torch.device, dtype: torch.dtype, requested: str) -> dict:
     """Which backend each op runs on for `requested` (what "auto" picked)."""
-    import importlib
-
-    from armnet_ops._backend import resolve
-    mods = {m: importlib.import_module(f"armnet_ops.{m}") for m in ("cca", "carafe", "directional_conv")}
+    from armnet_ops._backend import SPECS, resolve
     out = {}
-    for name, spec in (("criss_cross_attention", mods["cca"].SPEC),
-                       ("carafe_fused", mods["carafe"].FUSED_SPEC),
-                       ("directional_conv2d", mods["directional_conv"].SPEC)):
+    for name in ("criss_cross_attention", "carafe_fused", "directional_conv2d"):
         try:
-            out[name] = resolve(spec, requested, device, dtype)
+            out[name] = resolve(SPECS[name], requested, device, dtype)
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             out[name] = f"error: {e}"
     return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(args, backend: str, device: torch.device, dtype: torch.dtype, state=None):
@@ -139,13 +99,13 @@ def time_one(args, backend: str, device: torch.device, dtype: torch.dtype, state
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             run()
-        sync(device)
+        synchronize(device)
         warm_s = time.perf_counter() - t0
         for _ in range(args.iters):
-            sync(device)
+            synchronize(device)
             t = time.perf_counter()
             run()
-            sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
     return {"ops_backend": backend, "resolved": resolved_backends(device, dtype, backend),
@@ -195,8 +155,11 @@ def main(argv=None) -> int:
 
     opts = {k: v for k, v in vars(args).items() if k not in ("json", "no_json")}
     opts["dtype"] = str(dtype).removeprefix("torch.")
+    env = environment(device)
+    import armnet_ops
+    env["armnet_ops"] = armnet_ops.__version__
     hdr = (f"{args.model} {args.resolution[0]}x{args.resolution[1]} batch {args.batch} "
-           f"{opts['dtype']} on {device_name(device)}"
+           f"{opts['dtype']} on {env['device']}"
            f"{' channels_last' if args.channels_last else ''}{' compile' if args.compile else ''}"
            f"{' cuda-graphs' if args.cuda_graphs else ''}")
     print(hdr)
@@ -205,10 +168,8 @@ def main(argv=None) -> int:
         res = ",".join(sorted(set(v if not str(v).startswith("error") else "error"
                                   for v in r["resolved"].values())))
         print(f"{r['ops_backend']:12s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['fps']:9.2f}  {res}")
-    report = {"benchmark": "fps", "model": args.model, "device": device_name(device),
-              "device_type": device.type, "versions": versions(), "git_commit": git_commit(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "options": opts, "runs": runs}
+    report = {"benchmark": "fps", "model": args.model, "environment": env, "options": opts,
+              "runs": runs}
     if len(runs) == 2:
         report["speedup_auto_over_reference"] = runs[1]["median_ms"] / runs[0]["median_ms"]
         print(f"speed-up of auto over reference: {report['speedup_auto_over_reference']:.2f}x")

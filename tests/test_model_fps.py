@@ -28,8 +28,9 @@ def test_fps_script_writes_json(tmp_path, capsys):
     assert rep["options"]["resolution"] == [32, 40] and rep["options"]["dtype"] == "float32"
     assert {r["ops_backend"] for r in rep["runs"]} == {"auto", "reference"}
     assert all(len(r["times_s"]) == 2 and r["fps"] > 0 for r in rep["runs"])
-    assert rep["versions"]["torch"] and "python" in rep["versions"] and "triton" in rep["versions"]
-    assert rep["date"] and "speedup_auto_over_reference" in rep
+    env = rep["environment"]
+    assert env["torch"] and env["python"] and "triton" in env and env["commit"]
+    assert env["date"] and env["device"] and "speedup_auto_over_reference" in rep
     assert rep["runs"][1]["resolved"]["carafe_fused"] == "reference"
 
 
