@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+export PIP_ROOT_USER_ACTION=ignore
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[install] no torch found: installing torch==2.14.1"
@@ -16,4 +17,4 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
   "$PY" -m pip install -q triton || echo "[install] triton not installed: the Triton backend is off"
 fi
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-"$PY" -m armnet_ops.info | head -5
+"$PY" -m armnet_ops.info | sed -n 1,5p  # sed reads to the end: no broken pipe
