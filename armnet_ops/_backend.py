@@ -15,6 +15,7 @@ available exactly when its kernel is registered for the dispatch key.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import warnings
@@ -30,17 +31,20 @@ CUDA_BUILD_HINT = ("rebuild with `FORCE_CUDA=1 pip install --no-build-isolation 
 
 
 def _load_extension() -> str | None:
-    """Loads armnet_ops._C into torch.ops; returns None on success, else the reason."""
-    try:
-        spec = importlib.util.find_spec("armnet_ops._C")
-    except ImportError as e:  # pragma: no cover - broken installs
-        return str(e)
-    if spec is None or spec.origin is None:
+    """Loads armnet_ops/_C into torch.ops; returns None on success, else the reason.
+
+    The library is looked up next to this file rather than through the import system, so a
+    copy of the package never picks up another copy's build (an editable install's finder would
+    resolve armnet_ops._C to its own source tree)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [os.path.join(here, "_C" + suffix) for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in paths if os.path.exists(p)), None)
+    if path is None:
         return "the extension armnet_ops._C is not built"
     try:
-        torch.ops.load_library(spec.origin)
+        torch.ops.load_library(path)
     except OSError as e:
-        return f"the extension {os.path.basename(spec.origin)} failed to load: {e}"
+        return f"the extension {os.path.basename(path)} failed to load: {e}"
     return None
 
 
