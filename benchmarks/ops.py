@@ -217,12 +217,15 @@ def main(argv=None) -> None:
                    help="repeatable; default fp32 on CPU, fp32/fp16/bf16 on GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a small grid for CPUs")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--child-memory", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child_memory:
         return child_memory(a.child_memory)
 
     device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtypes = [DTYPES[d] for d in a.dtype] if a.dtype else (
         [torch.float32] if device.type == "cpu" else [torch.float32, torch.float16, torch.bfloat16])
     only = {"cca", "carafe", "dconv"} if a.op == "all" else {a.op}
