@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=int, default=5)
     t.add_argument("--power", type=float, default=0.9, help="poly decay power")
     t.add_argument("--rem-weight", type=float, default=1.0, help="weight of the REM l1 loss")
+    t.add_argument("--text-weight", type=float, default=1.0,
+                   help="cross-entropy weight of the text class (background 1)")
     t.add_argument("--crop-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     t.add_argument("--scale-min", type=float, default=0.5)
     t.add_argument("--scale-max", type=float, default=2.0)
@@ -62,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
                    help="torchvision-format ResNet state dict (e.g. resnet50 ImageNet weights)")
     t.add_argument("--resume", default=None, help="checkpoint file, or 'auto' for <out>/last.pt")
     t.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    t.add_argument("--time-limit", type=float, default=0,
+                   help="stop (and checkpoint) after this many seconds of training (0: no limit)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--channels-last", action="store_true")
     for name in ("tsm", "gtm", "dtm", "dpd", "rem"):

@@ -350,18 +350,30 @@ def build_model(name: str, **kw) -> ARMNet:
 class ARMNetLoss(nn.Module):
     """Cross-entropy on the logits (ignore_index honoured) + rem_weight · l1(REM map, target).
 
+    `text_weight` is the cross-entropy weight of the text class (background 1). Text is only a few
+    per cent of the pixels, so with weight 1 a freshly initialised network sits for hundreds of
+    steps on the "everything is background" plateau; a weight > 1 pushes it off early. The weighted
+    mean divides by the summed weights (PyTorch's convention), so the loss scale stays comparable.
     The REM target (N, 1, H, W) in [0, 1] is resized to the map's resolution by area averaging.
     A batch whose pixels are all ignored contributes 0 (not NaN) cross-entropy.
     """
 
-    def __init__(self, rem_weight: float = 1.0, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, rem_weight: float = 1.0, ignore_index: int = IGNORE_INDEX,
+                 text_weight: float = 1.0):
         super().__init__()
+        if not text_weight > 0:
+            raise ValueError(f"text_weight must be > 0, got {text_weight}")
         self.rem_weight, self.ignore_index = rem_weight, ignore_index
+        self.text_weight = float(text_weight)
 
     def forward(self, outputs, mask, rem_target=None) -> tuple[torch.Tensor, dict[str, float]]:
         logits = outputs["logits"].float()
         if (mask != self.ignore_index).any():
-            ce = F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
+            weight = None
+            if self.text_weight != 1.0:
+                weight = torch.ones(logits.shape[1], device=logits.device, dtype=logits.dtype)
+                weight[1] = self.text_weight
+            ce = F.cross_entropy(logits, mask, weight=weight, ignore_index=self.ignore_index)
         else:
             ce = logits.sum() * 0.0
         loss, parts = ce, {"ce": float(ce.detach())}

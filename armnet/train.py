@@ -8,7 +8,8 @@ Multi-process: launch with `torchrun --nproc_per_node=K -m armnet train ...`; ea
 its DistributedSampler shard (gloo on CPU, NCCL on CUDA with one GPU per local rank); rank 0
 writes checkpoints and shows the progress bar. `--batch-size` is per process.
 
-Checkpoints: `<out>/last.pt` after every epoch (and when `--max-steps` stops a run early);
+Checkpoints: `<out>/last.pt` after every epoch (and when `--max-steps` or `--time-limit` seconds
+stop a run early; the schedule still spans `--epochs`, so a run cut short ends above lr 0);
 `--resume <file>` or `--resume auto` (= `<out>/last.pt` if it exists) restores model, optimizer,
 AMP scaler, epoch and step, and training continues with the same schedule.
 """
@@ -95,7 +96,7 @@ def train(args) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    criterion = ARMNetLoss(args.rem_weight)
+    criterion = ARMNetLoss(args.rem_weight, text_weight=getattr(args, "text_weight", 1.0))
 
     steps_per_epoch = len(loader)
     total = args.epochs * steps_per_epoch
@@ -164,6 +165,10 @@ def train(args) -> dict:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             history.append({"step": step, "loss": loss.item(), "lr": lr, **parts})
             if args.max_steps and step >= args.max_steps:
+                stop = True
+                break
+            # a wall-clock budget (the CPU recipe's 20 minutes): stop and checkpoint in time
+            if getattr(args, "time_limit", 0) and time.time() - t0 >= args.time_limit:
                 stop = True
                 break
         bar.close()

@@ -239,6 +239,22 @@ def test_loss_ignore_index_and_rem_term():
     loss.backward()
 
 
+def test_loss_text_weight_is_weighted_mean_over_valid_pixels():
+    logits = torch.randn(2, 2, 5, 3)
+    mask = torch.randint(0, 2, (2, 5, 3))
+    mask[1, :2] = 255
+    loss, parts = ARMNetLoss(rem_weight=0.0, text_weight=3.0)({"logits": logits, "rem_map": None}, mask)
+    keep = mask != 255
+    nll = -torch.log_softmax(logits, 1).permute(0, 2, 3, 1)[keep].gather(1, mask[keep][:, None])[:, 0]
+    w = torch.where(mask[keep] == 1, 3.0, 1.0)
+    torch.testing.assert_close(loss, (w * nll).sum() / w.sum())
+    # weight 1 is the plain mean; a text-heavy weight raises the loss of missing text
+    plain, _ = ARMNetLoss(text_weight=1.0)({"logits": logits, "rem_map": None}, mask)
+    torch.testing.assert_close(plain, nll.mean())
+    with pytest.raises(ValueError, match="text_weight"):
+        ARMNetLoss(text_weight=0.0)
+
+
 def test_build_model_rejects_unknown_name():
     with pytest.raises(ValueError, match="armnet_tiny"):
         build_model("armnet_r101")

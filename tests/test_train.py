@@ -123,6 +123,15 @@ def _train_args(out, *extra):
         *extra])
 
 
+def test_time_limit_stops_and_checkpoints(tmp_path):
+    # a budget already spent after the first step: one step, then a checkpoint
+    summary = train(_train_args(tmp_path, "--time-limit", "1e-9", "--text-weight", "3"))
+    assert summary["steps"] == 1
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ckpt["iteration"] == 1 and ckpt["epoch"] == 0
+    assert ckpt["args"]["text_weight"] == 3.0
+
+
 @pytest.mark.slow
 def test_checkpoint_and_resume(tmp_path):
     first = train(_train_args(tmp_path, "--max-steps", "2"))
