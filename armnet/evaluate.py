@@ -9,7 +9,6 @@ predict: for each IMAGE writes `<out>/<stem>_mask.png` (0 background / 255 text)
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from armnet_ops.info import environment
 
 from .checkpoint import load_model
 from .data import build_dataset, collate, load_image, normalize
@@ -61,16 +62,15 @@ def evaluate(args) -> dict:
     elapsed = time.time() - t0
     title = f"{ckpt['model_name']} on {args.dataset}/{args.split}"
     print(format_table(result, title))
-    report = {"metrics": result, "checkpoint": os.path.abspath(args.checkpoint),
+    report = {"metrics": result, "checkpoint": args.checkpoint,
               "model": ckpt["model_name"], "model_kwargs": ckpt.get("model_kwargs", {}),
               "trained_steps": ckpt.get("iteration"),
               "dataset": {"name": args.dataset, "root": args.data_root, "split": args.split,
                           **({"synth_n": args.synth_n, "synth_seed": args.synth_seed,
                               "synth_size": list(args.synth_size)}
                              if args.dataset == "synthetic" else {})},
-              "device": str(device), "ops_backend": args.ops_backend, "seconds": elapsed,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "torch": torch.__version__}
+              "ops_backend": args.ops_backend, "seconds": elapsed,
+              "environment": environment(device)}
     if args.out_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
         with open(args.out_json, "w") as f:

@@ -2,9 +2,12 @@
 can run, with the reason for each one it cannot."""
 from __future__ import annotations
 
+import datetime
 import importlib
 import importlib.util
+import os
 import platform
+import subprocess
 
 import torch
 
@@ -12,6 +15,7 @@ from . import _backend
 from . import carafe as _carafe, cca as _cca, directional_conv as _dconv  # noqa: F401  (define the specs)
 
 SPECS = _backend.SPECS
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def available_backends(op: str, device="cpu") -> list[str]:
@@ -19,6 +23,43 @@ def available_backends(op: str, device="cpu") -> list[str]:
     if op not in SPECS:
         raise ValueError(f"available_backends: argument 'op' must be one of {sorted(SPECS)}, got {op!r}")
     return _backend.available_backends(SPECS[op], torch.device(device))
+
+
+def git_commit() -> str:
+    """The source tree's HEAD hash, with "-dirty" when tracked files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_SOURCE_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_SOURCE_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+        triton_version = triton.__version__
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "device_type": device.type,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        env["device"] = f"cpu ({env['cpu_threads']} threads)"
+    return env
 
 
 def report() -> str:

@@ -2,56 +2,17 @@
 to benchmarks/results/. Results are only ever written by scripts, never by hand."""
 from __future__ import annotations
 
-import datetime as _dt
 import importlib.util
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
+from armnet_ops.info import environment, git_commit  # noqa: F401  (re-exported for the scripts)
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def git_commit() -> str:
-    """HEAD's hash, with "-dirty" when tracked files differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def environment(device: torch.device) -> dict:
-    triton_version = None
-    if importlib.util.find_spec("triton") is not None:
-        import triton
-        triton_version = triton.__version__
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "device_type": device.type,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                   gpu_memory_gib=round(props.total_memory / 2**30, 1))
-    else:
-        env["device"] = f"cpu ({env['cpu_threads']} threads)"
-    return env
 
 
 def synchronize(device: torch.device) -> None:
