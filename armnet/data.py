@@ -31,7 +31,6 @@ a Gaussian (a stand-in for word-level maps); `polygon_gaussian_map` makes the ma
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Callable
 

@@ -149,13 +149,20 @@ def resolve(spec: OpSpec, backend: str, device: torch.device, dtype: torch.dtype
     return backend
 
 
+_SELECTED: dict = {}
+
+
 @torch.compiler.assume_constant_result
 def select(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
-    """resolve() for the public op named `op`, as the public functions call it. torch.compile
-    evaluates it once at trace time and keeps the answer as a constant: it asks the dispatcher
-    and imports modules, which Dynamo cannot trace, and its answer does not change within a
-    process."""
-    return resolve(SPECS[op], backend, torch.device(device_type), dtype)
+    """resolve() for the public op named `op`, as the public functions call it. Its answer does
+    not change within a process, so it is computed once per argument set: eager calls skip the
+    dispatcher and import-system queries, and torch.compile keeps it as a trace-time constant
+    (Dynamo cannot trace those queries). Errors are not cached. The cache is a plain dict, not
+    functools.lru_cache, whose wrapper Dynamo would trace into."""
+    key = (op, backend, device_type, dtype)
+    if key not in _SELECTED:
+        _SELECTED[key] = resolve(SPECS[op], backend, torch.device(device_type), dtype)
+    return _SELECTED[key]
 
 
 def forward_op(spec: OpSpec, backend: str):

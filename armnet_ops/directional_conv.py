@@ -80,9 +80,7 @@ def directional_conv2d(x, weight, bias=None, dilation=(1, 1), *, scale=None, shi
     b = select(SPEC.name, backend, x.device.type, x.dtype)
     if b == "reference":
         return reference.directional_conv2d(x, weight, bias, dilation, scale, shift, activation)
-    op = (torch.ops.armnet_ops.directional_conv2d_forward_triton if b == "triton"
-          else torch.ops.armnet_ops.directional_conv2d_forward)
-    return op(x, weight, bias, list(dilation), scale, shift, activation == "relu")
+    return forward_op(SPEC, b)(x, weight, bias, list(dilation), scale, shift, activation == "relu")
 
 
 def directional_conv2d_pair(x, weight_h, weight_v, bias_h=None, bias_v=None, dilation_h=(1, 1),
@@ -117,9 +115,7 @@ def directional_conv2d_pair(x, weight_h, weight_v, bias_h=None, bias_v=None, dil
                                              activation),
                 reference.directional_conv2d(x, weight_v, bias_v, dilation_v, scale_v, shift_v,
                                              activation))
-    op = (torch.ops.armnet_ops.directional_conv2d_pair_forward_triton if b == "triton"
-          else torch.ops.armnet_ops.directional_conv2d_pair_forward)
-    y_h, y_v = op(x, weight_h, weight_v, bias_h, bias_v, list(dilation_h),
+    y_h, y_v = forward_op(PAIR_SPEC, b)(x, weight_h, weight_v, bias_h, bias_v, list(dilation_h),
                                         list(dilation_v), scale_h, shift_h, scale_v, shift_v,
                                         activation == "relu")
     return y_h, y_v

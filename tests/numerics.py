@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import HAS_CUDA, HAS_TRITON
+from conftest import HAS_TRITON
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 

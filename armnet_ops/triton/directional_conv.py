@@ -41,7 +41,7 @@ only when torch.backends.cudnn.allow_tf32 is set (what F.conv2d would do), else 
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
