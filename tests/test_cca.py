@@ -469,6 +469,7 @@ def test_bad_input_direct_op():
 def test_missing_backend_says_how_to_build(monkeypatch):
     from armnet_ops import _backend
     monkeypatch.setattr(_backend, "EXTENSION_ERROR", "the extension armnet_ops._C is not built")
+    monkeypatch.setattr(_backend, "_SELECTED", {})  # selections cached under the real build
     q, k, v = _inputs(1, 2, 3, 4, 5, torch.float32)
     with pytest.raises(RuntimeError, match=r"backend 'cpu' is not available.*pip install"):
         armnet_ops.criss_cross_attention(q, k, v, backend="cpu")
