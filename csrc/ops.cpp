@@ -17,6 +17,17 @@ TORCH_LIBRARY(armnet_ops, m) {
   m.def(
       "cca_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // CCNet's block with its epilogue fused: y = gamma * out + residual. gamma holds one element
+  // in the op-math type; residual has v's shape and dtype. out and lse are returned for the
+  // backward. grad_residual is grad_y itself (the caller's); grad_gamma = sum(grad_y * out),
+  // reduced in a fixed order, with gamma's shape.
+  m.def(
+      "cca_residual_forward(Tensor q, Tensor k, Tensor v, Tensor residual, Tensor gamma, "
+      "float scale) -> (Tensor y, Tensor out, Tensor lse)");
+  m.def(
+      "cca_residual_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor gamma, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, "
+      "Tensor grad_gamma)");
   // The two-op API of CCNet: energy (N, H+W-1, H, W), row keys first, then the column without
   // the pixel itself.
   m.def("cca_weight(Tensor q, Tensor k) -> Tensor");
