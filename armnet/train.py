@@ -2,14 +2,17 @@
 
 Schedule (per optimizer step, paper §4.1): linear warm-up from lr/100 to lr over the first
 `warmup_epochs` epochs (capped at half of the run, so short runs still decay), then
-lr · (1 − t)^power with t going from 0 to 1 over the remaining steps.
+lr · (1 − t)^power with t going from 0 to 1 over the remaining steps. With `--time-limit` the
+decay also follows the clock: t is the larger of the step fraction and the fraction of the time
+budget used, so a run that the budget cuts short still anneals to lr 0 instead of stopping at a
+high learning rate (the CPU recipe relies on this; its step count depends on the machine).
 
 Multi-process: launch with `torchrun --nproc_per_node=K -m armnet train ...`; each rank trains on
 its DistributedSampler shard (gloo on CPU, NCCL on CUDA with one GPU per local rank); rank 0
 writes checkpoints and shows the progress bar. `--batch-size` is per process.
 
 Checkpoints: `<out>/last.pt` after every epoch (and when `--max-steps` or `--time-limit` seconds
-stop a run early; the schedule still spans `--epochs`, so a run cut short ends above lr 0);
+stop a run early);
 `--resume <file>` or `--resume auto` (= `<out>/last.pt` if it exists) restores model, optimizer,
 AMP scaler, epoch and step, and training continues with the same schedule.
 """
@@ -30,11 +33,23 @@ from .data import TrainAugment, build_dataset, collate
 from .model import ARMNetLoss, build_model
 
 
-def lr_at(step: int, total: int, warmup: int, base_lr: float, power: float = 0.9) -> float:
+def lr_at(step: int, total: int, warmup: int, base_lr: float, power: float = 0.9,
+          time_fraction: float = 0.0) -> float:
     if warmup > 0 and step < warmup:
         return base_lr * (0.01 + 0.99 * step / warmup)
-    t = (step - warmup) / max(total - warmup, 1)
+    t = max((step - warmup) / max(total - warmup, 1), time_fraction)
     return base_lr * max(1.0 - t, 0.0) ** power
+
+
+def elapsed_seconds(t0: float, world: int, device: torch.device) -> float:
+    """Seconds since t0; the maximum over the ranks when distributed, so that every rank makes the
+    same time-limit decision (one rank stopping alone would hang the others in all-reduce)."""
+    elapsed = time.time() - t0
+    if world > 1:
+        t = torch.tensor([elapsed], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        elapsed = float(t)
+    return elapsed
 
 
 def setup_distributed(device_arg: str):
@@ -133,6 +148,8 @@ def train(args) -> dict:
 
     history, t0 = [], time.time()
     stop = False
+    time_limit = getattr(args, "time_limit", 0)
+    used = 0.0  # the fraction of the time budget spent so far
     for epoch in range(start_epoch, args.epochs):
         model.train()
         dataset.set_epoch(epoch)
@@ -142,7 +159,7 @@ def train(args) -> dict:
                    dynamic_ncols=True, leave=False)
         run_loss, n = 0.0, 0
         for batch in bar:
-            lr = lr_at(step, total, warmup, args.lr, args.power)
+            lr = lr_at(step, total, warmup, args.lr, args.power, used)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             image = batch["image"].to(device, non_blocking=True)
@@ -167,10 +184,11 @@ def train(args) -> dict:
             if args.max_steps and step >= args.max_steps:
                 stop = True
                 break
-            # a wall-clock budget (the CPU recipe's 20 minutes): stop and checkpoint in time
-            if getattr(args, "time_limit", 0) and time.time() - t0 >= args.time_limit:
-                stop = True
-                break
+            if time_limit:  # a wall-clock budget (the CPU recipe's 20 minutes)
+                used = elapsed_seconds(t0, world, device) / time_limit
+                if used >= 1.0:
+                    stop = True
+                    break
         bar.close()
         if main and not args.quiet:
             print(f"epoch {epoch + 1}/{args.epochs}: mean loss {run_loss / max(n, 1):.4f}, "

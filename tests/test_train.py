@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from armnet.cli import parser
 from armnet.data import SyntheticTextDataset, collate
 from armnet.metrics import TextSegMetrics, format_table
 from armnet.model import ARMNetLoss, armnet_tiny
+import armnet.train as train_module
 from armnet.train import lr_at, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -93,6 +95,10 @@ def test_lr_schedule_warmup_then_poly():
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
     assert lr_at(total, total, warm, base) == 0.0
     assert lr_at(0, 10, 0, base) == base
+    # with a time budget the decay follows whichever is further along: steps or the clock
+    assert lr_at(warm + 10, total, warm, base, 0.9, time_fraction=0.5) == pytest.approx(base * 0.5 ** 0.9)
+    assert lr_at(warm + 45, total, warm, base, 0.9, time_fraction=0.1) == pytest.approx(base * 0.5 ** 0.9)
+    assert lr_at(warm + 1, total, warm, base, 0.9, time_fraction=1.0) == 0.0
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -130,6 +136,19 @@ def test_time_limit_stops_and_checkpoints(tmp_path):
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
     assert ckpt["iteration"] == 1 and ckpt["epoch"] == 0
     assert ckpt["args"]["text_weight"] == 3.0
+
+
+def test_time_limit_anneals_the_learning_rate(tmp_path, monkeypatch):
+    # A fake clock that advances one second per reading: a 4-second budget is spent after 4 steps,
+    # and the learning rate follows the clock down (the epochs alone would allow 6 steps).
+    clock = iter(range(1000))
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    summary = train(_train_args(tmp_path, "--time-limit", "4", "--warmup-epochs", "0",
+                                "--lr", "1e-3"))
+    assert summary["steps"] == 4
+    lrs = [h["lr"] for h in json.loads((tmp_path / "train_log.json").read_text())["history"]]
+    expected = [1e-3 * (1 - used) ** 0.9 for used in (0.0, 0.25, 0.5, 0.75)]
+    assert lrs == pytest.approx(expected)
 
 
 @pytest.mark.slow
