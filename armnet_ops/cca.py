@@ -103,12 +103,9 @@ def criss_cross_attention(q, k, v, *, scale: float = 1.0, backend: str = "auto",
             return reference.criss_cross_attention(q, k, v, float(scale))
         return forward_op(SPEC, b)(q, k, v, float(scale))[0]
     check_tensor(op, "residual", residual, 4)
-    if residual.shape != v.shape:
-        raise ValueError(f"{op}: argument 'residual' must have the shape of 'v' "
-                         f"{tuple(v.shape)}, got {tuple(residual.shape)}")
-    if residual.device != v.device:
-        raise ValueError(f"{op}: argument 'residual' must be on the device of 'v' ({v.device}), "
-                         f"got {residual.device}")
+    if residual.shape != v.shape or residual.device != v.device:
+        raise ValueError(f"{op}: argument 'residual' must have the shape of 'v' {tuple(v.shape)} "
+                         f"and its device {v.device}, got {tuple(residual.shape)} on {residual.device}")
     math = lse_dtype(v.dtype)
     if not isinstance(gamma, torch.Tensor):
         gamma = torch.as_tensor(gamma, dtype=math, device=v.device)

@@ -130,6 +130,17 @@ for dtype in (torch.float64, torch.float32):
         assert err < tol, (dtype, err)
     e = armnet_ops.cca_weight(x[0], x[1], backend="cpu")
     assert (e.double() - reference.cca_weight(q, k)).abs().max() < 1e-4
+    # The block with its fused epilogue: y and the gradients of gamma and v.
+    res = torch.randn(v.shape, generator=g, dtype=torch.float64)
+    gamma = torch.tensor([0.75], dtype=torch.float64, requires_grad=True)
+    ref = gamma * reference.criss_cross_attention(q, k, v, 0.6) + res
+    want = torch.autograd.grad(ref.sum(), (v, gamma))
+    gl = gamma.detach().to(dtype).requires_grad_()
+    y = armnet_ops.criss_cross_attention(*x, scale=0.6, gamma=gl, residual=res.to(dtype), backend="cpu")
+    got = torch.autograd.grad(y.sum(), (x[2], gl))
+    for a, b in zip((y,) + got, (ref,) + want):
+        err = (a.double() - b).abs().max().item() / b.abs().max().item()
+        assert err < tol, ("residual", dtype, err)
 print("ok")
 """
 
