@@ -34,6 +34,7 @@ HARNESS = r"""
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -131,11 +132,14 @@ static void launch(int64_t gx, int64_t gy, int threads, F body) {
   for (auto& th : pool) th.join();
 }
 
-template <class Tl>
-static void passes(int H, int W, LinePass (&g)[2]) {
+// vec as the glue decides it: rows of a multiple of 16 bytes, operands 16-byte aligned.
+template <class Tl, typename T>
+static void passes(int H, int W, std::initializer_list<const T*> operands, LinePass (&g)[2]) {
   const int64_t HW = int64_t(H) * W;
-  g[0] = LinePass{W, H, (W + Tl::BL - 1) / Tl::BL, W, 1, HW, false};
-  g[1] = LinePass{H, W, (H + Tl::BL - 1) / Tl::BL, 1, W, HW, true};
+  bool vec = (W * sizeof(T)) % 16 == 0;
+  for (const T* p : operands) vec = vec && (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0);
+  g[0] = LinePass{W, H, (W + Tl::BL - 1) / Tl::BL, W, 1, HW, false, vec};
+  g[1] = LinePass{H, W, (H + Tl::BL - 1) / Tl::BL, 1, W, HW, true, false};
 }
 
 static int64_t lines(const LinePass& g, int N) { return int64_t(N) * g.n_lines * g.tiles; }
@@ -147,7 +151,7 @@ static void run(int bwd, const T* q, const T* k, const T* v, const T* go, const 
                 const T* gamma, T* out, T* lse, T* y, T* gq, T* gk, T* gv, T* gpart, T* part,
                 int N, int D, int Cv, int H, int W, T scale) {
   LinePass g[2];
-  passes<Tl>(H, W, g);
+  passes<Tl, T>(H, W, {q, k, v, go}, g);
   Args<T, T> a{};
   a.q = q; a.k = k; a.v = v; a.D = D; a.Cv = Cv; a.scale = scale;
   const int64_t c_tiles = (Cv + Tl::CT - 1) / Tl::CT, d_tiles = (D + Tl::CT - 1) / Tl::CT;
@@ -291,6 +295,10 @@ CASES = [
     (0, 1, 1, 1, 1, 1, torch.float64, True, False),     # one pixel: a single row key
     (1, 1, 16, 48, 40, 33, torch.float32, True, True),  # fma, BL = 32: 2 tiles both ways
     (1, 1, 7, 9, 2, 2, torch.float64, False, False),
+    # rows of a multiple of 16 bytes: the row pass loads operand tiles as 16-byte vectors
+    (0, 2, 12, 20, 6, 20, torch.float32, True, True),   # 5 vectors per row, 2 position tiles
+    (3, 1, 5, 7, 3, 10, torch.float64, True, False),    # wmma, BL = 32: vectors past the line
+    (2, 1, 16, 16, 17, 16, torch.float64, False, True), # wmma: vectors, 2 column tiles
 ]
 
 

@@ -56,6 +56,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
+#include <initializer_list>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -292,14 +294,19 @@ acc_t* aptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
-// The row pass and the column pass of an (H, W) plane.
-template <class Tl>
-std::array<cca_cuda::LinePass, 2> line_passes(int64_t H, int64_t W) {
+// The row pass and the column pass of an (H, W) plane. vec: the row pass may move operand tiles
+// 16 bytes at a time (rows of a multiple of 16 bytes, operands 16-byte aligned).
+template <class Tl, typename T>
+std::array<cca_cuda::LinePass, 2> line_passes(int64_t H, int64_t W,
+                                              std::initializer_list<at::Tensor> operands) {
   const int64_t HW = H * W;
+  bool vec = (W * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  for (const auto& t : operands)
+    vec = vec && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   cca_cuda::LinePass row{static_cast<int>(W), static_cast<int>(H),
-                         static_cast<int>((W + Tl::BL - 1) / Tl::BL), W, 1, HW, false};
+                         static_cast<int>((W + Tl::BL - 1) / Tl::BL), W, 1, HW, false, vec};
   cca_cuda::LinePass col{static_cast<int>(H), static_cast<int>(W),
-                         static_cast<int>((H + Tl::BL - 1) / Tl::BL), 1, W, HW, true};
+                         static_cast<int>((H + Tl::BL - 1) / Tl::BL), 1, W, HW, true, false};
   return {row, col};
 }
 
@@ -344,7 +351,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   a.Cv = static_cast<int>(Cv);
   a.scale = static_cast<acc_t>(scale);
   a.lse_out = aptr<acc_t>(lse);
-  const auto passes = line_passes<Tl>(H, W);
+  const auto passes = line_passes<Tl, T>(H, W, {q, k, v});
   for (const auto& g : passes) {
     launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, g, N, 1, S::bytes_forward, op,
                      a, g);
@@ -410,7 +417,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
   auto part_of = [&](const at::Tensor& grad) {
     return std::is_same_v<T, acc_t> ? aptr<acc_t>(grad) : aptr<acc_t>(buf);
   };
-  const auto passes = line_passes<Tl>(H, W);
+  const auto passes = line_passes<Tl, T>(H, W, {q, k, v, go});
   if (D > 0) {
     const int64_t d_tiles = (D + Tl::CT - 1) / Tl::CT;
     a.part = part_of(gq);

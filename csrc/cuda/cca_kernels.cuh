@@ -141,20 +141,19 @@ struct FmaPolicy {
     f.p = p;
     f.ld = ld;
   }
+  // k outermost: the lane's B value is loaded once per k; its 8 rows' A values are shared by the
+  // 16 lanes of a half-warp (shared-memory broadcast).
   template <bool AROW, bool BROW>
   __device__ __forceinline__ static void mma(Acc& c, const FragA<AROW>& a, const FragB<BROW>& b) {
-    const int lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31, i0 = lane >> 4, j = lane & 15;
 #pragma unroll
-    for (int t = 0; t < 8; ++t) {
-      const int e = lane + 32 * t, i = e >> 4, j = e & 15;
-      acc_t s = c.x[t];
+    for (int kk = 0; kk < 16; ++kk) {
+      const acc_t bv = to_acc<acc_t>(BROW ? b.p[kk * b.ld + j] : b.p[j * b.ld + kk]);
 #pragma unroll
-      for (int kk = 0; kk < 16; ++kk) {
-        const T av = AROW ? a.p[i * a.ld + kk] : a.p[kk * a.ld + i];
-        const T bv = BROW ? b.p[kk * b.ld + j] : b.p[j * b.ld + kk];
-        s += to_acc<acc_t>(av) * to_acc<acc_t>(bv);
+      for (int t = 0; t < 8; ++t) {
+        const int i = i0 + 2 * t;
+        c.x[t] += to_acc<acc_t>(AROW ? a.p[i * a.ld + kk] : a.p[kk * a.ld + i]) * bv;
       }
-      c.x[t] = s;
     }
   }
   __device__ __forceinline__ static void store(acc_t* p, int ld, const Acc& c) {
@@ -221,6 +220,8 @@ struct LinePass {
   int tiles;    // ceil(L / BL)
   int64_t s_line, s_pos, HW;
   bool exclude_self;  // column pass: the pixel itself is a row key, not a column key
+  bool vec;           // positions contiguous (s_pos = 1) and every (channel, line) start of the
+                      // operands 16-byte aligned: operand tiles move 16 bytes at a time
 };
 
 // Everything the kernels read or write; unused pointers are null.
@@ -263,13 +264,38 @@ __device__ __forceinline__ Block decode_block(const LinePass& g, int bl) {
 // dst[c][i] (leading dimension LDT) = src(channel c0 + c, position p0 + i), zero outside the C
 // channels and the L positions (the zero padding of the k-dimension and of the line's tail).
 // src points at channel 0, position 0 of the line. Consecutive threads read consecutive
-// positions (coalesced in a row pass).
+// positions (coalesced in a row pass); with vec, 16 bytes per thread (p0 and the row stride LDT
+// keep the shared-memory side 16-byte aligned too).
+template <typename T>
+struct alignas(16) Vec16 {
+  T x[16 / sizeof(T)];
+};
+
 template <class Tl, typename T>
 __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ src, int p0, int c0,
-                                           int C, int L, int64_t HW, int64_t s_pos) {
+                                           int C, int L, int64_t HW, int64_t s_pos, bool vec) {
+  const T zero = from_acc<T>(0.0f);
+  if (vec) {
+    constexpr int VE = 16 / sizeof(T);
+    static_assert(Tl::BL % VE == 0 && (Tl::LDT * sizeof(T)) % 16 == 0, "vector tiles");
+    constexpr int kPer = Tl::BL / VE;
+    for (int e = threadIdx.x; e < Tl::CT * kPer; e += Tl::kThreads) {
+      const int c = e / kPer, i = (e % kPer) * VE;
+      const T* s = src + static_cast<int64_t>(c0 + c) * HW + (p0 + i);
+      Vec16<T> val;
+      if (c0 + c < C && p0 + i + VE <= L) {
+        val = *reinterpret_cast<const Vec16<T>*>(s);
+      } else {
+#pragma unroll
+        for (int u = 0; u < VE; ++u) val.x[u] = (c0 + c < C && p0 + i + u < L) ? s[u] : zero;
+      }
+      *reinterpret_cast<Vec16<T>*>(dst + c * Tl::LDT + i) = val;
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < Tl::CT * Tl::BL; e += Tl::kThreads) {
     const int c = e / Tl::BL, i = e % Tl::BL;
-    T val = from_acc<T>(0.0f);
+    T val = zero;
     if (c0 + c < C && p0 + i < L)
       val = src[static_cast<int64_t>(c0 + c) * HW + static_cast<int64_t>(p0 + i) * s_pos];
     dst[c * Tl::LDT + i] = val;
@@ -282,15 +308,15 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ src, in
 template <class Pol, class Tl, typename T, typename acc_t>
 __device__ __forceinline__ void contract(acc_t* es, const T* __restrict__ x, int x0,
                                          const T* __restrict__ y, int y0, int C, int L, int64_t HW,
-                                         int64_t s_pos, T* xs, T* ys) {
+                                         int64_t s_pos, bool vec, T* xs, T* ys) {
   const int warp = threadIdx.x >> 5;
   typename Pol::Acc acc[Tl::BL / 16];
 #pragma unroll
   for (int j = 0; j < Tl::BL / 16; ++j) Pol::zero(acc[j]);
   for (int c0 = 0; c0 < C; c0 += Tl::CT) {
     __syncthreads();
-    load_chunk<Tl>(xs, x, x0, c0, C, L, HW, s_pos);
-    load_chunk<Tl>(ys, y, y0, c0, C, L, HW, s_pos);
+    load_chunk<Tl>(xs, x, x0, c0, C, L, HW, s_pos, vec);
+    load_chunk<Tl>(ys, y, y0, c0, C, L, HW, s_pos, vec);
     __syncthreads();
     const int kc = C - c0 < Tl::CT ? C - c0 : Tl::CT;  // padded chunks past C are all zero
     for (int kk = 0; kk < kc; kk += 16) {
@@ -377,7 +403,8 @@ cca_lse_kernel(Args<T, acc_t> a, LinePass g) {
   acc_t m = neg_inf<acc_t>(), l = acc_t(0);
   for (int o0 = 0; o0 < g.L; o0 += Tl::BL) {
     __syncthreads();  // es is rewritten below
-    contract<Pol, Tl>(es, a.q + plane, b.own0, a.k + plane, o0, a.D, g.L, g.HW, g.s_pos, xs, ys);
+    contract<Pol, Tl>(es, a.q + plane, b.own0, a.k + plane, o0, a.D, g.L, g.HW, g.s_pos, g.vec, xs,
+                      ys);
     __syncthreads();
     for (int j = part; j < Tl::BL; j += 2) {
       if (!key_valid(own, o0 + j, g.L, g.exclude_self)) continue;
@@ -445,7 +472,7 @@ cca_pv_kernel(Args<T, acc_t> a, LinePass g, bool final) {
       const int pix = (KEY ? o0 : b.own0) + static_cast<int>(threadIdx.x);
       st[threadIdx.x] = pix < g.L ? lse[static_cast<int64_t>(pix) * g.s_pos] : acc_t(0);
     }
-    contract<Pol, Tl>(es, x, b.own0, y, o0, a.D, g.L, g.HW, g.s_pos, xs, ys);
+    contract<Pol, Tl>(es, x, b.own0, y, o0, a.D, g.L, g.HW, g.s_pos, g.vec, xs, ys);
     __syncthreads();
     for (int e = threadIdx.x; e < Tl::BL * Tl::BL; e += Tl::kThreads) {
       const int i = e / Tl::BL, j = e % Tl::BL;
@@ -455,7 +482,7 @@ cca_pv_kernel(Args<T, acc_t> a, LinePass g, bool final) {
       const acc_t p = ok ? exp(es[i * Tl::LDF + j] * a.scale - st[KEY ? j : i]) : acc_t(0);
       ps[i * Tl::LDT + j] = from_acc<T>(p);
     }
-    load_chunk<Tl>(xs, z, o0, c0, a.Cv, g.L, g.HW, g.s_pos);
+    load_chunk<Tl>(xs, z, o0, c0, a.Cv, g.L, g.HW, g.s_pos, g.vec);
     __syncthreads();
     product_pz<Pol, Tl>(acc, ps, xs, g.L - o0 < Tl::BL ? ((g.L - o0 + 15) / 16) * 16 : Tl::BL);
   }
@@ -508,8 +535,8 @@ cca_grad_kernel(Args<T, acc_t> a, LinePass g, bool final) {
       st[threadIdx.x] = in ? lse[static_cast<int64_t>(pix) * g.s_pos] : acc_t(0);
       st[Tl::BL + threadIdx.x] = in ? dd[static_cast<int64_t>(pix) * g.s_pos] : acc_t(0);
     }
-    contract<Pol, Tl>(es, x, b.own0, y, o0, a.D, g.L, g.HW, g.s_pos, xs, ys);
-    contract<Pol, Tl>(fs, gx, b.own0, gy, o0, a.Cv, g.L, g.HW, g.s_pos, xs, ys);
+    contract<Pol, Tl>(es, x, b.own0, y, o0, a.D, g.L, g.HW, g.s_pos, g.vec, xs, ys);
+    contract<Pol, Tl>(fs, gx, b.own0, gy, o0, a.Cv, g.L, g.HW, g.s_pos, g.vec, xs, ys);
     __syncthreads();
     for (int e = threadIdx.x; e < Tl::BL * Tl::BL; e += Tl::kThreads) {
       const int i = e / Tl::BL, j = e % Tl::BL;
@@ -524,7 +551,7 @@ cca_grad_kernel(Args<T, acc_t> a, LinePass g, bool final) {
       }
       ps[i * Tl::LDT + j] = from_acc<T>(ds);
     }
-    load_chunk<Tl>(xs, y, o0, c0, a.D, g.L, g.HW, g.s_pos);
+    load_chunk<Tl>(xs, y, o0, c0, a.D, g.L, g.HW, g.s_pos, g.vec);
     __syncthreads();
     product_pz<Pol, Tl>(acc, ps, xs, g.L - o0 < Tl::BL ? ((g.L - o0 + 15) / 16) * 16 : Tl::BL);
   }
