@@ -239,36 +239,23 @@ void check_gamma(const at::Tensor& gamma, const at::Tensor& q, const char* op) {
 }
 
 // Element type, mma policy and tile sizes per dtype.
+template <typename T_, typename acc_t_, template <typename, typename> class Pol_, int BL, int CT>
+struct KindOf {
+  using T = T_;
+  using acc_t = acc_t_;
+  using Pol = Pol_<T_, acc_t_>;
+  using Tl = cca_cuda::Tiles<BL, CT>;
+};
 template <typename scalar_t>
 struct Kind;
 template <>
-struct Kind<at::Half> {
-  using T = __half;
-  using acc_t = float;
-  using Pol = cca_cuda::WmmaPolicy<T, acc_t>;
-  using Tl = cca_cuda::Tiles<64, 64>;
-};
+struct Kind<at::Half> : KindOf<__half, float, cca_cuda::WmmaPolicy, 64, 64> {};
 template <>
-struct Kind<at::BFloat16> {
-  using T = __nv_bfloat16;
-  using acc_t = float;
-  using Pol = cca_cuda::WmmaPolicy<T, acc_t>;
-  using Tl = cca_cuda::Tiles<64, 64>;
-};
+struct Kind<at::BFloat16> : KindOf<__nv_bfloat16, float, cca_cuda::WmmaPolicy, 64, 64> {};
 template <>
-struct Kind<float> {
-  using T = float;
-  using acc_t = float;
-  using Pol = cca_cuda::FmaPolicy<T, acc_t>;
-  using Tl = cca_cuda::Tiles<32, 32>;
-};
+struct Kind<float> : KindOf<float, float, cca_cuda::FmaPolicy, 32, 32> {};
 template <>
-struct Kind<double> {
-  using T = double;
-  using acc_t = double;
-  using Pol = cca_cuda::FmaPolicy<T, acc_t>;
-  using Tl = cca_cuda::Tiles<32, 32>;
-};
+struct Kind<double> : KindOf<double, double, cca_cuda::FmaPolicy, 32, 32> {};
 
 // The tensor-core instantiations need sm_70 (fp16) and sm_80 (bf16).
 template <typename scalar_t>
@@ -330,6 +317,20 @@ void launch_lines(Kernel kernel, const cca_cuda::LinePass& g, int64_t N, int64_t
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The arguments every kernel of the fused op reads: q, k, v, their channel counts and the scale.
+template <typename scalar_t, typename K = Kind<scalar_t>>
+cca_cuda::Args<typename K::T, typename K::acc_t> qkv_args(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, double scale) {
+  cca_cuda::Args<typename K::T, typename K::acc_t> a{};
+  a.q = dptr<typename K::T, scalar_t>(q);
+  a.k = dptr<typename K::T, scalar_t>(k);
+  a.v = dptr<typename K::T, scalar_t>(v);
+  a.D = static_cast<int>(q.size(1));
+  a.Cv = static_cast<int>(v.size(1));
+  a.scale = static_cast<typename K::acc_t>(scale);
+  return a;
+}
+
 // out, lse (and y = gamma·out + residual when residual is defined) for contiguous q, k, v.
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -343,13 +344,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   using S = cca_cuda::Smem<T, acc_t, Tl>;
   check_arch<scalar_t>(q, op);
   const int64_t N = q.size(0), D = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  cca_cuda::Args<T, acc_t> a{};
-  a.q = dptr<T, scalar_t>(q);
-  a.k = dptr<T, scalar_t>(k);
-  a.v = dptr<T, scalar_t>(v);
-  a.D = static_cast<int>(D);
-  a.Cv = static_cast<int>(Cv);
-  a.scale = static_cast<acc_t>(scale);
+  auto a = qkv_args<scalar_t>(q, k, v, scale);
   a.lse_out = aptr<acc_t>(lse);
   const auto passes = line_passes<Tl, T>(H, W, {q, k, v});
   for (const auto& g : passes) {
@@ -394,23 +389,20 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
   const int64_t total = N * H * W;
   auto stream = at::cuda::getCurrentCUDAStream();
   auto dd = at::empty({N, H, W}, lse.options());
+  TORCH_CHECK((total + kElementwiseThreads - 1) / kElementwiseThreads <=
+                  std::numeric_limits<int32_t>::max(),
+              op, ": N·H·W = ", total, " is too large for one launch");
   cca_cuda::cca_delta_kernel<T, acc_t>
       <<<static_cast<unsigned>((total + kElementwiseThreads - 1) / kElementwiseThreads),
          kElementwiseThreads, 0, stream>>>(dptr<T, scalar_t>(go), dptr<T, scalar_t>(out),
                                            aptr<acc_t>(gamma), aptr<acc_t>(dd), aptr<acc_t>(gpart),
                                            static_cast<int>(Cv), H * W, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  cca_cuda::Args<T, acc_t> a{};
-  a.q = dptr<T, scalar_t>(q);
-  a.k = dptr<T, scalar_t>(k);
-  a.v = dptr<T, scalar_t>(v);
+  auto a = qkv_args<scalar_t>(q, k, v, scale);
   a.go = dptr<T, scalar_t>(go);
   a.gamma = aptr<acc_t>(gamma);
   a.lse = aptr<acc_t>(lse);
   a.dd = aptr<acc_t>(dd);
-  a.D = static_cast<int>(D);
-  a.Cv = static_cast<int>(Cv);
-  a.scale = static_cast<acc_t>(scale);
   // fp16/bf16: one op-math buffer serves dq, dk and dv in turn (stream order).
   at::Tensor buf;
   if (!std::is_same_v<T, acc_t>) buf = at::empty({N * std::max(D, Cv) * H * W}, lse.options());

@@ -105,6 +105,21 @@ struct Smem {
   static constexpr int64_t bytes_grad = fs + align128(int64_t(Tl::BL) * Tl::LDF * sizeof(acc_t));
 };
 
+// Typed views of the dynamic shared memory.
+template <typename T, typename acc_t, class Tl>
+struct SharedTiles {
+  using S = Smem<T, acc_t, Tl>;
+  T *xs, *ys, *ps;
+  acc_t *st, *es, *fs;
+  __device__ __forceinline__ explicit SharedTiles(unsigned char* raw)
+      : xs(reinterpret_cast<T*>(raw + S::xs)),
+        ys(reinterpret_cast<T*>(raw + S::ys)),
+        ps(reinterpret_cast<T*>(raw + S::ps)),
+        st(reinterpret_cast<acc_t*>(raw + S::st)),
+        es(reinterpret_cast<acc_t*>(raw + S::es)),
+        fs(reinterpret_cast<acc_t*>(raw + S::fs)) {}
+};
+
 // ---- mma policies: c += A·B on 16x16 tiles in shared memory -----------------------------------
 // A(i, k) at a[i·lda + k] (row-major) or a[k·lda + i] (column-major); B(k, j) at b[k·ldb + j] or
 // b[j·ldb + k]. Calls are warp-collective; operands stay untouched in shared memory until the
@@ -302,6 +317,14 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* __restrict__ src, in
   }
 }
 
+// The warp's 16-row strip of an accumulator tile (N/16 fragments) into es (LDF).
+template <class Pol, class Tl, int N, typename acc_t>
+__device__ __forceinline__ void store_strip(acc_t* es, const typename Pol::Acc (&acc)[N / 16]) {
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < N / 16; ++j) Pol::store(es + 16 * warp * Tl::LDF + 16 * j, Tl::LDF, acc[j]);
+}
+
 // es[i][j] (warp strips, LDF) = sum_c X(c, x0 + i) · Y(c, y0 + j) over C channels, CT at a
 // time: X the block's own positions, Y the other positions, both read with load_chunk.
 // Starts with a __syncthreads per chunk (xs, ys are reused); the caller syncs before reading es.
@@ -330,8 +353,7 @@ __device__ __forceinline__ void contract(acc_t* es, const T* __restrict__ x, int
       }
     }
   }
-#pragma unroll
-  for (int j = 0; j < Tl::BL / 16; ++j) Pol::store(es + 16 * warp * Tl::LDF + 16 * j, Tl::LDF, acc[j]);
+  store_strip<Pol, Tl, Tl::BL>(es, acc);
 }
 
 // acc[j] += ps(own rows of this warp, [0, BL)) · Z(positions [0, BL), channels 16j..), with Z
@@ -380,6 +402,53 @@ __device__ __forceinline__ bool key_valid(int p, int s, int L, bool exclude_self
   return p < L && s < L && !(exclude_self && p == s);
 }
 
+// Where a block of cca_pv_kernel / cca_grad_kernel works, and its line's pointers. The block's
+// own positions are pixels (KEY = false) or keys (KEY = true); x holds the own side of the
+// energy contraction, y the other side (q or k), gx / gy the two sides of dP = dO·V^T (backward),
+// stat the per-pixel statistics of the line.
+template <typename T, typename acc_t, bool KEY>
+struct Frame {
+  Block b;
+  int c0;  // first channel of the output tile
+  int64_t qk_plane, v_plane;
+  const T *x, *y, *gx, *gy;
+  const acc_t *lse, *dd;
+  __device__ __forceinline__ Frame(const Args<T, acc_t>& a, const LinePass& g, int bl, int ct)
+      : b(decode_block(g, bl)),
+        c0(static_cast<int>(blockIdx.y) * ct),
+        qk_plane(b.n * a.D * g.HW + b.line_off),
+        v_plane(b.n * a.Cv * g.HW + b.line_off),
+        x((KEY ? a.k : a.q) + qk_plane),
+        y((KEY ? a.q : a.k) + qk_plane),
+        gx(a.go == nullptr ? nullptr : (KEY ? a.v : a.go) + v_plane),
+        gy(a.go == nullptr ? nullptr : (KEY ? a.go : a.v) + v_plane),
+        lse(a.lse + b.n * g.HW + b.line_off),
+        dd(a.dd == nullptr ? nullptr : a.dd + b.n * g.HW + b.line_off) {}
+  // In tile (own i, other j): the pixel is the own position (KEY = false) or the other one.
+  __device__ __forceinline__ bool valid(int own, int oth, const LinePass& g) const {
+    return KEY ? key_valid(oth, own, g.L, g.exclude_self) : key_valid(own, oth, g.L, g.exclude_self);
+  }
+};
+
+// Loads the statistics of the BL pixels of the current tile pair into st: lse, and dd after it.
+template <class Tl, typename acc_t>
+__device__ __forceinline__ void load_stats(acc_t* st, const acc_t* lse, const acc_t* dd, int pix0,
+                                           const LinePass& g) {
+  if (threadIdx.x < Tl::BL) {
+    const int pix = pix0 + static_cast<int>(threadIdx.x);
+    const bool in = pix < g.L;
+    const int64_t off = static_cast<int64_t>(pix) * g.s_pos;
+    st[threadIdx.x] = in ? lse[off] : acc_t(0);
+    if (dd != nullptr) st[Tl::BL + threadIdx.x] = in ? dd[off] : acc_t(0);
+  }
+}
+
+// Positions of the other tile starting at o0 that hold real data, rounded up to the mma size.
+template <class Tl>
+__device__ __forceinline__ int other_extent(int L, int o0) {
+  return L - o0 < Tl::BL ? ((L - o0 + 15) / 16) * 16 : Tl::BL;
+}
+
 // ---- kernels --------------------------------------------------------------------------------
 
 // cca_lse_kernel: per pixel of the pass, the log-sum-exp of its scaled energies over the pass's
@@ -391,11 +460,7 @@ template <class Pol, class Tl, typename T, typename acc_t>
 __global__ void __launch_bounds__(Tl::kThreads)
 cca_lse_kernel(Args<T, acc_t> a, LinePass g) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  using S = Smem<T, acc_t, Tl>;
-  T* xs = reinterpret_cast<T*>(smem_raw + S::xs);
-  T* ys = reinterpret_cast<T*>(smem_raw + S::ys);
-  acc_t* st = reinterpret_cast<acc_t*>(smem_raw + S::st);
-  acc_t* es = reinterpret_cast<acc_t*>(smem_raw + S::es);
+  const SharedTiles<T, acc_t, Tl> sh(smem_raw);
   const Block b = decode_block(g, Tl::BL);
   const int64_t plane = b.n * a.D * g.HW + b.line_off;
   const int r = threadIdx.x >> 1, part = threadIdx.x & 1;  // kThreads = 2·BL
@@ -403,12 +468,12 @@ cca_lse_kernel(Args<T, acc_t> a, LinePass g) {
   acc_t m = neg_inf<acc_t>(), l = acc_t(0);
   for (int o0 = 0; o0 < g.L; o0 += Tl::BL) {
     __syncthreads();  // es is rewritten below
-    contract<Pol, Tl>(es, a.q + plane, b.own0, a.k + plane, o0, a.D, g.L, g.HW, g.s_pos, g.vec, xs,
-                      ys);
+    contract<Pol, Tl>(sh.es, a.q + plane, b.own0, a.k + plane, o0, a.D, g.L, g.HW, g.s_pos, g.vec,
+                      sh.xs, sh.ys);
     __syncthreads();
     for (int j = part; j < Tl::BL; j += 2) {
       if (!key_valid(own, o0 + j, g.L, g.exclude_self)) continue;
-      const acc_t x = es[r * Tl::LDF + j] * a.scale;
+      const acc_t x = sh.es[r * Tl::LDF + j] * a.scale;
       if (x > m) {
         l = l * exp(m - x) + acc_t(1);  // m = -inf at the first key: l = 0·0 + 1
         m = x;
@@ -417,11 +482,11 @@ cca_lse_kernel(Args<T, acc_t> a, LinePass g) {
       }
     }
   }
-  st[threadIdx.x] = m;
-  st[Tl::kThreads + threadIdx.x] = l;
+  sh.st[threadIdx.x] = m;
+  sh.st[Tl::kThreads + threadIdx.x] = l;
   __syncthreads();
   if (part == 0 && own < g.L) {
-    const acc_t m1 = st[threadIdx.x + 1], l1 = st[Tl::kThreads + threadIdx.x + 1];
+    const acc_t m1 = sh.st[threadIdx.x + 1], l1 = sh.st[Tl::kThreads + threadIdx.x + 1];
     const acc_t mx = m > m1 ? m : m1;
     acc_t lse = neg_inf<acc_t>();
     if (mx != neg_inf<acc_t>()) lse = mx + log(l * exp(m - mx) + l1 * exp(m1 - mx));
@@ -449,51 +514,34 @@ template <class Pol, class Tl, typename T, typename acc_t, bool KEY>
 __global__ void __launch_bounds__(Tl::kThreads)
 cca_pv_kernel(Args<T, acc_t> a, LinePass g, bool final) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  using S = Smem<T, acc_t, Tl>;
-  T* xs = reinterpret_cast<T*>(smem_raw + S::xs);
-  T* ys = reinterpret_cast<T*>(smem_raw + S::ys);
-  T* ps = reinterpret_cast<T*>(smem_raw + S::ps);
-  acc_t* st = reinterpret_cast<acc_t*>(smem_raw + S::st);
-  acc_t* es = reinterpret_cast<acc_t*>(smem_raw + S::es);
-  const Block b = decode_block(g, Tl::BL);
-  const int c0 = static_cast<int>(blockIdx.y) * Tl::CT;
-  const int64_t qk_plane = b.n * a.D * g.HW + b.line_off;
-  const int64_t v_plane = b.n * a.Cv * g.HW + b.line_off;
-  const T* x = (KEY ? a.k : a.q) + qk_plane;  // own positions
-  const T* y = (KEY ? a.q : a.k) + qk_plane;  // other positions
-  const T* z = (KEY ? a.go : a.v) + v_plane;  // the second product's operand, other positions
-  const acc_t* lse = a.lse + b.n * g.HW + b.line_off;
+  const SharedTiles<T, acc_t, Tl> sh(smem_raw);
+  const Frame<T, acc_t, KEY> f(a, g, Tl::BL, Tl::CT);
+  const T* z = (KEY ? a.go : a.v) + f.v_plane;  // the second product's operand, other positions
   typename Pol::Acc acc[Tl::CT / 16];
 #pragma unroll
   for (int j = 0; j < Tl::CT / 16; ++j) Pol::zero(acc[j]);
   for (int o0 = 0; o0 < g.L; o0 += Tl::BL) {
     __syncthreads();  // ps, xs, es, st of the previous tile are free
-    if (threadIdx.x < Tl::BL) {
-      const int pix = (KEY ? o0 : b.own0) + static_cast<int>(threadIdx.x);
-      st[threadIdx.x] = pix < g.L ? lse[static_cast<int64_t>(pix) * g.s_pos] : acc_t(0);
-    }
-    contract<Pol, Tl>(es, x, b.own0, y, o0, a.D, g.L, g.HW, g.s_pos, g.vec, xs, ys);
+    load_stats<Tl>(sh.st, f.lse, static_cast<const acc_t*>(nullptr), KEY ? o0 : f.b.own0, g);
+    contract<Pol, Tl>(sh.es, f.x, f.b.own0, f.y, o0, a.D, g.L, g.HW, g.s_pos, g.vec, sh.xs, sh.ys);
     __syncthreads();
     for (int e = threadIdx.x; e < Tl::BL * Tl::BL; e += Tl::kThreads) {
       const int i = e / Tl::BL, j = e % Tl::BL;
-      const int own = b.own0 + i, oth = o0 + j;
-      const bool ok = KEY ? key_valid(oth, own, g.L, g.exclude_self)
-                          : key_valid(own, oth, g.L, g.exclude_self);
-      const acc_t p = ok ? exp(es[i * Tl::LDF + j] * a.scale - st[KEY ? j : i]) : acc_t(0);
-      ps[i * Tl::LDT + j] = from_acc<T>(p);
+      const acc_t p = f.valid(f.b.own0 + i, o0 + j, g)
+                          ? exp(sh.es[i * Tl::LDF + j] * a.scale - sh.st[KEY ? j : i])
+                          : acc_t(0);
+      sh.ps[i * Tl::LDT + j] = from_acc<T>(p);
     }
-    load_chunk<Tl>(xs, z, o0, c0, a.Cv, g.L, g.HW, g.s_pos, g.vec);
+    load_chunk<Tl>(sh.xs, z, o0, f.c0, a.Cv, g.L, g.HW, g.s_pos, g.vec);
     __syncthreads();
-    product_pz<Pol, Tl>(acc, ps, xs, g.L - o0 < Tl::BL ? ((g.L - o0 + 15) / 16) * 16 : Tl::BL);
+    product_pz<Pol, Tl>(acc, sh.ps, sh.xs, other_extent<Tl>(g.L, o0));
   }
   __syncthreads();
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int j = 0; j < Tl::CT / 16; ++j) Pol::store(es + 16 * warp * Tl::LDF + 16 * j, Tl::LDF, acc[j]);
+  store_strip<Pol, Tl, Tl::CT>(sh.es, acc);
   __syncthreads();
   const acc_t gm = a.gamma != nullptr ? *a.gamma : acc_t(1);
-  store_tile<Tl>(es, KEY ? gm : acc_t(1), final, a.part, a.out, KEY ? nullptr : a.y, a.residual,
-                 gm, v_plane, b.own0, c0, a.Cv, g.L, g.HW, g.s_pos);
+  store_tile<Tl>(sh.es, KEY ? gm : acc_t(1), final, a.part, a.out, KEY ? nullptr : a.y,
+                 a.residual, gm, f.v_plane, f.b.own0, f.c0, a.Cv, g.L, g.HW, g.s_pos);
 }
 
 // cca_grad_kernel, KEY = false (dq): for a tile of pixels and a tile of Cqk,
@@ -506,63 +554,39 @@ template <class Pol, class Tl, typename T, typename acc_t, bool KEY>
 __global__ void __launch_bounds__(Tl::kThreads)
 cca_grad_kernel(Args<T, acc_t> a, LinePass g, bool final) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  using S = Smem<T, acc_t, Tl>;
-  T* xs = reinterpret_cast<T*>(smem_raw + S::xs);
-  T* ys = reinterpret_cast<T*>(smem_raw + S::ys);
-  T* ps = reinterpret_cast<T*>(smem_raw + S::ps);
-  acc_t* st = reinterpret_cast<acc_t*>(smem_raw + S::st);
-  acc_t* es = reinterpret_cast<acc_t*>(smem_raw + S::es);
-  acc_t* fs = reinterpret_cast<acc_t*>(smem_raw + S::fs);
-  const Block b = decode_block(g, Tl::BL);
-  const int c0 = static_cast<int>(blockIdx.y) * Tl::CT;
-  const int64_t qk_plane = b.n * a.D * g.HW + b.line_off;
-  const int64_t v_plane = b.n * a.Cv * g.HW + b.line_off;
-  const T* x = (KEY ? a.k : a.q) + qk_plane;
-  const T* y = (KEY ? a.q : a.k) + qk_plane;  // also the second product's operand
-  const T* gx = (KEY ? a.v : a.go) + v_plane;
-  const T* gy = (KEY ? a.go : a.v) + v_plane;
-  const acc_t* lse = a.lse + b.n * g.HW + b.line_off;
-  const acc_t* dd = a.dd + b.n * g.HW + b.line_off;
+  const SharedTiles<T, acc_t, Tl> sh(smem_raw);
+  const Frame<T, acc_t, KEY> f(a, g, Tl::BL, Tl::CT);
   const acc_t gm = a.gamma != nullptr ? *a.gamma : acc_t(1);
   typename Pol::Acc acc[Tl::CT / 16];
 #pragma unroll
   for (int j = 0; j < Tl::CT / 16; ++j) Pol::zero(acc[j]);
   for (int o0 = 0; o0 < g.L; o0 += Tl::BL) {
     __syncthreads();
-    if (threadIdx.x < Tl::BL) {
-      const int pix = (KEY ? o0 : b.own0) + static_cast<int>(threadIdx.x);
-      const bool in = pix < g.L;
-      st[threadIdx.x] = in ? lse[static_cast<int64_t>(pix) * g.s_pos] : acc_t(0);
-      st[Tl::BL + threadIdx.x] = in ? dd[static_cast<int64_t>(pix) * g.s_pos] : acc_t(0);
-    }
-    contract<Pol, Tl>(es, x, b.own0, y, o0, a.D, g.L, g.HW, g.s_pos, g.vec, xs, ys);
-    contract<Pol, Tl>(fs, gx, b.own0, gy, o0, a.Cv, g.L, g.HW, g.s_pos, g.vec, xs, ys);
+    load_stats<Tl>(sh.st, f.lse, f.dd, KEY ? o0 : f.b.own0, g);
+    contract<Pol, Tl>(sh.es, f.x, f.b.own0, f.y, o0, a.D, g.L, g.HW, g.s_pos, g.vec, sh.xs, sh.ys);
+    contract<Pol, Tl>(sh.fs, f.gx, f.b.own0, f.gy, o0, a.Cv, g.L, g.HW, g.s_pos, g.vec, sh.xs,
+                      sh.ys);
     __syncthreads();
     for (int e = threadIdx.x; e < Tl::BL * Tl::BL; e += Tl::kThreads) {
       const int i = e / Tl::BL, j = e % Tl::BL;
-      const int own = b.own0 + i, oth = o0 + j;
-      const bool ok = KEY ? key_valid(oth, own, g.L, g.exclude_self)
-                          : key_valid(own, oth, g.L, g.exclude_self);
       acc_t ds = acc_t(0);
-      if (ok) {
+      if (f.valid(f.b.own0 + i, o0 + j, g)) {
         const int u = KEY ? j : i;  // the pixel's statistics
-        const acc_t p = exp(es[i * Tl::LDF + j] * a.scale - st[u]);
-        ds = p * (gm * fs[i * Tl::LDF + j] - st[Tl::BL + u]) * a.scale;
+        const acc_t p = exp(sh.es[i * Tl::LDF + j] * a.scale - sh.st[u]);
+        ds = p * (gm * sh.fs[i * Tl::LDF + j] - sh.st[Tl::BL + u]) * a.scale;
       }
-      ps[i * Tl::LDT + j] = from_acc<T>(ds);
+      sh.ps[i * Tl::LDT + j] = from_acc<T>(ds);
     }
-    load_chunk<Tl>(xs, y, o0, c0, a.D, g.L, g.HW, g.s_pos, g.vec);
+    load_chunk<Tl>(sh.xs, f.y, o0, f.c0, a.D, g.L, g.HW, g.s_pos, g.vec);  // k or q, other side
     __syncthreads();
-    product_pz<Pol, Tl>(acc, ps, xs, g.L - o0 < Tl::BL ? ((g.L - o0 + 15) / 16) * 16 : Tl::BL);
+    product_pz<Pol, Tl>(acc, sh.ps, sh.xs, other_extent<Tl>(g.L, o0));
   }
   __syncthreads();
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int j = 0; j < Tl::CT / 16; ++j) Pol::store(es + 16 * warp * Tl::LDF + 16 * j, Tl::LDF, acc[j]);
+  store_strip<Pol, Tl, Tl::CT>(sh.es, acc);
   __syncthreads();
-  store_tile<Tl>(es, acc_t(1), final, a.part, a.out, static_cast<T*>(nullptr),
-                 static_cast<const T*>(nullptr), acc_t(0),
-                 qk_plane, b.own0, c0, a.D, g.L, g.HW, g.s_pos);
+  store_tile<Tl>(sh.es, acc_t(1), final, a.part, a.out, static_cast<T*>(nullptr),
+                 static_cast<const T*>(nullptr), acc_t(0), f.qk_plane, f.b.own0, f.c0, a.D, g.L,
+                 g.HW, g.s_pos);
 }
 
 // cca_delta_kernel: one thread per pixel, D_u = gamma·<dO_u, O_u> over Cv (dO = gamma·grad_y for
