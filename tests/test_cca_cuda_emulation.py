@@ -288,12 +288,12 @@ CASES = [
     (2, 2, 8, 24, 5, 7, torch.float64, False, False),   # wmma: Cqk padded to 16, two Cv tiles
     (2, 1, 3, 5, 1, 9, torch.float64, True, True),      # H = 1: the column pass has no keys
     (2, 1, 4, 6, 9, 1, torch.float32, True, False),     # W = 1
-    (2, 1, 20, 17, 19, 18, torch.float64, True, True),  # two position tiles, two Cqk chunks
+    (2, 1, 20, 17, 17, 18, torch.float64, True, True),  # two position tiles, two Cqk chunks
     (3, 1, 8, 40, 35, 6, torch.float32, False, True),   # BL = 32, CT = 32: two tiles along h
     (3, 1, 33, 16, 3, 33, torch.float64, True, False),  # Cqk tail in the second CT = 32 chunk
     (0, 2, 5, 33, 17, 21, torch.float64, True, True),   # fma: 2 position tiles, 3 Cv tiles
     (0, 1, 1, 1, 1, 1, torch.float64, True, False),     # one pixel: a single row key
-    (1, 1, 16, 48, 40, 33, torch.float32, True, True),  # fma, BL = 32: 2 tiles both ways
+    (1, 1, 16, 16, 33, 34, torch.float32, True, True),  # fma, BL = 32: 2 tiles both ways
     (1, 1, 7, 9, 2, 2, torch.float64, False, False),
     # rows of a multiple of 16 bytes: the row pass loads operand tiles as 16-byte vectors
     (0, 2, 12, 20, 6, 20, torch.float32, True, True),   # 5 vectors per row, 2 position tiles
