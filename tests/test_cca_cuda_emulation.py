@@ -14,7 +14,8 @@ the order of csrc/cuda/cca.cu and the results are checked against armnet_ops.ref
 saved lse, the three gradients, and the residual block (y, grad_gamma).
 
 What this cannot check: fp16/bf16 rounding, the real wmma fragment layout, alignment, shared-memory
-limits, launch configurations and timing; the needs_cuda tests in tests/test_cca.py do.
+limits, launch configurations and timing. The needs_cuda tests at the end of this file (and the
+cuda backend of tests/test_cca.py) run the compiled kernels through the registered ops.
 """
 import ctypes
 import os
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from armnet_ops import reference
-from numerics import assert_close
+from numerics import assert_close, needs_cuda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -348,3 +349,111 @@ def test_backward_is_deterministic(emulation):
     for x, y in zip(a, b):
         if x is not None:
             assert torch.equal(x, y)
+
+
+# ---- the compiled kernels, on a GPU -------------------------------------------------------------
+# The registered CUDA ops called directly, the residual pair included, against the fp64 reference
+# (fp16/bf16 by the rule of tests/numerics.py, with the reference run in that precision).
+
+GPU = "cuda"
+
+
+def _ops():
+    return torch.ops.armnet_ops
+
+
+def _reference_block(q, k, v, x, gamma, grad, scale):
+    """out, y = gamma·out + x, and the gradients of y (q, k, v, gamma) by autograd."""
+    q, k, v, gamma = (t.detach().clone().requires_grad_() for t in (q, k, v, gamma))
+    out = reference.criss_cross_attention(q, k, v, scale)
+    y = gamma * out + x
+    y.backward(grad)
+    return out.detach(), y.detach(), q.grad, k.grad, v.grad, gamma.grad
+
+
+def _skip_without_bf16(dtype):
+    if dtype == torch.bfloat16 and GPU == "cuda" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bfloat16 needs compute capability 8.0 (the op refuses it below)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,D,Cv,H,W", [
+    (2, 64, 512, 33, 37),   # CCNet's channel ratio, several Cv tiles, two tiles along each line
+    (1, 8, 24, 97, 97),     # mmcv's published spatial size, Cqk padded to 16
+    (2, 5, 7, 1, 70),       # H = 1
+    (1, 3, 130, 65, 1),     # W = 1, a Cv tail
+    (1, 16, 16, 64, 64),    # 16-byte row loads (rows of 64 elements)
+])
+def test_cuda_ops_on_gpu(dtype, N, D, Cv, H, W):
+    _skip_without_bf16(dtype)
+    ops = _ops()
+    scale = D ** -0.5
+    gen = torch.Generator(device=GPU).manual_seed(N + D + Cv + H + W)
+    mk = lambda c: torch.randn(N, c, H, W, device=GPU, dtype=torch.float64, generator=gen)
+    q, k, v, x, grad = mk(D), mk(D), mk(Cv), mk(Cv), mk(Cv)
+    gamma = torch.tensor([0.6], device=GPU, dtype=torch.float64)
+    ref = _reference_block(q, k, v, x, gamma, grad, scale)
+    low = [t.to(dtype) for t in (q, k, v, x, grad)]
+    g32 = gamma.float()
+    ref_low = None
+    if dtype != torch.float32:
+        ref_low = _reference_block(*low[:4], g32, low[4].float(), scale)
+        ref_low = tuple(t.to(dtype) if t.dtype != torch.float32 or i < 5 else t
+                        for i, t in enumerate(ref_low))
+    ql, kl, vl, xl, gl = low
+    y, out, lse = ops.cca_residual_forward(ql, kl, vl, xl, g32, scale)
+    gq, gk, gv, gg = ops.cca_residual_backward(gl, ql, kl, vl, out, lse, g32, scale)
+    pick = (lambda i: None) if ref_low is None else (lambda i: ref_low[i])
+    what = f"cuda {dtype} {(N, D, Cv, H, W)}"
+    assert y.dtype == out.dtype == dtype and lse.dtype == torch.float32
+    assert_close(out, ref[0], pick(0), f"{what} out")
+    assert_close(y, ref[1], pick(1), f"{what} y")
+    # lse is float32 from fp32-accumulated energies: against the fp64 lse of the rounded inputs
+    ref_lse = _reference_lse(ql.double().cpu(), kl.double().cpu(), scale).to(GPU)
+    assert_close(lse, ref_lse, None, f"{what} lse")
+    for i, (got, name) in enumerate(zip((gq, gk, gv), ("grad q", "grad k", "grad v"))):
+        assert got.dtype == dtype
+        assert_close(got, ref[2 + i], pick(2 + i), f"{what} {name}")
+    assert gg.shape == gamma.shape and gg.dtype == torch.float32
+    if dtype == torch.float32:
+        assert_close(gg, ref[5], None, f"{what} grad gamma")
+    else:  # <grad_y, out> with out rounded to dtype: the low-precision reference's error
+        lowp_gg = (gl.float() * ref_low[0].float()).sum().reshape(1)
+        bound = 2 * (lowp_gg.double() - ref[5]).abs().item() + 1e-3 * ref[5].abs().item()
+        assert (gg.double() - ref[5]).abs().item() <= bound, f"{what} grad gamma"
+    # the plain pair runs the same kernels: gamma = 1, no epilogue
+    out2, lse2 = ops.cca_forward(ql, kl, vl, scale)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    gq2, gk2, gv2 = ops.cca_backward(gl * 0.5, ql, kl, vl, out, lse, scale)
+    assert_close(gv2, 0.5 * ref[4] / 0.6, None if ref_low is None else (0.5 * ref_low[4].double() / 0.6),
+                 f"{what} cca_backward grad v")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backward_deterministic(dtype):
+    _skip_without_bf16(dtype)
+    ops = _ops()
+    q, k = (torch.randn(2, 16, 45, 51, device=GPU, dtype=dtype) for _ in range(2))
+    v, g = (torch.randn(2, 96, 45, 51, device=GPU, dtype=dtype) for _ in range(2))
+    out, lse = ops.cca_forward(q, k, v, 1.0)
+    a = ops.cca_backward(g, q, k, v, out, lse, 1.0)
+    b = ops.cca_backward(g, q, k, v, out, lse, 1.0)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@needs_cuda
+def test_cuda_ops_empty_and_bad_input():
+    ops = _ops()
+    q = torch.randn(0, 4, 5, 6, device=GPU)
+    v = torch.randn(0, 7, 5, 6, device=GPU)
+    out, lse = ops.cca_forward(q, q, v, 1.0)
+    assert out.shape == (0, 7, 5, 6) and lse.shape == (0, 5, 6)
+    q = torch.randn(1, 4, 5, 6, device=GPU)
+    v = torch.randn(1, 7, 5, 6, device=GPU)
+    with pytest.raises(RuntimeError, match="gamma"):
+        ops.cca_residual_forward(q, q, v, v, torch.ones(2, device=GPU), 1.0)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.cca_residual_forward(q, q, v, q, torch.ones(1, device=GPU), 1.0)
