@@ -317,34 +317,51 @@ void launch_lines(Kernel kernel, const cca_cuda::LinePass& g, int64_t N, int64_t
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The arguments every kernel of the fused op reads: q, k, v, their channel counts and the scale.
-template <typename scalar_t, typename K = Kind<scalar_t>>
-cca_cuda::Args<typename K::T, typename K::acc_t> qkv_args(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, double scale) {
-  cca_cuda::Args<typename K::T, typename K::acc_t> a{};
-  a.q = dptr<typename K::T, scalar_t>(q);
-  a.k = dptr<typename K::T, scalar_t>(k);
-  a.v = dptr<typename K::T, scalar_t>(v);
-  a.D = static_cast<int>(q.size(1));
-  a.Cv = static_cast<int>(v.size(1));
-  a.scale = static_cast<typename K::acc_t>(scale);
-  return a;
-}
-
-// out, lse (and y = gamma·out + residual when residual is defined) for contiguous q, k, v.
+// The fused op's launches for one dtype: its element type, policy and tiles named once.
 template <typename scalar_t>
-void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& out,
-                  const at::Tensor& lse, const at::Tensor& y, double scale, const char* op) {
+struct Fused {
   using K = Kind<scalar_t>;
   using T = typename K::T;
   using acc_t = typename K::acc_t;
   using Pol = typename K::Pol;
   using Tl = typename K::Tl;
   using S = cca_cuda::Smem<T, acc_t, Tl>;
+
+  // The arguments every kernel reads: q, k, v, their channel counts and the scale.
+  static cca_cuda::Args<T, acc_t> qkv_args(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, double scale) {
+    cca_cuda::Args<T, acc_t> a{};
+    a.q = dptr<T, scalar_t>(q);
+    a.k = dptr<T, scalar_t>(k);
+    a.v = dptr<T, scalar_t>(v);
+    a.D = static_cast<int>(q.size(1));
+    a.Cv = static_cast<int>(v.size(1));
+    a.scale = static_cast<acc_t>(scale);
+    return a;
+  }
+
+  // out, lse (and y = gamma·out + residual when residual is defined) for contiguous q, k, v.
+  static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& out,
+                      const at::Tensor& lse, const at::Tensor& y, double scale, const char* op);
+
+  // grad_q, grad_k, grad_v (and the per-pixel partials of grad_gamma when gpart is defined) for
+  // contiguous inputs; go is grad_out, or grad_y with gamma defined.
+  static void backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                       const at::Tensor& gamma, const at::Tensor& gq, const at::Tensor& gk,
+                       const at::Tensor& gv, const at::Tensor& gpart, double scale,
+                       const char* op);
+};
+
+template <typename scalar_t>
+void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& residual, const at::Tensor& gamma,
+                              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& y,
+                              double scale, const char* op) {
   check_arch<scalar_t>(q, op);
   const int64_t N = q.size(0), D = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  auto a = qkv_args<scalar_t>(q, k, v, scale);
+  auto a = qkv_args(q, k, v, scale);
   a.lse_out = aptr<acc_t>(lse);
   const auto passes = line_passes<Tl, T>(H, W, {q, k, v});
   for (const auto& g : passes) {
@@ -371,19 +388,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-// grad_q, grad_k, grad_v (and the per-pixel partials of grad_gamma when gpart is defined) for
-// contiguous inputs; go is grad_out, or grad_y with gamma defined.
 template <typename scalar_t>
-void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
-                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                   const at::Tensor& gamma, const at::Tensor& gq, const at::Tensor& gk,
-                   const at::Tensor& gv, const at::Tensor& gpart, double scale, const char* op) {
-  using K = Kind<scalar_t>;
-  using T = typename K::T;
-  using acc_t = typename K::acc_t;
-  using Pol = typename K::Pol;
-  using Tl = typename K::Tl;
-  using S = cca_cuda::Smem<T, acc_t, Tl>;
+void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               const at::Tensor& gamma, const at::Tensor& gq, const at::Tensor& gk,
+                               const at::Tensor& gv, const at::Tensor& gpart, double scale,
+                               const char* op) {
   check_arch<scalar_t>(q, op);
   const int64_t N = q.size(0), D = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
   const int64_t total = N * H * W;
@@ -398,7 +408,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& q, const at::Tensor& 
                                            aptr<acc_t>(gamma), aptr<acc_t>(dd), aptr<acc_t>(gpart),
                                            static_cast<int>(Cv), H * W, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto a = qkv_args<scalar_t>(q, k, v, scale);
+  auto a = qkv_args(q, k, v, scale);
   a.go = dptr<T, scalar_t>(go);
   a.gamma = aptr<acc_t>(gamma);
   a.lse = aptr<acc_t>(lse);
@@ -446,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor> cca_forward_cuda(const at::Tensor& q_, const 
   auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (N * H * W == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_forward_cuda", [&] {
-    forward_impl<scalar_t>(q, k, v, at::Tensor(), at::Tensor(), out, lse, at::Tensor(), scale,
+    Fused<scalar_t>::forward(q, k, v, at::Tensor(), at::Tensor(), out, lse, at::Tensor(), scale,
                            "cca_forward");
   });
   return {out, lse};
@@ -468,7 +478,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_residual_forward_cuda(
   auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (N * H * W == 0) return {y, out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_residual_forward_cuda", [&] {
-    forward_impl<scalar_t>(q, k, v, residual, gamma, out, lse, y, scale, op);
+    Fused<scalar_t>::forward(q, k, v, residual, gamma, out, lse, y, scale, op);
   });
   return {y, out, lse};
 }
@@ -501,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
   auto gq = at::zeros_like(s.q), gk = at::zeros_like(s.k), gv = at::zeros_like(s.v);
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_backward_cuda", [&] {
-    backward_impl<scalar_t>(s.go, s.q, s.k, s.v, s.out, s.lse, at::Tensor(), gq, gk, gv,
+    Fused<scalar_t>::backward(s.go, s.q, s.k, s.v, s.out, s.lse, at::Tensor(), gq, gk, gv,
                             at::Tensor(), scale, "cca_backward");
   });
   return {gq, gk, gv};
@@ -519,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cca_residual_backward
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv, at::zeros_like(gamma_)};
   auto gpart = at::empty({s.q.size(0), s.q.size(2), s.q.size(3)}, s.lse.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_residual_backward_cuda", [&] {
-    backward_impl<scalar_t>(s.go, s.q, s.k, s.v, s.out, s.lse, gamma, gq, gk, gv, gpart, scale,
+    Fused<scalar_t>::backward(s.go, s.q, s.k, s.v, s.out, s.lse, gamma, gq, gk, gv, gpart, scale,
                             op);
   });
   // grad_gamma = sum over pixels of <grad_y_u, out_u>: per-pixel partials, then one fixed-shape
