@@ -82,7 +82,8 @@ void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T v) {
   for (auto& e : f.x) e = v;
 }
 template <typename T, typename Tc, typename La, typename Lb>
-void mma_sync(fragment<accumulator, 16, 16, 16, Tc>& d, const fragment<matrix_a, 16, 16, 16, T, La>& a,
+void mma_sync(fragment<accumulator, 16, 16, 16, Tc>& d,
+              const fragment<matrix_a, 16, 16, 16, T, La>& a,
               const fragment<matrix_b, 16, 16, 16, T, Lb>& b,
               const fragment<accumulator, 16, 16, 16, Tc>& c) {
   Tc r[256];
@@ -138,7 +139,8 @@ template <class Tl, typename T>
 static void passes(int H, int W, std::initializer_list<const T*> operands, LinePass (&g)[2]) {
   const int64_t HW = int64_t(H) * W;
   bool vec = (W * sizeof(T)) % 16 == 0;
-  for (const T* p : operands) vec = vec && (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0);
+  for (const T* p : operands)
+    vec = vec && (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0);
   g[0] = LinePass{W, H, (W + Tl::BL - 1) / Tl::BL, W, 1, HW, false, vec};
   g[1] = LinePass{H, W, (H + Tl::BL - 1) / Tl::BL, 1, W, HW, true, false};
 }
@@ -195,7 +197,8 @@ template <typename T>
 static void dispatch(int cfg, int bwd, const T* q, const T* k, const T* v, const T* go,
                      const T* residual, const T* gamma, T* out, T* lse, T* y, T* gq, T* gk, T* gv,
                      T* gpart, T* part, int N, int D, int Cv, int H, int W, T scale) {
-#define ARGS bwd, q, k, v, go, residual, gamma, out, lse, y, gq, gk, gv, gpart, part, N, D, Cv, H, W, scale
+#define ARGS \
+  bwd, q, k, v, go, residual, gamma, out, lse, y, gq, gk, gv, gpart, part, N, D, Cv, H, W, scale
   switch (cfg) {
     case 0: run<FmaPolicy<T, T>, Tiles<16, 16>, T>(ARGS); break;
     case 1: run<FmaPolicy<T, T>, Tiles<32, 16>, T>(ARGS); break;
@@ -236,7 +239,8 @@ def emulation(tmp_path_factory):
     d = tmp_path_factory.mktemp("cca_emulation")
     (d / "harness.cpp").write_text(HARNESS)
     lib = d / "libcca_emulation.so"
-    res = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
+                          "-Wno-unknown-pragmas",
                           f"-I{os.path.join(ROOT, 'csrc')}", str(d / "harness.cpp"), "-o",
                           str(lib)], capture_output=True, text=True)
     assert res.returncode == 0, f"host compile of cca_kernels.cuh failed:\n{res.stderr[-4000:]}"
@@ -426,8 +430,8 @@ def test_cuda_ops_on_gpu(dtype, N, D, Cv, H, W):
     out2, lse2 = ops.cca_forward(ql, kl, vl, scale)
     assert torch.equal(out2, out) and torch.equal(lse2, lse)
     gq2, gk2, gv2 = ops.cca_backward(gl * 0.5, ql, kl, vl, out, lse, scale)
-    assert_close(gv2, 0.5 * ref[4] / 0.6, None if ref_low is None else (0.5 * ref_low[4].double() / 0.6),
-                 f"{what} cca_backward grad v")
+    lowp_gv = None if ref_low is None else 0.5 * ref_low[4].double() / 0.6
+    assert_close(gv2, 0.5 * ref[4] / 0.6, lowp_gv, f"{what} cca_backward grad v")
 
 
 @needs_cuda

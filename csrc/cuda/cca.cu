@@ -35,16 +35,31 @@
 //            Row pass then column pass each, the column pass adding to the row pass's result in
 //            stream order: every element is written by one thread, no atomics, deterministic.
 //
+// Cost and memory. Energies are recomputed: once by the lse pass and once per Cv tile by the
+// output pass (Cv = 512: 8 tiles, so the q·k work is about 9/8 of the p·v work); the backward
+// computes them and dP = dO·V^T (over all of Cv) once per Cqk tile in each of the dq and dk
+// kernels, and the energies once more per Cv tile for dv. Extra memory: lse (and D) (N, H, W) in
+// fp32, and for fp16/bf16 one fp32 buffer of out's size in the forward and of
+// N·max(Cqk, Cv)·H·W in the backward (the row pass's partial sums). Shared memory per block:
+// fp16/bf16 45 KiB (lse, forward, dv) and 62 KiB (dq, dk: opted in above 48 KiB); fp32
+// 20/25 KiB; fp64 40/49 KiB. A row pass reads operand tiles 16 bytes at a time when rows are a
+// multiple of 16 bytes and the tensors 16-byte aligned; a column pass reads positions W apart
+// (sectors shared with the neighbouring columns' blocks through L2). bfloat16 needs sm_80, fp16
+// sm_70: the glue refuses older GPUs with an error (their device code compiles to scalar FMA).
+//
 // The two-op API (below) is one thread per output element, SIMT, correct and simple: it exists
 // for CCNet compatibility and materialises the energy by definition.
 //
 // What is verified where: the tiled kernels (tiling, masks, the online softmax and the lse merge,
-// the backward gathers, the residual epilogue) run on the host in
+// the backward gathers, the residual epilogue, the 16-byte loads) run on the host in
 // tests/test_cca_cuda_emulation.py, instantiated with float and double, through both the
 // scalar-FMA policy and a host emulation of nvcuda::wmma. The real fp16/bf16 wmma path, launch
-// configurations, shared-memory sizes and performance are checked only by the needs_cuda tests.
-// Not yet done: cp.async/double buffering of the operand tiles, keeping Q resident across key
-// tiles, and a tensor-core fp32 path (3xTF32) instead of scalar FMA.
+// configurations, shared-memory sizes and performance are checked only by the needs_cuda tests
+// (the same file, and the cuda backend of tests/test_cca.py).
+// What remains (performance): no cp.async / double buffering of the operand tiles; Q (and dO) are
+// reloaded for every key tile instead of staying resident when Cqk fits one channel tile; fp32
+// runs on scalar FMA from shared memory (no TF32 by contract; 3xTF32 on tensor cores would be
+// the fast exact-enough path); tile sizes are fixed per dtype, not tuned on a GPU.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -386,7 +386,8 @@ __device__ __forceinline__ void store_tile(const acc_t* es, acc_t mult, bool fin
   for (int e = threadIdx.x; e < Tl::BL * Tl::CT; e += Tl::kThreads) {
     const int i = e % Tl::BL, c = e / Tl::BL;
     if (own0 + i >= L || c0 + c >= C) continue;
-    const int64_t idx = base + static_cast<int64_t>(c0 + c) * HW + static_cast<int64_t>(own0 + i) * s_pos;
+    const int64_t idx =
+        base + static_cast<int64_t>(c0 + c) * HW + static_cast<int64_t>(own0 + i) * s_pos;
     acc_t val = mult * es[i * Tl::LDF + c];
     if (!final) {
       part[idx] = val;
@@ -426,7 +427,8 @@ struct Frame {
         dd(a.dd == nullptr ? nullptr : a.dd + b.n * g.HW + b.line_off) {}
   // In tile (own i, other j): the pixel is the own position (KEY = false) or the other one.
   __device__ __forceinline__ bool valid(int own, int oth, const LinePass& g) const {
-    return KEY ? key_valid(oth, own, g.L, g.exclude_self) : key_valid(own, oth, g.L, g.exclude_self);
+    return KEY ? key_valid(oth, own, g.L, g.exclude_self)
+               : key_valid(own, oth, g.L, g.exclude_self);
   }
 };
 
@@ -602,8 +604,10 @@ __global__ void cca_delta_kernel(const T* __restrict__ go, const T* __restrict__
   const T* gp = go + n * Cv * HW + hw;
   const T* op = out + n * Cv * HW + hw;
   acc_t dot = acc_t(0);
-  for (int c = 0; c < Cv; ++c)
-    dot += to_acc<acc_t>(gp[static_cast<int64_t>(c) * HW]) * to_acc<acc_t>(op[static_cast<int64_t>(c) * HW]);
+  for (int c = 0; c < Cv; ++c) {
+    const int64_t off = static_cast<int64_t>(c) * HW;
+    dot += to_acc<acc_t>(gp[off]) * to_acc<acc_t>(op[off]);
+  }
   dd[pix] = gamma != nullptr ? *gamma * dot : dot;
   if (gpart != nullptr) gpart[pix] = dot;
 }
