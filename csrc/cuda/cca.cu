@@ -233,26 +233,6 @@ void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               " and ", v.sizes());
 }
 
-// The residual op's extra arguments (local checks, to be unified with cca_checks.h).
-void check_residual(const at::Tensor& residual, const at::Tensor& v, const char* op) {
-  TORCH_CHECK(residual.sizes() == v.sizes(), op, ": argument 'residual' must have the shape of "
-              "'v' ", v.sizes(), ", got ", residual.sizes());
-  TORCH_CHECK(residual.scalar_type() == v.scalar_type(), op, ": argument 'residual' must have "
-              "v's dtype ", v.scalar_type(), ", got ", residual.scalar_type());
-  TORCH_CHECK(residual.device() == v.device(), op, ": argument 'residual' must be on ",
-              v.device(), ", got ", residual.device());
-}
-
-void check_gamma(const at::Tensor& gamma, const at::Tensor& q, const char* op) {
-  const auto acc = at::toOpMathType(q.scalar_type());
-  TORCH_CHECK(gamma.numel() == 1, op, ": argument 'gamma' must hold one element, got shape ",
-              gamma.sizes());
-  TORCH_CHECK(gamma.scalar_type() == acc, op, ": argument 'gamma' must have the op-math dtype ",
-              acc, " of the inputs, got ", gamma.scalar_type());
-  TORCH_CHECK(gamma.device() == q.device(), op, ": argument 'gamma' must be on ", q.device(),
-              ", got ", gamma.device());
-}
-
 // Element type, mma policy and tile sizes per dtype.
 template <typename T_, typename acc_t_, template <typename, typename> class Pol_, int BL, int CT>
 struct KindOf {
@@ -482,8 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_residual_forward_cuda(
     const at::Tensor& gamma_, double scale) {
   const char* op = "cca_residual_forward";
   check_cuda_inputs(q_, k_, v_, op);
-  check_residual(residual_, v_, op);
-  check_gamma(gamma_, q_, op);
+  cca_checks::check_residual(residual_, v_, op);
+  cca_checks::check_gamma(gamma_, v_, op);
   c10::cuda::CUDAGuard guard(q_.device());
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   auto residual = residual_.contiguous(), gamma = gamma_.contiguous();
@@ -505,9 +485,9 @@ struct Saved {
 
 Saved prepare_backward(const at::Tensor& grad, const at::Tensor& q_, const at::Tensor& k_,
                        const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& lse_,
-                       const char* op) {
+                       const char* op, const char* grad_name) {
   check_cuda_inputs(q_, k_, v_, op);
-  cca_checks::check_backward(grad, q_, v_, out_, lse_);
+  cca_checks::check_backward(grad, q_, v_, out_, lse_, op, grad_name);
   TORCH_CHECK(grad.device() == q_.device() && out_.device() == q_.device() &&
                   lse_.device() == q_.device(),
               op, ": grad, out and lse must be on ", q_.device(), ", got ", grad.device(), ", ",
@@ -522,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, double scale) {
   c10::cuda::CUDAGuard guard(q_.device());
-  const Saved s = prepare_backward(grad_out, q_, k_, v_, out_, lse_, "cca_backward");
+  const Saved s = prepare_backward(grad_out, q_, k_, v_, out_, lse_, "cca_backward", "grad_out");
   auto gq = at::zeros_like(s.q), gk = at::zeros_like(s.k), gv = at::zeros_like(s.v);
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_backward_cuda", [&] {
@@ -537,8 +517,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cca_residual_backward
     const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& gamma_, double scale) {
   const char* op = "cca_residual_backward";
   c10::cuda::CUDAGuard guard(q_.device());
-  const Saved s = prepare_backward(grad_y, q_, k_, v_, out_, lse_, op);
-  check_gamma(gamma_, q_, op);
+  const Saved s = prepare_backward(grad_y, q_, k_, v_, out_, lse_, op, "grad_y");
+  cca_checks::check_gamma(gamma_, v_, op);
   auto gamma = gamma_.contiguous();
   auto gq = at::zeros_like(s.q), gk = at::zeros_like(s.k), gv = at::zeros_like(s.v);
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv, at::zeros_like(gamma_)};
