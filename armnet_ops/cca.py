@@ -6,9 +6,12 @@ keys of its row (itself included) and its column (itself excluded) under one sof
 The fused forward (cca_forward) saves out and the per-pixel log-sum-exp (N, H, W) in the op-math
 type (float32, or float64 for float64 inputs); the backward recomputes the weights from them.
 
-The residual epilogue of CCNet's block, `gamma * out + residual` with a gradient for gamma, is the
-keyword pair `gamma=`, `residual=` of `criss_cross_attention`; it is applied by PyTorch around
-the op (one fused elementwise pass under torch.compile), on every backend alike.
+CCNet's block, y = gamma * out + residual with gradients for gamma and residual, is the keyword
+pair `gamma=`, `residual=` of `criss_cross_attention`. With a one-element gamma every kernel
+backend runs it as one op, cca_residual_forward / cca_residual_backward, whose kernels write y
+next to out and fold gamma into the backward (grad_gamma = sum(grad_y * out), reduced in a fixed
+order); the reference backend, and a gamma of more than one element (a per-channel gate), apply
+the epilogue in PyTorch.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ from ._checks import check_same_device_dtype, check_size, check_tensor
 # "auto" on a GPU prefers Triton: its kernels use tensor cores (tl.dot), the CUDA kernel is SIMT.
 SPEC = OpSpec("criss_cross_attention", "cca_forward", "armnet_ops.triton.cca",
               gpu_order=("triton", "cuda"))
+# The block with the residual epilogue fused: criss_cross_attention(..., gamma=, residual=) with a
+# one-element gamma. Its backends are those with a cca_residual_forward kernel.
+RESIDUAL_SPEC = OpSpec("criss_cross_attention_residual", "cca_residual_forward",
+                       "armnet_ops.triton.cca", gpu_order=("triton", "cuda"))
 WEIGHT_SPEC = OpSpec("cca_weight", "cca_weight", "armnet_ops.triton.cca")
 MAP_SPEC = OpSpec("cca_map", "cca_map", "armnet_ops.triton.cca")
 
@@ -47,14 +54,41 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_residual_op(op, v, gamma, residual=None):
+    """The extra arguments of the residual ops (fake kernels and the Triton twins; the C++ glue
+    has the same checks in csrc/cca_checks.h): gamma of one element in the op-math type on v's
+    device, residual (when given) of v's shape, dtype and device."""
+    if residual is not None and (residual.shape != v.shape or residual.dtype != v.dtype
+                                 or residual.device != v.device):
+        raise ValueError(f"{op}: argument 'residual' must have the shape {tuple(v.shape)}, dtype "
+                         f"{v.dtype} and device {v.device} of 'v', got {tuple(residual.shape)}, "
+                         f"{residual.dtype}, {residual.device}")
+    if gamma.numel() != 1:
+        raise ValueError(f"{op}: argument 'gamma' must have one element, got {gamma.numel()} "
+                         f"(shape {tuple(gamma.shape)})")
+    if gamma.dtype != lse_dtype(v.dtype) or gamma.device != v.device:
+        raise ValueError(f"{op}: argument 'gamma' must have dtype {lse_dtype(v.dtype)} (the op-math "
+                         f"type of v's {v.dtype}) and device {v.device}, got {gamma.dtype}, "
+                         f"{gamma.device}")
+
+
 def criss_cross_attention(q, k, v, *, scale: float = 1.0, backend: str = "auto",
                           gamma=None, residual=None):
     """Criss-cross attention: out_u = sum_s softmax_s(scale·<q_u, k_s>)·v_s over the row and
     column of u (SPEC §3.1). Differentiable in q, k and v.
 
-    With `gamma` (a tensor broadcastable to out, CCNet's scalar gate) and `residual` (the shape of
-    out) it returns `gamma * out + residual`, differentiable in gamma and residual too. Both or
-    neither must be given."""
+    With `gamma` and `residual` (the shape of v) it returns CCNet's block `gamma * out + residual`,
+    differentiable in gamma and residual too; both or neither must be given.
+
+    * gamma with one element (CCNet's scalar gate; a tensor of any shape up to 4-D, or a number):
+      every kernel backend fuses the epilogue into the attention kernels. gamma is cast to the
+      op-math type (float32; float64 for float64) and residual to v's dtype, both differentiably,
+      so their gradients come back in their own dtypes. The result has v's dtype, which under
+      autocast is the autocast dtype: y = gamma·out + residual is computed in float32 and rounded
+      once. The reference backend computes the same in PyTorch.
+    * gamma with more elements (a gate broadcast over channels, say): the epilogue is PyTorch's,
+      with its broadcasting and type promotion.
+    """
     op = "criss_cross_attention"
     if (gamma is None) != (residual is None):
         raise ValueError(f"{op}: arguments 'gamma' and 'residual' go together, got gamma "
@@ -63,22 +97,27 @@ def criss_cross_attention(q, k, v, *, scale: float = 1.0, backend: str = "auto",
     q, k, v = autocast_inputs(q, k, v)
     _check_qk(op, q, k)
     _check_v(op, v, q, "q")
-    if residual is not None:
-        check_tensor(op, "residual", residual, 4)
-        if residual.shape != v.shape:
-            raise ValueError(f"{op}: argument 'residual' must have the shape of 'v' "
-                             f"{tuple(v.shape)}, got {tuple(residual.shape)}")
-        if not isinstance(gamma, torch.Tensor):
-            gamma = torch.as_tensor(gamma, dtype=residual.dtype, device=residual.device)
-    b = select(SPEC.name, backend, q.device.type, q.dtype)
+    if residual is None:
+        b = select(SPEC.name, backend, q.device.type, q.dtype)
+        if b == "reference":
+            return reference.criss_cross_attention(q, k, v, float(scale))
+        return forward_op(SPEC, b)(q, k, v, float(scale))[0]
+    check_tensor(op, "residual", residual, 4)
+    if residual.shape != v.shape or residual.device != v.device:
+        raise ValueError(f"{op}: argument 'residual' must have the shape of 'v' {tuple(v.shape)} "
+                         f"and its device {v.device}, got {tuple(residual.shape)} on {residual.device}")
+    math = lse_dtype(v.dtype)
+    if not isinstance(gamma, torch.Tensor):
+        gamma = torch.as_tensor(gamma, dtype=math, device=v.device)
+    if gamma.numel() != 1 or gamma.dim() > 4:
+        # A gate of several elements (or one that broadcasts out to more dimensions).
+        return gamma * criss_cross_attention(q, k, v, scale=scale, backend=backend) + residual
+    gamma, residual = gamma.to(device=v.device, dtype=math), residual.to(v.dtype)
+    b = select(RESIDUAL_SPEC.name, backend, q.device.type, q.dtype)
     if b == "reference":
         out = reference.criss_cross_attention(q, k, v, float(scale))
-    else:
-        out = forward_op(SPEC, b)(q, k, v, float(scale))[0]
-    if residual is None:
-        return out
-    # The epilogue in PyTorch: autograd gives d(gamma) = sum(grad * out) and d(residual) = grad.
-    return gamma * out + residual
+        return (gamma * out.to(math) + residual).to(v.dtype)
+    return forward_op(RESIDUAL_SPEC, b)(q, k, v, residual, gamma, float(scale))[0]
 
 
 def cca_weight(q, k, *, backend: str = "auto"):
@@ -135,6 +174,38 @@ def register(suffix: str = "", two_op: bool = True) -> None:
         return (*bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale), None)
 
     torch.library.register_autograd(fwd, backward, setup_context=setup)
+
+    # The block with its epilogue: (y, out, lse). out and lse are what the backward needs, returned
+    # so that autograd can save them; they are marked non-differentiable (the gradient flows
+    # through y), so the backward sees grad_y alone.
+    res_fwd = f"armnet_ops::cca_residual_forward{suffix}"
+    res_bwd = getattr(ops, f"cca_residual_backward{suffix}")
+
+    @torch.library.register_fake(res_fwd)
+    def _(q, k, v, residual, gamma, scale):
+        check_residual_op(f"cca_residual_forward{suffix}", v, gamma, residual)
+        N, _, H, W = q.shape
+        return (v.new_empty(v.shape), v.new_empty(v.shape),
+                q.new_empty((N, H, W), dtype=lse_dtype(q.dtype)))
+
+    @torch.library.register_fake(f"armnet_ops::cca_residual_backward{suffix}")
+    def _(grad_y, q, k, v, out, lse, gamma, scale):
+        check_residual_op(f"cca_residual_backward{suffix}", v, gamma)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), gamma.new_empty(gamma.shape)
+
+    def setup_residual(ctx, inputs, output):
+        q, k, v, _residual, gamma, scale = inputs
+        _y, out, lse = output
+        ctx.mark_non_differentiable(out, lse)
+        ctx.save_for_backward(q, k, v, gamma, out, lse)
+        ctx.scale = scale
+
+    def backward_residual(ctx, grad_y, _grad_out, _grad_lse):
+        q, k, v, gamma, out, lse = ctx.saved_tensors
+        gq, gk, gv, gg = res_bwd(grad_y.contiguous(), q, k, v, out, lse, gamma, ctx.scale)
+        return gq, gk, gv, grad_y, gg, None  # d(residual) = grad_y
+
+    torch.library.register_autograd(res_fwd, backward_residual, setup_context=setup_residual)
     if not two_op:
         return
     weight, weight_bwd = f"armnet_ops::cca_weight{suffix}", getattr(ops, f"cca_weight_backward{suffix}")
@@ -179,6 +250,13 @@ class CrissCrossAttention(nn.Module):
 
     The parameter names are mmcv's (query_conv, key_conv, value_conv, gamma), so mmcv
     checkpoints load. A recurrence (CCNet's R = 2) is the caller's: apply the module R times.
+
+    The epilogue `gamma · out + x` runs inside the attention kernels on every kernel backend
+    (cca_residual_forward: one pass writes the output, the backward gives d(gamma) and d(x)); the
+    reference backend computes it in PyTorch. Output dtype: that of the projections, so x's dtype
+    outside autocast and the autocast dtype (fp16/bf16) inside it, on every backend; x then enters
+    the sum cast to that dtype, and the sum is formed in float32 and rounded once. (mmcv's literal
+    epilogue would promote to float32 under autocast.)
     """
 
     def __init__(self, in_channels: int, *, backend: str = "auto"):
@@ -191,11 +269,6 @@ class CrissCrossAttention(nn.Module):
         self.backend = backend
 
     def forward(self, x):
-        if self.backend == "reference":
-            # Kept literally as mmcv writes it, the oracle of the fused path.
-            out = criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),
-                                        backend="reference")
-            return self.gamma * out + x
         return criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),
                                      backend=self.backend, gamma=self.gamma, residual=x)
 

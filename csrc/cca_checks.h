@@ -3,6 +3,7 @@
 // callers that reach torch.ops directly; each backend adds its own device (and size-limit) checks.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -26,15 +27,41 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
               v.scalar_type());
 }
 
-// The saved tensors and the incoming gradient of cca_backward.
+// The saved tensors and the incoming gradient of cca_backward (grad_out) and of
+// cca_residual_backward (pass op "cca_residual_backward", grad_name "grad_y").
 inline void check_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
-                           const at::Tensor& out, const at::Tensor& lse) {
-  TORCH_CHECK(grad_out.sizes() == v.sizes() && out.sizes() == v.sizes(),
-              "cca_backward: grad_out and out must have the shape of v ", v.sizes(), ", got ",
-              grad_out.sizes(), " and ", out.sizes());
+                           const at::Tensor& out, const at::Tensor& lse,
+                           const char* op = "cca_backward", const char* grad_name = "grad_out") {
+  TORCH_CHECK(grad_out.sizes() == v.sizes() && out.sizes() == v.sizes(), op, ": ", grad_name,
+              " and out must have the shape of v ", v.sizes(), ", got ", grad_out.sizes(), " and ",
+              out.sizes());
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(2) &&
                   lse.size(2) == q.size(3),
-              "cca_backward: lse must be (N, H, W), got ", lse.sizes());
+              op, ": lse must be (N, H, W), got ", lse.sizes());
+}
+
+// gamma of cca_residual_forward / cca_residual_backward: one element (any shape), in the op-math
+// type of v (float32 for float16, bfloat16 and float32; float64 for float64), on v's device (the
+// GPU kernels read it through its pointer).
+inline void check_gamma(const at::Tensor& gamma, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(gamma.numel() == 1, op, ": argument 'gamma' must have one element, got ",
+              gamma.numel(), " (shape ", gamma.sizes(), ")");
+  const auto want = at::toOpMathType(v.scalar_type());
+  TORCH_CHECK(gamma.scalar_type() == want, op, ": argument 'gamma' must have dtype ", want,
+              " (the op-math type of v's ", v.scalar_type(), "), got ", gamma.scalar_type());
+  TORCH_CHECK(gamma.device() == v.device(), op, ": argument 'gamma' must be on v's device ",
+              v.device(), ", got ", gamma.device());
+}
+
+// residual of cca_residual_forward: v's shape, dtype and device (any strides).
+inline void check_residual(const at::Tensor& residual, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(residual.sizes() == v.sizes(), op, ": argument 'residual' must have the shape of v ",
+              v.sizes(), ", got ", residual.sizes());
+  TORCH_CHECK(residual.scalar_type() == v.scalar_type(), op,
+              ": argument 'residual' must have the dtype of v (", v.scalar_type(), "), got ",
+              residual.scalar_type());
+  TORCH_CHECK(residual.device() == v.device(), op, ": argument 'residual' must be on v's device ",
+              v.device(), ", got ", residual.device());
 }
 
 // grad_energy of cca_weight_backward: (N, H+W-1, H, W) for q of shape (N, C, H, W).

@@ -130,6 +130,17 @@ for dtype in (torch.float64, torch.float32):
         assert err < tol, (dtype, err)
     e = armnet_ops.cca_weight(x[0], x[1], backend="cpu")
     assert (e.double() - reference.cca_weight(q, k)).abs().max() < 1e-4
+    # The block with its fused epilogue: y and the gradients of gamma and v.
+    res = torch.randn(v.shape, generator=g, dtype=torch.float64)
+    gamma = torch.tensor([0.75], dtype=torch.float64, requires_grad=True)
+    ref = gamma * reference.criss_cross_attention(q, k, v, 0.6) + res
+    want = torch.autograd.grad(ref.sum(), (v, gamma))
+    gl = gamma.detach().to(dtype).requires_grad_()
+    y = armnet_ops.criss_cross_attention(*x, scale=0.6, gamma=gl, residual=res.to(dtype), backend="cpu")
+    got = torch.autograd.grad(y.sum(), (x[2], gl))
+    for a, b in zip((y,) + got, (ref,) + want):
+        err = (a.double() - b).abs().max().item() / b.abs().max().item()
+        assert err < tol, ("residual", dtype, err)
 print("ok")
 """
 
@@ -351,21 +362,235 @@ def test_opcheck_triton_cuda():
     _opcheck_two_op("_triton", "cuda")
 
 
-# ---- gamma / residual epilogue and the module ------------------------------------------------
+# ---- the block with its residual epilogue: y = gamma * out + residual -------------------------
+
+def _residual_case(shape, gamma_value, dtype, device, gamma_dtype=None):
+    """fp64 leaves and oracle (gamma64 * reference + x64, its grads for grad_y), and the same
+    leaves in `dtype` on `device` (gamma in `gamma_dtype`, the op-math type by default)."""
+    N, Cqk, Cv, H, W, scale = shape
+    q64, k64, v64 = _inputs(N, Cqk, Cv, H, W, requires_grad=True)
+    g = torch.Generator().manual_seed(7)
+    x64 = torch.randn(v64.shape, generator=g, dtype=torch.float64).requires_grad_()
+    gamma64 = torch.tensor([gamma_value], dtype=torch.float64, requires_grad=True)
+    out64 = reference.criss_cross_attention(q64, k64, v64, scale)
+    y64 = gamma64 * out64 + x64
+    grad_y = torch.randn(y64.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(y64, (q64, k64, v64, x64, gamma64), grad_y)
+    gamma_dtype = gamma_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+    leaves = [t.detach().to(device, dtype).requires_grad_() for t in (q64, k64, v64, x64)]
+    leaves.append(gamma64.detach().to(device, gamma_dtype).requires_grad_())
+    return leaves, y64.detach(), out64.detach(), grad_y, want
+
+
+def _block(leaves, scale, backend):
+    q, k, v, x, gamma = leaves
+    return armnet_ops.criss_cross_attention(q, k, v, scale=scale, gamma=gamma, residual=x, backend=backend)
+
+
+def _run_residual_parity(backend, device, dtype, shape, gamma_value):
+    leaves, y64, out64, grad_y, want = _residual_case(shape, gamma_value, dtype, device)
+    y = _block(leaves, shape[-1], backend)
+    ref_lowp = _block(leaves, shape[-1], "reference")  # the same inputs through PyTorch
+    _check(y, y64, ref_lowp.detach(), f"{backend} y {shape} gamma={gamma_value}")
+    gy = grad_y.to(device, dtype)
+    got = list(torch.autograd.grad(y, leaves, gy))
+    lowp = list(torch.autograd.grad(ref_lowp, leaves, gy))
+    for name, a, c in zip(("q", "k", "v", "residual", "gamma"), got, lowp):
+        assert a.dtype == c.dtype, f"grad_{name}: dtype {a.dtype} != {c.dtype}"
+    # grad_gamma is float32 for 16-bit inputs but sums 16-bit products: it is held to the rule of
+    # the input dtype (compared after rounding to it).
+    got[4], lowp[4] = got[4].to(dtype), lowp[4].to(dtype)
+    for name, a, b, c in zip(("q", "k", "v", "residual", "gamma"), got, want, lowp):
+        _check(a, b, c, f"{backend} grad_{name} {shape} gamma={gamma_value}")
+    # Whatever gamma (0 included): grad_gamma = sum(grad_y * out), from the kernel's own out.
+    assert_close(got[4], (grad_y * out64).sum().reshape(1), lowp[4], "grad_gamma = sum(grad_y*out)")
+
+
+# (shape, gamma): edges H = 1, W = 1, Cqk != Cv; gamma = 0 on two of them.
+RESIDUAL_CASES = [((2, 3, 5, 4, 6, 1.0), 0.7), ((2, 3, 5, 4, 6, 1.0), 0.0), ((1, 2, 3, 1, 7, 0.7), -1.3),
+                  ((1, 2, 3, 6, 1, 1.3), 0.7), ((1, 4, 16, 9, 13, 0.5), 0.7), ((1, 4, 16, 9, 13, 0.5), 0.0)]
+
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
-def test_gamma_residual(backend, device):
-    q64, k64, v64 = _inputs(2, 3, 5, 4, 6, requires_grad=True)
-    x64 = torch.randn(v64.shape, dtype=torch.float64, requires_grad=True)
-    gamma64 = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
-    ref = gamma64 * reference.criss_cross_attention(q64, k64, v64) + x64
-    want = torch.autograd.grad(ref.sum(), (q64, k64, v64, x64, gamma64))
-    leaves = [t.detach().to(device, torch.float32).requires_grad_() for t in (q64, k64, v64, x64, gamma64)]
-    q, k, v, x, gamma = leaves
-    out = armnet_ops.criss_cross_attention(q, k, v, gamma=gamma, residual=x, backend=backend)
-    assert_close(out, ref)
-    for a, b in zip(torch.autograd.grad(out.sum(), leaves), want):
+@pytest.mark.parametrize("shape,gamma_value", RESIDUAL_CASES, ids=str)
+def test_residual_parity(backend, device, shape, gamma_value):
+    """The fused block against gamma * reference + x; gamma = 0 (CCNet's initial value) still
+    gives grad_gamma = sum(grad_y * out) and zero grads for q, k, v."""
+    for dtype in _dtypes(device):
+        _run_residual_parity(backend, device, dtype, shape, gamma_value)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKENDS if p.values[1] == "cuda"])
+def test_residual_parity_gpu_shapes(backend, device):
+    for dtype in _dtypes(device):
+        for shape in GPU_SHAPES:
+            _run_residual_parity(backend, device, dtype, shape, 0.6)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKENDS if p.values[1] == "cpu"])
+def test_residual_wide_v(backend, device):
+    """CCNet's channel ratio, Cqk = 64 and Cv = 512 (V tiled over the grid in Triton), on a small
+    image so that the interpreter stays fast."""
+    _run_residual_parity(backend, device, torch.float32, (1, 64, 512, 3, 5, 0.125), 0.8)
+
+
+@needs_triton_cpu
+def test_residual_triton_fp16_interpreter():
+    """The 16-bit path (row pass into a float32 buffer, the column pass rounding out and y once)
+    runs in the interpreter too in fp16, under the low-precision rule."""
+    _run_residual_parity("triton", "cpu", torch.float16, (1, 4, 16, 9, 13, 0.5), 0.7)
+
+
+@needs_triton_cpu
+def test_residual_triton_multi_tile(monkeypatch):
+    """Lines longer than a tile: the epilogue on the masked edge tiles of the column pass."""
+    import armnet_ops.triton.cca as tcca
+    monkeypatch.setattr(tcca, "MAX_TILE", 16)
+    _run_residual_parity("triton", "cpu", torch.float64, (1, 3, 4, 19, 18, 0.5), -0.4)
+
+
+@pytest.mark.parametrize("backend", GRADCHECK)
+@pytest.mark.parametrize("shape", [(1, 2, 3, 3, 4, 0.7), (2, 1, 2, 1, 3, 1.0)], ids=str)
+def test_residual_gradcheck(backend, shape):
+    """fp64 gradcheck in q, k, v, residual and gamma."""
+    leaves = _residual_case(shape, 0.8, torch.float64, "cpu")[0]
+    fn = lambda *t: _block(t, shape[-1], backend)
+    assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_residual_strided_inputs(backend, device):
+    """channels_last q, and a channels_last or a transposed-view residual: y is contiguous and
+    right, and grad_residual has the residual's shape."""
+    shape = (2, 4, 6, 7, 10, 0.8)
+    for make in (lambda t: t.contiguous(memory_format=torch.channels_last),
+                 lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)):
+        leaves, y64, _, grad_y, want = _residual_case(shape, 0.9, torch.float32, device)
+        leaves[0] = make(leaves[0].detach()).requires_grad_()
+        leaves[3] = make(leaves[3].detach()).requires_grad_()
+        assert not leaves[0].is_contiguous() and not leaves[3].is_contiguous()
+        y = _block(leaves, shape[-1], backend)
+        assert y.is_contiguous()
+        assert_close(y, y64)
+        for a, b in zip(torch.autograd.grad(y, leaves, grad_y.to(device, torch.float32)), want):
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_residual_empty_batch(backend, device):
+    leaves = _residual_case((0, 2, 3, 4, 5, 1.0), 0.5, torch.float32, device)[0]
+    y = _block(leaves, 1.0, backend)
+    assert y.shape == (0, 3, 4, 5)
+    grads = torch.autograd.grad(y.sum(), leaves)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    assert grads[4].item() == 0.0
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_residual_deterministic(backend, device):
+    leaves = _residual_case((1, 4, 8, 9, 11, 1.0), 0.5, torch.float32, device)[0]
+    y = _block(leaves, 1.0, backend)
+    g = torch.randn_like(y)
+    first = torch.autograd.grad(y, leaves, g, retain_graph=True)
+    second = torch.autograd.grad(y, leaves, g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_residual_casts_gamma_and_residual():
+    """gamma and residual of other dtypes (an fp32 parameter, fp32 x, fp64 attention) are cast
+    differentiably: y has v's dtype, each gradient its leaf's dtype."""
+    shape = (1, 2, 3, 4, 5, 1.0)
+    # gamma 0.75 is exact in fp32, so the fp64 oracle holds for the fp32 gamma.
+    leaves, y64, _, grad_y, want = _residual_case(shape, 0.75, torch.float64, "cpu", torch.float32)
+    leaves[3] = leaves[3].detach().float().requires_grad_()
+    y = _block(leaves, 1.0, "cpu")
+    assert y.dtype == torch.float64
+    got = torch.autograd.grad(y, leaves, grad_y)
+    assert [g.dtype for g in got] == [t.dtype for t in leaves]
+    for a, b in zip(got, want):
         assert_close(a, b)
+    # A Python number as gamma, and a per-channel gamma (PyTorch's broadcasting epilogue).
+    q, k, v, x = (t.detach() for t in leaves[:4])
+    ref = reference.criss_cross_attention(q, k, v)
+    assert_close(armnet_ops.criss_cross_attention(q, k, v, gamma=0.5, residual=x, backend="cpu"),
+                 0.5 * ref + x.double())
+    per_channel = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64).view(1, 3, 1, 1)
+    assert_close(armnet_ops.criss_cross_attention(q, k, v, gamma=per_channel, residual=x, backend="cpu"),
+                 per_channel * ref + x.double())
+
+
+def _opcheck_residual(fwd, bwd, device):
+    leaves = _residual_case((2, 2, 3, 3, 4, 0.5), 0.7, torch.float32, device)[0]
+    q, k, v, x, gamma = leaves
+    opcheck(fwd, (q, k, v, x, gamma, 0.5))
+    y, out, lse = fwd(*(t.detach() for t in leaves), 0.5)
+    assert_close(out, reference.criss_cross_attention(*(t.detach().double() for t in leaves[:3]), 0.5))
+    opcheck(bwd, (torch.randn_like(y), q.detach(), k.detach(), v.detach(), out, lse, gamma.detach(), 0.5))
+    # A channels_last residual and a 0-d gamma: the fake kernel's metadata against the kernel's.
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(fwd, (q.detach(), k, v, x_cl, gamma.detach().reshape(()), 1.0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_residual_cpu():
+    _opcheck_residual(ops.cca_residual_forward.default, ops.cca_residual_backward.default, "cpu")
+
+
+@needs_triton_cpu
+def test_opcheck_residual_triton_interpreter():
+    import armnet_ops.triton.cca  # noqa: F401
+    _opcheck_residual(ops.cca_residual_forward_triton.default,
+                      ops.cca_residual_backward_triton.default, "cpu")
+
+
+@needs_cuda
+def test_opcheck_residual_cuda():
+    _opcheck_residual(ops.cca_residual_forward.default, ops.cca_residual_backward.default, "cuda")
+
+
+@needs_cuda
+@needs_triton
+def test_opcheck_residual_triton_cuda():
+    import armnet_ops.triton.cca  # noqa: F401
+    _opcheck_residual(ops.cca_residual_forward_triton.default,
+                      ops.cca_residual_backward_triton.default, "cuda")
+
+
+RAW_RESIDUAL_OPS = [pytest.param("", id="cpp"),
+                    pytest.param("_triton", id="triton-interpreter", marks=needs_triton_cpu)]
+
+
+@pytest.mark.parametrize("suffix", RAW_RESIDUAL_OPS)
+def test_residual_bad_input_direct_op(suffix):
+    if suffix:
+        import armnet_ops.triton.cca  # noqa: F401
+    fwd = getattr(ops, "cca_residual_forward" + suffix)
+    bwd = getattr(ops, "cca_residual_backward" + suffix)
+    q, k, v = _inputs(1, 2, 3, 4, 5, torch.float32)
+    x, gamma = torch.randn_like(v), torch.ones(1)
+    with pytest.raises((RuntimeError, ValueError), match=r"'gamma' must have one element, got 2"):
+        fwd(q, k, v, x, torch.ones(2), 1.0)
+    with pytest.raises((RuntimeError, ValueError), match=r"'gamma' must have dtype (torch\.)?[Ff]loat"):
+        fwd(q, k, v, x, torch.ones(1, dtype=torch.float64), 1.0)
+    with pytest.raises((RuntimeError, ValueError), match=r"'residual' must have the shape"):
+        fwd(q, k, v, x[:, :2], gamma, 1.0)
+    with pytest.raises((RuntimeError, ValueError), match=r"'residual' must have the (shape|dtype)"):
+        fwd(q, k, v, x.double(), gamma, 1.0)
+    y, out, lse = fwd(q, k, v, x, gamma, 1.0)
+    with pytest.raises((RuntimeError, ValueError), match=r"'gamma' must have one element, got 3"):
+        bwd(torch.randn_like(y), q, k, v, out, lse, torch.ones(3), 1.0)
+
+
+def test_residual_bad_input():
+    q, k, v = _inputs(1, 2, 3, 4, 5, torch.float32)
+    f = armnet_ops.criss_cross_attention
+    with pytest.raises(ValueError, match=r"'gamma' and 'residual' go together"):
+        f(q, k, v, residual=v)
+    with pytest.raises(ValueError, match=r"'residual' must be 4-D"):
+        f(q, k, v, gamma=1.0, residual=v[0])
+    with pytest.raises(TypeError, match=r"'residual' must be a Tensor"):
+        f(q, k, v, gamma=1.0, residual=1.0)
 
 
 def _mmcv_state_dict(C):
@@ -386,29 +611,84 @@ def test_module_loads_mmcv_state_dict(backend, device):
     m = CrissCrossAttention(C, backend=backend).to(device)
     m.load_state_dict(sd)  # strict: the key names are mmcv's
     x = torch.randn(2, C, 5, 7, generator=torch.Generator().manual_seed(4))
+    out = m(x.to(device))
+    assert_close(out.cpu(), _mmcv_block64(sd, x))
+    assert not torch.allclose(out.double().cpu(), x.double(), atol=1e-3), "gamma != 0 must change the output"
+
+
+def _mmcv_block64(sd, x):
+    """mmcv's block written out in fp64 from a state dict: gamma * CCA(q, k, v) + x."""
     conv = lambda name, t: torch.nn.functional.conv2d(t, sd[f"{name}.weight"].double(), sd[f"{name}.bias"].double())
     xd = x.double()
-    want = sd["gamma"].double() * reference.criss_cross_attention(conv("query_conv", xd), conv("key_conv", xd),
-                                                                   conv("value_conv", xd)) + xd
-    out = m(x.to(device))
-    assert_close(out, want)
-    assert not torch.allclose(out.double().cpu(), xd, atol=1e-3), "gamma != 0 must change the output"
+    return sd["gamma"].double() * reference.criss_cross_attention(conv("query_conv", xd), conv("key_conv", xd),
+                                                                  conv("value_conv", xd)) + xd
 
 
-def test_module_compile_fullgraph():
+COMPILE_BACKENDS = [pytest.param("cpu", "cpu", "inductor", id="cpu-inductor"),
+                    pytest.param("triton", "cpu", "aot_eager", id="triton-interpreter-aot_eager",
+                                 marks=needs_triton_cpu),
+                    pytest.param("cuda", "cuda", "inductor", id="cuda-inductor", marks=needs_cuda),
+                    pytest.param("triton", "cuda", "inductor", id="triton-cuda-inductor",
+                                 marks=[needs_cuda, needs_triton])]
+
+
+@pytest.mark.parametrize("backend,device,compiler", COMPILE_BACKENDS)
+def test_module_compile_fullgraph(backend, device, compiler):
+    """The module compiles to one graph around the fused residual op (no PyTorch epilogue left),
+    with the values and gradients of eager mode."""
+    from torch._dynamo.backends.registry import lookup_backend
     torch._dynamo.reset()
-    m = CrissCrossAttention(16, backend="cpu")
+    m = CrissCrossAttention(16, backend=backend).to(device)
     with torch.no_grad():
         m.gamma.fill_(0.5)
-    x = torch.randn(2, 16, 6, 5, requires_grad=True)
-    compiled = torch.compile(m, fullgraph=True)  # inductor: the epilogue fuses around the op
-    out = compiled(x)
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return lookup_backend(compiler)(gm, example_inputs)
+
+    x = torch.randn(2, 16, 6, 5, device=device, requires_grad=True)
+    out = torch.compile(m, fullgraph=True, backend=recording)(x)
+    fused = "armnet_ops.cca_residual_forward" + ("_triton" if backend == "triton" else "")
+    assert any(t.startswith(fused) for t in seen), seen
+    assert not any("mul" in t or "add" in t for t in seen), f"an epilogue outside the op: {seen}"
     want = m(x)
     assert_close(out, want.detach().double())
     g_c = torch.autograd.grad(out.sum(), (x, m.gamma))
     g_e = torch.autograd.grad(want.sum(), (x, m.gamma))
     for a, b in zip(g_c, g_e):
         assert_close(a, b.double())
+
+
+AUTOCAST = [pytest.param("auto", "cpu", torch.bfloat16, id="cpu-auto-bf16"),  # CPU: the reference
+            pytest.param("triton", "cpu", torch.float16, id="triton-interpreter-fp16",
+                         marks=needs_triton_cpu),
+            pytest.param("cuda", "cuda", torch.float16, id="cuda-fp16", marks=needs_cuda),
+            pytest.param("cuda", "cuda", torch.bfloat16, id="cuda-bf16", marks=needs_cuda),
+            pytest.param("triton", "cuda", torch.bfloat16, id="triton-cuda-bf16",
+                         marks=[needs_cuda, needs_triton])]
+
+
+@pytest.mark.parametrize("backend,device,dtype", AUTOCAST)
+def test_module_autocast(backend, device, dtype):
+    """Under autocast the block returns the autocast dtype (the projections' dtype) on every
+    backend, within the low-precision rule of the reference; gamma and x keep fp32 gradients."""
+    C = 16
+    m = CrissCrossAttention(C, backend=backend).to(device)
+    m.load_state_dict(_mmcv_state_dict(C))
+    ref_m = CrissCrossAttention(C, backend="reference").to(device)
+    ref_m.load_state_dict(_mmcv_state_dict(C))
+    x = torch.randn(2, C, 5, 7, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
+    with torch.autocast(device, dtype=dtype):
+        y = m(x)
+        y_lowp = ref_m(x)
+    assert y.dtype == dtype and y_lowp.dtype == dtype
+    y64 = _mmcv_block64(_mmcv_state_dict(C), x.detach().cpu())
+    assert_close(y.cpu(), y64, y_lowp.detach().cpu())
+    gx, gg = torch.autograd.grad(y.float().sum(), (x, m.gamma))
+    assert gx.dtype == torch.float32 and gg.dtype == torch.float32
+    gx_ref, gg_ref = torch.autograd.grad(y_lowp.float().sum(), (x, ref_m.gamma))
+    assert torch.isfinite(gg) and (gg - gg_ref).abs() <= 0.05 * gg_ref.abs() + 0.05
 
 
 @needs_triton_cpu

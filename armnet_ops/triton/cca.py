@@ -15,11 +15,18 @@ Forward (never materialises the (N, H+W-1, H, W) energy):
   2. `_line_out`, row pass then column pass: out = sum_s exp(scale·<q,k_s> - lse)·v_s, tiled
      over Cv (grid axis 2), the q·k and p·v products with tl.dot (tensor cores on GPU; P is cast
      to v's dtype for the second product as in flash-attention). The column pass adds to what the
-     row pass wrote (two launches in stream order, so no atomics).
+     row pass wrote (two launches in stream order, so no atomics) and writes the final out; for
+     the residual op (cca_residual_forward) it also writes y = gamma·out + residual from the same
+     float32 accumulator, gamma read from its pointer.
 Saved for the backward: out and lse (N, H, W) in the op-math type (float32; float64 for float64).
 
-Backward (recomputes the weights from lse; D_u = <dO_u, O_u> in PyTorch):
+Backward (recomputes the weights from lse):
+  `_line_dot`: D_u = <dO_u, O_u> per pixel, over Cv in tiles.
   dS = P (dP - D) scale with dP = <dO_u, v_s>.
+  For the residual op the kernels read grad_y, and dO = gamma·grad_y: every gradient is linear
+  in dO, so D, dP and the sums run on grad_y and each dq, dk, dv tile is multiplied by gamma
+  once before it is stored (GAMMA); grad_gamma = sum_u D_u (a float64 sum of the (N, H, W)
+  partials, deterministic).
   * `_line_dq`: per pixel tile, dq = sum_s dS k_s; dP by tl.dot tiled over Cv.
   * `_line_dk`: per key tile, dk = sum_u dS q_u over the pixels u of the line that see the key.
   * `_line_dv`: per key tile and Cv tile, dv = sum_u P dO_u.
@@ -165,12 +172,28 @@ def _line_lse(q_ptr, k_ptr, lse_ptr, L, n_lines, D, scale,
 
 
 @triton.jit
-def _line_out(q_ptr, k_ptr, v_ptr, lse_ptr, o_ptr, L, n_lines, D, CV, scale,
+def _times_gamma(acc, gamma_ptr, GAMMA: tl.constexpr, ACC: tl.constexpr):
+    """A gradient tile of the residual op times gamma, the gradient of out being gamma·grad_y
+    and every gradient linear in it: once per output tile, gamma read on the device (never a
+    host synchronisation)."""
+    if GAMMA:
+        acc = acc * tl.load(gamma_ptr).to(ACC)
+    return acc
+
+
+@triton.jit
+def _line_out(q_ptr, k_ptr, v_ptr, lse_ptr, prior_ptr, o_ptr, x_ptr, y_ptr, gamma_ptr,
+              L, n_lines, D, CV, scale,
               sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, svn, svc, sv_line, sv_pos,
-              sln, sl_line, sl_pos, son, soc, so_line, so_pos,
-              EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, BP: tl.constexpr,
-              BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
-              PREC: tl.constexpr):
+              sln, sl_line, sl_pos, son, soc, so_line, so_pos, sxn, sxc, sx_line, sx_pos,
+              EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, EPILOGUE: tl.constexpr,
+              BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+              ACC: tl.constexpr, PREC: tl.constexpr):
+    """out for a tile of pixels and a tile of Cv. The row pass writes its partial sum to o (an
+    op-math buffer for 16-bit inputs); the column pass (ACCUMULATE) adds the row pass's partial
+    from prior, writes the final out to o and, with EPILOGUE, y = gamma·out + x from the same
+    op-math accumulator (one rounding). prior, o and y share the so* strides (contiguous NCHW);
+    the residual x has its own (sx*)."""
     n, line = _line_of(n_lines)
     p, pmask = _tile(1, BP, L)
     c, cmask = _tile(2, BC, CV)
@@ -186,17 +209,43 @@ def _line_out(q_ptr, k_ptr, v_ptr, lse_ptr, o_ptr, L, n_lines, D, CV, scale,
                       EXCLUDE_SELF, ACC, PREC)
         v_tile = _load_tile(v_base, s, smask, sv_pos, c, cmask, svc)
         acc += tl.dot(prob.to(v_tile.dtype), v_tile, input_precision=PREC, out_dtype=ACC)
-    _store_tile(o_ptr + n * son + line * so_line, p, pmask, so_pos, c, cmask, soc, acc,
-                ACCUMULATE, ACC)
+    off = n * son + line * so_line + p[:, None] * so_pos + c[None, :] * soc
+    omask = pmask[:, None] & cmask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(prior_ptr + off, mask=omask, other=0.0).to(ACC)
+    tl.store(o_ptr + off, acc.to(o_ptr.dtype.element_ty), mask=omask)
+    if EPILOGUE:
+        gamma = tl.load(gamma_ptr).to(ACC)
+        x = _load_tile(x_ptr + n * sxn + line * sx_line, p, pmask, sx_pos, c, cmask, sxc)
+        tl.store(y_ptr + off, (gamma * acc + x.to(ACC)).to(y_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def _line_dq(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, dq_ptr, L, n_lines, D, CV, scale,
-             sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, svn, svc, sv_line, sv_pos,
+def _line_dot(a_ptr, b_ptr, d_ptr, L, n_lines, C, san, sac, sa_line, sa_pos,
+              sbn, sbc, sb_line, sb_pos, sdn, sd_line, sd_pos,
+              BP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """d_u = <a_u, b_u> over the C channels, for a tile of pixels of a row: the backward's
+    D_u = <grad_u, out_u>, without a (N, C, H, W) product in memory."""
+    n, line = _line_of(n_lines)
+    p, pmask = _tile(1, BP, L)
+    a_base = a_ptr + n * san + line * sa_line
+    b_base = b_ptr + n * sbn + line * sb_line
+    acc = tl.zeros([BP], ACC)
+    for c0 in range(0, C, BC):
+        c, cmask = _span(c0, BC, C)
+        a = _load_tile(a_base, c, cmask, sac, p, pmask, sa_pos).to(ACC)
+        b = _load_tile(b_base, c, cmask, sbc, p, pmask, sb_pos).to(ACC)
+        acc += tl.sum(a * b, 0)
+    tl.store(d_ptr + n * sdn + line * sd_line + p * sd_pos, acc, mask=pmask)
+
+
+@triton.jit
+def _line_dq(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr, dq_ptr, L, n_lines, D, CV,
+             scale, sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, svn, svc, sv_line, sv_pos,
              sgn, sgc, sg_line, sg_pos, sln, sl_line, sl_pos, son, soc, so_line, so_pos,
-             EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, BP: tl.constexpr,
-             BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
-             PREC: tl.constexpr):
+             EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, GAMMA: tl.constexpr,
+             BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+             ACC: tl.constexpr, PREC: tl.constexpr):
     """dq for a tile of pixels (so* are the strides of the dq buffer)."""
     n, line = _line_of(n_lines)
     p, pmask = _tile(1, BP, L)
@@ -218,17 +267,18 @@ def _line_dq(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, dq_ptr, L, n_lines, D
         ds = prob * (dp - dd[:, None]) * scale
         k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
         acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PREC, out_dtype=ACC)
+    acc = _times_gamma(acc, gamma_ptr, GAMMA, ACC)
     _store_tile(dq_ptr + n * son + line * so_line, p, pmask, so_pos, d, dmask, soc, acc,
                 ACCUMULATE, ACC)
 
 
 @triton.jit
-def _line_dk(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, dk_ptr, L, n_lines, D, CV, scale,
-             sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, svn, svc, sv_line, sv_pos,
+def _line_dk(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr, dk_ptr, L, n_lines, D, CV,
+             scale, sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, svn, svc, sv_line, sv_pos,
              sgn, sgc, sg_line, sg_pos, sln, sl_line, sl_pos, son, soc, so_line, so_pos,
-             EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, BP: tl.constexpr,
-             BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
-             PREC: tl.constexpr):
+             EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, GAMMA: tl.constexpr,
+             BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+             ACC: tl.constexpr, PREC: tl.constexpr):
     """dk for a tile of keys, gathered over the pixels of the line (transposed tiles: keys are
     the rows, pixels the columns; so* are the strides of the dk buffer)."""
     n, line = _line_of(n_lines)
@@ -250,17 +300,18 @@ def _line_dk(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, dk_ptr, L, n_lines, D
                        BS, BP, BC, ACC, PREC)
         ds = prob * (dp - dd[None, :]) * scale
         acc += tl.dot(ds.to(qt.dtype), tl.trans(qt), input_precision=PREC, out_dtype=ACC)
+    acc = _times_gamma(acc, gamma_ptr, GAMMA, ACC)
     _store_tile(dk_ptr + n * son + line * so_line, s, smask, so_pos, d, dmask, soc, acc,
                 ACCUMULATE, ACC)
 
 
 @triton.jit
-def _line_dv(q_ptr, k_ptr, go_ptr, lse_ptr, dv_ptr, L, n_lines, D, CV, scale,
+def _line_dv(q_ptr, k_ptr, go_ptr, lse_ptr, gamma_ptr, dv_ptr, L, n_lines, D, CV, scale,
              sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, sgn, sgc, sg_line, sg_pos,
              sln, sl_line, sl_pos, svn, svc, sv_line, sv_pos,
-             EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, BP: tl.constexpr,
-             BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
-             PREC: tl.constexpr):
+             EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, GAMMA: tl.constexpr,
+             BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+             ACC: tl.constexpr, PREC: tl.constexpr):
     """dv for a tile of keys and a tile of Cv: sum over the pixels of the line of P^T·dO."""
     n, line = _line_of(n_lines)
     s, smask = _tile(1, BS, L)
@@ -277,6 +328,7 @@ def _line_dv(q_ptr, k_ptr, go_ptr, lse_ptr, dv_ptr, L, n_lines, D, CV, scale,
         prob = _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC, PREC)
         go = _load_tile(go_base, p, pmask, sg_pos, c, cmask, sgc)
         acc += tl.dot(prob.to(go.dtype), go, input_precision=PREC, out_dtype=ACC)
+    acc = _times_gamma(acc, gamma_ptr, GAMMA, ACC)
     _store_tile(dv_ptr + n * svn + line * sv_line, s, smask, sv_pos, c, cmask, svc, acc,
                 ACCUMULATE, ACC)
 
@@ -325,16 +377,18 @@ def _num_warps():
     return 4
 
 
-@torch.library.custom_op("armnet_ops::cca_forward_triton", mutates_args=())
-def cca_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, scale, residual=None, gamma=None):
+    """(y, out, lse); y = gamma·out + residual is written by the column pass of _line_out when
+    residual is given, else y is None."""
     N, D, H, W = q.shape
     CV = v.shape[1]
     acc_tl, acc_torch = _acc_dtype(q.dtype)
     out = torch.empty((N, CV, H, W), dtype=v.dtype, device=v.device)
     lse = torch.empty((N, H, W), dtype=acc_torch, device=q.device)
+    epilogue = residual is not None
+    y = torch.empty_like(out) if epilogue else None
     if N * H * W == 0:
-        return out.zero_(), lse
+        return y, out.zero_(), lse
     prec = _prec(q.dtype)
     # Row and column log-sum-exp, then merged.
     parts = []
@@ -348,59 +402,102 @@ def cca_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         parts.append(part)
     torch.logaddexp(parts[0], parts[1], out=lse)
     if CV == 0:
-        return out, lse
-    # Low-precision outputs: the two passes sum in a float32 buffer, rounded once at the end.
+        return y, out, lse
+    # Low-precision outputs: the row pass writes its partial to a float32 buffer, the column pass
+    # adds it and rounds once into out (and y). For fp32/fp64 the buffer is out itself.
     buf = out if out.dtype == acc_torch else torch.empty(out.shape, dtype=acc_torch, device=out.device)
+    # Unused pointers (no epilogue) point at out; EPILOGUE=False never reads them.
+    x, yy, g = (residual, y, gamma) if epilogue else (out, out, out)
     for i, (row, L, n_lines, excl) in enumerate(_passes(q)):
         BL, BD, BC = _blocks(q, v, L)
+        last = i == 1
         _line_out[(N * n_lines, triton.cdiv(L, BL), triton.cdiv(CV, BC))](
-            q, k, v, lse, buf, L, n_lines, D, CV, float(scale),
+            q, k, v, lse, buf, out if last else buf, x, yy, g, L, n_lines, D, CV, float(scale),
             *_line_strides(q, row), *_line_strides(k, row), *_line_strides(v, row),
-            *_map_strides(lse, row), *_line_strides(buf, row),
-            EXCLUDE_SELF=excl, ACCUMULATE=i > 0, BP=BL, BS=BL, BD=BD, BC=BC, ACC=acc_tl, PREC=prec,
-            num_warps=_num_warps())
-    if buf is not out:
-        out.copy_(buf)
+            *_map_strides(lse, row), *_line_strides(buf, row), *_line_strides(x, row),
+            EXCLUDE_SELF=excl, ACCUMULATE=last, EPILOGUE=epilogue and last, BP=BL, BS=BL, BD=BD,
+            BC=BC, ACC=acc_tl, PREC=prec, num_warps=_num_warps())
+    return y, out, lse
+
+
+@torch.library.custom_op("armnet_ops::cca_forward_triton", mutates_args=())
+def cca_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _, out, lse = _forward(q, k, v, scale)
     return out, lse
 
 
-@torch.library.custom_op("armnet_ops::cca_backward_triton", mutates_args=())
-def cca_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor,
-                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("armnet_ops::cca_residual_forward_triton", mutates_args=())
+def cca_residual_forward_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                residual: torch.Tensor, gamma: torch.Tensor,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _cca.check_residual_op("cca_residual_forward_triton", v, gamma, residual)
+    return _forward(q, k, v, scale, residual, gamma)
+
+
+def _backward(grad, q, k, v, out, lse, scale, gamma=None):
+    """(dq, dk, dv, D) with D_u = <grad_u, out_u> (N, H, W) in the op-math type. The gradient of
+    out is grad, or gamma·grad when gamma is given (the residual op's grad_y): the kernels apply
+    gamma as a factor, read from its pointer."""
     N, D, H, W = q.shape
     CV = v.shape[1]
     acc_tl, acc_torch = _acc_dtype(q.dtype)
+    dd = torch.zeros((N, H, W), dtype=acc_torch, device=q.device)
     if N * H * W == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dd
     prec = _prec(q.dtype)
-    grad_out = grad_out.to(v.dtype)
+    grad = grad.to(v.dtype)
     lse = lse.to(acc_torch).contiguous()
-    dd = (grad_out.to(acc_torch) * out.to(acc_torch)).sum(1).contiguous()
+    if CV > 0:
+        BL, _, BC = _blocks(q, v, W)
+        _line_dot[(N * H, triton.cdiv(W, BL))](
+            grad, out, dd, W, H, CV, *_line_strides(grad, True), *_line_strides(out, True),
+            *_map_strides(dd, True), BP=BL, BC=BC, ACC=acc_tl, num_warps=_num_warps())
+    has_gamma = gamma is not None
+    g = gamma if has_gamma else lse  # never read without GAMMA
     # Gradients accumulate over the two passes in op-math buffers (contiguous NCHW).
     dq = torch.empty((N, D, H, W), dtype=acc_torch, device=q.device)
     dk = torch.empty((N, D, H, W), dtype=acc_torch, device=q.device)
     dv = torch.empty((N, CV, H, W), dtype=acc_torch, device=q.device)
     for i, (row, L, n_lines, excl) in enumerate(_passes(q)):
         BL, BD, BC = _blocks(q, v, L)
-        common = dict(EXCLUDE_SELF=excl, ACCUMULATE=i > 0, BP=BL, BS=BL, BD=BD, BC=BC, ACC=acc_tl,
-                      PREC=prec, num_warps=_num_warps())
+        common = dict(EXCLUDE_SELF=excl, ACCUMULATE=i > 0, GAMMA=has_gamma, BP=BL, BS=BL, BD=BD,
+                      BC=BC, ACC=acc_tl, PREC=prec, num_warps=_num_warps())
         strides = (*_line_strides(q, row), *_line_strides(k, row), *_line_strides(v, row),
-                   *_line_strides(grad_out, row), *_map_strides(lse, row))
+                   *_line_strides(grad, row), *_map_strides(lse, row))
         if D > 0:
             _line_dq[(N * n_lines, triton.cdiv(L, BL))](
-                q, k, v, grad_out, lse, dd, dq, L, n_lines, D, CV, float(scale), *strides,
+                q, k, v, grad, lse, dd, g, dq, L, n_lines, D, CV, float(scale), *strides,
                 *_line_strides(dq, row), **common)
             _line_dk[(N * n_lines, triton.cdiv(L, BL))](
-                q, k, v, grad_out, lse, dd, dk, L, n_lines, D, CV, float(scale), *strides,
+                q, k, v, grad, lse, dd, g, dk, L, n_lines, D, CV, float(scale), *strides,
                 *_line_strides(dk, row), **common)
         if CV > 0:
             _line_dv[(N * n_lines, triton.cdiv(L, BL), triton.cdiv(CV, BC))](
-                q, k, grad_out, lse, dv, L, n_lines, D, CV, float(scale),
-                *_line_strides(q, row), *_line_strides(k, row), *_line_strides(grad_out, row),
+                q, k, grad, lse, g, dv, L, n_lines, D, CV, float(scale),
+                *_line_strides(q, row), *_line_strides(k, row), *_line_strides(grad, row),
                 *_map_strides(lse, row), *_line_strides(dv, row), **common)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dd
 
+
+@torch.library.custom_op("armnet_ops::cca_backward_triton", mutates_args=())
+def cca_backward_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, scale)[:3]
+
+
+@torch.library.custom_op("armnet_ops::cca_residual_backward_triton", mutates_args=())
+def cca_residual_backward_triton(
+        grad_y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, gamma: torch.Tensor,
+        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _cca.check_residual_op("cca_residual_backward_triton", v, gamma)
+    dq, dk, dv, dd = _backward(grad_y, q, k, v, out, lse, scale, gamma)
+    # grad_gamma = sum_u <grad_y_u, out_u>: a sum of a fixed-shape tensor, deterministic, formed in
+    # float64 (N·H·W terms).
+    grad_gamma = dd.sum(dtype=torch.float64).to(gamma.dtype).reshape(gamma.shape)
+    return dq, dk, dv, grad_gamma
 
 
 # ---- the two-op API (CCNet's ca_weight / ca_map) ------------------------------------------

@@ -82,9 +82,12 @@ void row_energies(const T* q, const T* k, int64_t C, int64_t H, int64_t W, int64
   for (int64_t i = 0; i < (W + H) * W; ++i) E[i] *= scale;
 }
 
+// With y != nullptr also the residual epilogue y = gamma · out + residual, written from the same
+// accumulator as out (residual contiguous NCHW like out).
 template <typename T>
 void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t N, int64_t Cqk,
-                    int64_t Cv, int64_t H, int64_t W, T scale) {
+                    int64_t Cv, int64_t H, int64_t W, T scale, const T* residual = nullptr,
+                    T* y = nullptr, T gamma = T(0)) {
   const int64_t HW = H * W;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> E((W + H) * W), m(W), l(W), acc(W);
@@ -129,7 +132,13 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
         // The weights of the self entry (row W + h) are zero, so the column runs over all H.
         accumulate_products(acc.data(), W, H, [&](int64_t j) { return E.data() + (W + j) * W; },
                             [&](int64_t j) { return vc + j * W; });
-        std::copy(acc.begin(), acc.end(), out + n * Cv * HW + c * HW + h * W);
+        const int64_t row = n * Cv * HW + c * HW + h * W;
+        std::copy(acc.begin(), acc.end(), out + row);
+        if (y != nullptr) {
+          const T* x = residual + row;
+          T* yrow = y + row;
+          for (int64_t w = 0; w < W; ++w) yrow[w] = gamma * acc[w] + x[w];
+        }
       }
     }
   });
@@ -137,11 +146,17 @@ void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t 
 
 // ---- fused backward -----------------------------------------------------------------------
 
+// `go` is the incoming gradient scaled by `gamma` before use: gamma = 1 for cca_backward; for
+// cca_residual_backward go is grad_y and the gradient of out is gamma · grad_y. Everything is
+// linear in it, so gamma enters as a factor on dS (gamma · scale), on the row-key coefficients of
+// dv and on the column-key weights of dv; no scaled copy of grad_y is made. Dbuf receives
+// <go_u, out_u> per pixel before that scaling: summed, it is the gradient of gamma.
 template <typename T>
 void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* out, const T* lse,
                      T* gq, T* gk, T* gv, T* Dbuf, int64_t N, int64_t Cqk, int64_t Cv, int64_t H,
-                     int64_t W, T scale) {
+                     int64_t W, T scale, T gamma = T(1)) {
   const int64_t HW = H * W;
+  const T scale_gamma = scale * gamma;
   // Pass A: one pixel row at a time.
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P((W + H) * W), dS((W + H) * W), PT(W * W), dST(W * W), D(W), acc(W);
@@ -163,7 +178,7 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
         for (int64_t w = 0; w < W; ++w) p[w] -= lse_row[w];
         exp_inplace(p, W);
       }
-      // D_u = <dO_u, O_u> and dP[s][w] = <dO_u, v_s>.
+      // D_u = <go_u, O_u> and dP[s][w] = <go_u, v_s>, both before the gamma factor.
       std::fill(D.begin(), D.end(), T(0));
       std::fill(dS.begin(), dS.end(), T(0));
       auto gorow = [&](int64_t c) { return gon + c * HW + h * W; };
@@ -180,7 +195,7 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
       for (int64_t s = 0; s < W + H; ++s) {
         T* d = dS.data() + s * W;
         const T* p = P.data() + s * W;
-        for (int64_t w = 0; w < W; ++w) d[w] = p[w] * (d[w] - D[w]) * scale;
+        for (int64_t w = 0; w < W; ++w) d[w] = p[w] * (d[w] - D[w]) * scale_gamma;
       }
       // dq for the pixels of row h.
       for (int64_t c = 0; c < Cqk; ++c) {
@@ -213,7 +228,7 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
         T* gvrow = gv + n * Cv * HW + c * HW + h * W;
         std::fill(gvrow, gvrow + W, T(0));
         accumulate_rows(gvrow, W, W, [&](int64_t w) { return PT.data() + w * W; },
-                        [&](int64_t w) { return gorow[w]; });
+                        [&](int64_t w) { return gamma * gorow[w]; });
       }
     }
   });
@@ -242,7 +257,10 @@ void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* o
         accumulate_products(ds, W, Cv, [&](int64_t c) { return gon + c * HW + h * W; },
                             [&](int64_t c) { return vn + c * HW + j * W; });
         const T* D = Dbuf + n * HW + h * W;
-        for (int64_t w = 0; w < W; ++w) ds[w] = p[w] * (ds[w] - D[w]) * scale;
+        for (int64_t w = 0; w < W; ++w) {
+          ds[w] = p[w] * (ds[w] - D[w]) * scale_gamma;
+          p[w] *= gamma;  // the column-key weight of dv: P · gamma · grad_y
+        }
       }
       for (int64_t c = 0; c < Cv; ++c)
         accumulate_products(gv + n * Cv * HW + c * HW + j * W, W, H,

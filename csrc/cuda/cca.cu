@@ -1,25 +1,65 @@
-// Criss-cross attention, hand-written CUDA: the fused op (cca_forward / cca_backward) and CCNet's
-// two-op API (cca_weight / cca_map and their backwards). fp32, fp16, bf16 (and fp64), all with
-// accumulation in the op-math type (float; double for double).
+// Criss-cross attention, hand-written CUDA: the fused op (cca_forward / cca_backward), CCNet's
+// block with its residual epilogue fused (cca_residual_forward / cca_residual_backward), and
+// CCNet's two-op API (cca_weight / cca_map and their backwards). fp32, fp16, bf16 (and fp64).
 //
 // Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W), contiguous NCHW (the glue calls .contiguous()).
-// The keys of pixel u = (h, w) are indexed s in [0, W + H): s < W is the row key (h, s); s = W + j
-// is the column key (j, w), and s = W + h (the pixel itself, already a row key) is skipped. The
-// forward never materialises the (N, H+W-1, H, W) energy: one thread block per pixel keeps that
-// pixel's W + H energies in shared memory.
+// The H+W-1 keys of pixel (h, w) are its row (h, z), itself included, and its column (j, w),
+// j != h. Nothing of size (N, H+W-1, H, W) is ever materialised.
 //
-//   cca_forward_kernel        block per pixel: energies -> block max -> exp, block sum -> lse;
-//                             then threads over Cv: out = sum_s p_s v_s. Saves out and lse.
-//   cca_backward_query_kernel block per pixel: D = <dO, O>, dS_s = P_s (<dO, v_s> - D) scale,
-//                             dq = sum_s dS_s k_s. Writes D for the next kernel.
-//   cca_backward_key_kernel   block per key t: the W + H - 1 pixels that see t (its row, and its
-//                             column without itself) recompute P and dS from q, k, lse and D;
-//                             dk = sum_u dS_u q_u, dv = sum_u P_u dO_u. A gather: every output is
-//                             written by one thread in a fixed order, no atomics, deterministic.
+// The fused op: line-tiled, as armnet_ops/triton/cca.py. The device code is in cca_kernels.cuh;
+// every kernel runs twice, a row pass (lines = rows, positions along w) and a column pass (lines
+// = columns, positions along h, the pixel itself excluded from its keys). A block owns BL
+// positions of one line and walks the other positions of the line BL at a time; all tile
+// products are 16x16x16 mma on shared-memory operands: nvcuda::wmma tensor cores for fp16/bf16
+// (fp32 accumulators; BL = 64, channel tiles of 64, 4 warps), scalar FMA of the same tiles for
+// fp32/fp64 (BL = 32, channel tiles of 32, 2 warps; no TF32). Cqk and Cv are chunked by the
+// channel tile and zero-padded to it in shared memory, so any Cqk and Cv work.
 //
-// What remains (performance, not correctness): this is a SIMT kernel. Reads of v, dO along the
-// channel are strided by H·W, and no tensor cores are used; the next step is the line-tiled
-// design of armnet_ops/triton/cca.py (row pass + column pass, q·k and p·v as mma tiles).
+//   forward  1. cca_lse_kernel, row pass then column pass: per pixel the log-sum-exp of its
+//               scaled energies by an online softmax over key tiles; the column pass merges its
+//               value into the row pass's by logaddexp. Saved: lse (N, H, W), op-math type.
+//            2. cca_pv_kernel<KEY=false>, grid (image·line·pixel tile, Cv tile): P recomputed
+//               from the final lse, out += P·V by mma (P rounded to the element type, as in
+//               flash-attention). The row pass writes an op-math buffer, the column pass adds it
+//               and rounds once (the buffer is out itself for fp32/fp64); the residual op's
+//               column pass also writes y = gamma·out + residual (gamma read on the device).
+//               Saved: out.
+//   backward 1. cca_delta_kernel: D_u = gamma·<grad_y_u, out_u> (gamma = 1 for cca_backward),
+//               and for the residual op the per-pixel <grad_y_u, out_u>, summed by at::sum
+//               (a fixed-shape reduction) into grad_gamma.
+//            2. cca_grad_kernel<KEY=false> (dq), grid (pixel tiles, Cqk tiles):
+//               dS = P·(gamma·dO·V^T - D)·scale, dq += dS·K; <KEY=true> (dk), grid (key tiles,
+//               Cqk tiles), the transposed tiles, dk += dS^T·Q gathered over the pixels of the
+//               line that see each key.
+//            3. cca_pv_kernel<KEY=true> (dv), grid (key tiles, Cv tiles): dv += gamma·P^T·dO.
+//            Row pass then column pass each, the column pass adding to the row pass's result in
+//            stream order: every element is written by one thread, no atomics, deterministic.
+//
+// Cost and memory. Energies are recomputed: once by the lse pass and once per Cv tile by the
+// output pass (Cv = 512: 8 tiles, so the q·k work is about 9/8 of the p·v work); the backward
+// computes them and dP = dO·V^T (over all of Cv) once per Cqk tile in each of the dq and dk
+// kernels, and the energies once more per Cv tile for dv. Extra memory: lse (and D) (N, H, W) in
+// fp32, and for fp16/bf16 one fp32 buffer of out's size in the forward and of
+// N·max(Cqk, Cv)·H·W in the backward (the row pass's partial sums). Shared memory per block:
+// fp16/bf16 45 KiB (lse, forward, dv) and 62 KiB (dq, dk: opted in above 48 KiB); fp32
+// 20/25 KiB; fp64 40/49 KiB. A row pass reads operand tiles 16 bytes at a time when rows are a
+// multiple of 16 bytes and the tensors 16-byte aligned; a column pass reads positions W apart
+// (sectors shared with the neighbouring columns' blocks through L2). bfloat16 needs sm_80, fp16
+// sm_70: the glue refuses older GPUs with an error (their device code compiles to scalar FMA).
+//
+// The two-op API (below) is one thread per output element, SIMT, correct and simple: it exists
+// for CCNet compatibility and materialises the energy by definition.
+//
+// What is verified where: the tiled kernels (tiling, masks, the online softmax and the lse merge,
+// the backward gathers, the residual epilogue, the 16-byte loads) run on the host in
+// tests/test_cca_cuda_emulation.py, instantiated with float and double, through both the
+// scalar-FMA policy and a host emulation of nvcuda::wmma. The real fp16/bf16 wmma path, launch
+// configurations, shared-memory sizes and performance are checked only by the needs_cuda tests
+// (the same file, and the cuda backend of tests/test_cca.py).
+// What remains (performance): no cp.async / double buffering of the operand tiles; Q (and dO) are
+// reloaded for every key tile instead of staying resident when Cqk fits one channel tile; fp32
+// runs on scalar FMA from shared memory (no TF32 by contract; 3xTF32 on tensor cores would be
+// the fast exact-enough path); tile sizes are fixed per dtype, not tuned on a GPU.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -30,244 +70,20 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
+#include <initializer_list>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "cca_checks.h"
+#include "cca_kernels.cuh"
 
 namespace armnet_ops {
 namespace {
 
-constexpr int kThreads = 256;  // a multiple of 32: the block reduction works in whole warps
 constexpr int kElementwiseThreads = 256;
-
-template <typename T>
-__device__ __forceinline__ T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T x) {
-  for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-// Block-wide sum or max; every thread returns the result. scratch holds 32 values. The leading
-// __syncthreads also orders this call after the reads of scratch[0] by a previous call.
-template <typename T, bool kMax>
-__device__ T block_reduce(T x, T* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int n_warps = (blockDim.x + 31) >> 5;
-  x = kMax ? warp_max(x) : warp_sum(x);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    T y = lane < n_warps ? scratch[lane] : (kMax ? neg_inf<T>() : T(0));
-    y = kMax ? warp_max(y) : warp_sum(y);
-    if (lane == 0) scratch[0] = y;
-  }
-  __syncthreads();
-  return scratch[0];
-}
-
-// Offset h'·W + w' of key s of the pixel (h, w), or -1 for the pixel itself in its column.
-__device__ __forceinline__ int64_t key_offset(int s, int h, int w, int W) {
-  if (s < W) return static_cast<int64_t>(h) * W + s;
-  const int j = s - W;
-  return j == h ? -1 : static_cast<int64_t>(j) * W + w;
-}
-
-// Offset of pixel u of the pixels that see key (j, z) (u < W: (j, u); u = W + h: (h, z), h != j),
-// or -1 for u = W + j.
-__device__ __forceinline__ int64_t query_offset(int u, int j, int z, int W) {
-  if (u < W) return static_cast<int64_t>(j) * W + u;
-  const int h = u - W;
-  return h == j ? -1 : static_cast<int64_t>(h) * W + z;
-}
-
-// ---- fused forward ------------------------------------------------------------------------
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-cca_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                   const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
-                   acc_t* __restrict__ lse, int Cqk, int Cv, int H, int W, acc_t scale) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* qs = reinterpret_cast<acc_t*>(smem_raw);  // [Cqk] q of this pixel
-  acc_t* ps = qs + Cqk;                             // [W + H] energies, then weights
-  acc_t* scratch = ps + W + H;                      // [32]
-  const int64_t HW = static_cast<int64_t>(H) * W;
-  const int64_t pix = blockIdx.x;  // n·HW + h·W + w
-  const int64_t n = pix / HW, hw = pix % HW;
-  const int h = static_cast<int>(hw / W), w = static_cast<int>(hw % W);
-  const scalar_t* qn = q + n * Cqk * HW;
-  const scalar_t* kn = k + n * Cqk * HW;
-  const scalar_t* vn = v + n * Cv * HW;
-
-  for (int c = threadIdx.x; c < Cqk; c += blockDim.x) qs[c] = static_cast<acc_t>(qn[c * HW + hw]);
-  __syncthreads();
-  acc_t m_local = neg_inf<acc_t>();
-  for (int s = threadIdx.x; s < W + H; s += blockDim.x) {
-    const int64_t key = key_offset(s, h, w, W);
-    acc_t e = neg_inf<acc_t>();
-    if (key >= 0) {
-      e = 0;
-      for (int c = 0; c < Cqk; ++c) e += qs[c] * static_cast<acc_t>(kn[c * HW + key]);
-      e *= scale;
-    }
-    ps[s] = e;
-    m_local = max(m_local, e);
-  }
-  const acc_t m = block_reduce<acc_t, true>(m_local, scratch);  // finite: W >= 1 row keys
-  acc_t l_local = 0;
-  for (int s = threadIdx.x; s < W + H; s += blockDim.x) {
-    const acc_t p = ps[s] == neg_inf<acc_t>() ? acc_t(0) : exp(ps[s] - m);
-    ps[s] = p;
-    l_local += p;
-  }
-  const acc_t l = block_reduce<acc_t, false>(l_local, scratch);  // also publishes ps
-  if (threadIdx.x == 0) lse[pix] = m + log(l);
-  const acc_t inv_l = acc_t(1) / l;
-  for (int c = threadIdx.x; c < Cv; c += blockDim.x) {
-    const scalar_t* vc = vn + c * HW;
-    acc_t acc = 0;
-    for (int z = 0; z < W; ++z) acc += ps[z] * static_cast<acc_t>(vc[static_cast<int64_t>(h) * W + z]);
-    for (int j = 0; j < H; ++j) {
-      if (j == h) continue;
-      acc += ps[W + j] * static_cast<acc_t>(vc[static_cast<int64_t>(j) * W + w]);
-    }
-    out[n * Cv * HW + c * HW + hw] = static_cast<scalar_t>(acc * inv_l);
-  }
-}
-
-// ---- fused backward -----------------------------------------------------------------------
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-cca_backward_query_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ q,
-                          const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                          const scalar_t* __restrict__ out, const acc_t* __restrict__ lse,
-                          scalar_t* __restrict__ gq, acc_t* __restrict__ dbuf, int Cqk, int Cv,
-                          int H, int W, acc_t scale) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* qs = reinterpret_cast<acc_t*>(smem_raw);  // [Cqk]
-  acc_t* gos = qs + Cqk;                            // [Cv] dO of this pixel
-  acc_t* ds = gos + Cv;                             // [W + H] dS
-  acc_t* scratch = ds + W + H;                      // [32]
-  const int64_t HW = static_cast<int64_t>(H) * W;
-  const int64_t pix = blockIdx.x;
-  const int64_t n = pix / HW, hw = pix % HW;
-  const int h = static_cast<int>(hw / W), w = static_cast<int>(hw % W);
-  const scalar_t* kn = k + n * Cqk * HW;
-  const scalar_t* vn = v + n * Cv * HW;
-
-  for (int c = threadIdx.x; c < Cqk; c += blockDim.x)
-    qs[c] = static_cast<acc_t>(q[n * Cqk * HW + c * HW + hw]);
-  acc_t d_local = 0;
-  for (int c = threadIdx.x; c < Cv; c += blockDim.x) {
-    const acc_t g = static_cast<acc_t>(go[n * Cv * HW + c * HW + hw]);
-    gos[c] = g;
-    d_local += g * static_cast<acc_t>(out[n * Cv * HW + c * HW + hw]);
-  }
-  const acc_t D = block_reduce<acc_t, false>(d_local, scratch);  // also publishes qs, gos
-  if (threadIdx.x == 0) dbuf[pix] = D;
-  const acc_t lse_u = lse[pix];
-  for (int s = threadIdx.x; s < W + H; s += blockDim.x) {
-    const int64_t key = key_offset(s, h, w, W);
-    acc_t d = 0;
-    if (key >= 0) {
-      acc_t e = 0;
-      for (int c = 0; c < Cqk; ++c) e += qs[c] * static_cast<acc_t>(kn[c * HW + key]);
-      const acc_t p = exp(e * scale - lse_u);
-      acc_t dp = 0;
-      for (int c = 0; c < Cv; ++c) dp += gos[c] * static_cast<acc_t>(vn[c * HW + key]);
-      d = p * (dp - D) * scale;
-    }
-    ds[s] = d;
-  }
-  __syncthreads();
-  for (int c = threadIdx.x; c < Cqk; c += blockDim.x) {
-    const scalar_t* kc = kn + c * HW;
-    acc_t acc = 0;
-    for (int z = 0; z < W; ++z) acc += ds[z] * static_cast<acc_t>(kc[static_cast<int64_t>(h) * W + z]);
-    for (int j = 0; j < H; ++j) {
-      if (j == h) continue;
-      acc += ds[W + j] * static_cast<acc_t>(kc[static_cast<int64_t>(j) * W + w]);
-    }
-    gq[n * Cqk * HW + c * HW + hw] = static_cast<scalar_t>(acc);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-cca_backward_key_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ q,
-                        const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-                        const acc_t* __restrict__ lse, const acc_t* __restrict__ dbuf,
-                        scalar_t* __restrict__ gk, scalar_t* __restrict__ gv, int Cqk, int Cv,
-                        int H, int W, acc_t scale) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* ks = reinterpret_cast<acc_t*>(smem_raw);  // [Cqk] k of this key
-  acc_t* vs = ks + Cqk;                             // [Cv] v of this key
-  acc_t* ps = vs + Cv;                              // [W + H] P of the pixels that see it
-  acc_t* ds = ps + W + H;                           // [W + H] dS of those pixels
-  const int64_t HW = static_cast<int64_t>(H) * W;
-  const int64_t key = blockIdx.x;  // n·HW + j·W + z
-  const int64_t n = key / HW, jz = key % HW;
-  const int j = static_cast<int>(jz / W), z = static_cast<int>(jz % W);
-  const scalar_t* qn = q + n * Cqk * HW;
-  const scalar_t* gon = go + n * Cv * HW;
-  const acc_t* lse_n = lse + n * HW;
-  const acc_t* d_n = dbuf + n * HW;
-
-  for (int c = threadIdx.x; c < Cqk; c += blockDim.x)
-    ks[c] = static_cast<acc_t>(k[n * Cqk * HW + c * HW + jz]);
-  for (int c = threadIdx.x; c < Cv; c += blockDim.x)
-    vs[c] = static_cast<acc_t>(v[n * Cv * HW + c * HW + jz]);
-  __syncthreads();
-  for (int u = threadIdx.x; u < W + H; u += blockDim.x) {
-    const int64_t pix = query_offset(u, j, z, W);
-    acc_t p = 0, d = 0;
-    if (pix >= 0) {
-      acc_t e = 0;
-      for (int c = 0; c < Cqk; ++c) e += static_cast<acc_t>(qn[c * HW + pix]) * ks[c];
-      p = exp(e * scale - lse_n[pix]);
-      acc_t dp = 0;
-      for (int c = 0; c < Cv; ++c) dp += static_cast<acc_t>(gon[c * HW + pix]) * vs[c];
-      d = p * (dp - d_n[pix]) * scale;
-    }
-    ps[u] = p;
-    ds[u] = d;
-  }
-  __syncthreads();
-  // Pixels of the row (j, u), then of the column (h, z), h != j: a fixed order.
-  for (int c = threadIdx.x; c < Cqk; c += blockDim.x) {
-    const scalar_t* qc = qn + c * HW;
-    acc_t acc = 0;
-    for (int u = 0; u < W; ++u) acc += ds[u] * static_cast<acc_t>(qc[static_cast<int64_t>(j) * W + u]);
-    for (int h = 0; h < H; ++h) {
-      if (h == j) continue;
-      acc += ds[W + h] * static_cast<acc_t>(qc[static_cast<int64_t>(h) * W + z]);
-    }
-    gk[n * Cqk * HW + c * HW + jz] = static_cast<scalar_t>(acc);
-  }
-  for (int c = threadIdx.x; c < Cv; c += blockDim.x) {
-    const scalar_t* gc = gon + c * HW;
-    acc_t acc = 0;
-    for (int u = 0; u < W; ++u) acc += ps[u] * static_cast<acc_t>(gc[static_cast<int64_t>(j) * W + u]);
-    for (int h = 0; h < H; ++h) {
-      if (h == j) continue;
-      acc += ps[W + h] * static_cast<acc_t>(gc[static_cast<int64_t>(h) * W + z]);
-    }
-    gv[n * Cv * HW + c * HW + jz] = static_cast<scalar_t>(acc);
-  }
-}
 
 // ---- the two-op API: one thread per output element -----------------------------------------
 // energy (N, S = H+W-1, H, W): channel s < W is the row key (h, s); channel W + i the column key
@@ -402,7 +218,8 @@ __global__ void cca_map_backward_v_kernel(const scalar_t* __restrict__ go,
   }
 }
 
-// ---- glue ---------------------------------------------------------------------------------
+
+// ---- glue -------------------------------------------------------------------------------------
 
 void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const char* op) {
@@ -410,23 +227,218 @@ void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(), op,
               ": q, k, v must be on one CUDA device, got ", q.device(), ", ", k.device(), ", ",
               v.device());
-  TORCH_CHECK(q.size(0) * q.size(2) * q.size(3) <= std::numeric_limits<int32_t>::max() &&
-                  q.size(1) <= std::numeric_limits<int32_t>::max() &&
-                  v.size(1) <= std::numeric_limits<int32_t>::max(),
-              op, ": N·H·W and the channel counts must fit in int32 (one block per pixel), got "
-              "shapes ", q.sizes(), " and ", v.sizes());
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(q.size(1) <= kMax && v.size(1) <= kMax && q.size(2) <= kMax && q.size(3) <= kMax,
+              op, ": H, W and the channel counts must fit in int32, got shapes ", q.sizes(),
+              " and ", v.sizes());
 }
 
-size_t checked_smem(size_t bytes, const char* op, int64_t H, int64_t W) {
-  TORCH_CHECK(bytes <= 48 * 1024, op, ": H + W and the channel counts too large for the CUDA "
-              "kernel's shared memory (", bytes, " bytes > 48 KiB) at H = ", H, ", W = ", W,
-              "; use backend='triton'");
-  return bytes;
+// Element type, mma policy and tile sizes per dtype.
+template <typename T_, typename acc_t_, template <typename, typename> class Pol_, int BL, int CT>
+struct KindOf {
+  using T = T_;
+  using acc_t = acc_t_;
+  using Pol = Pol_<T_, acc_t_>;
+  using Tl = cca_cuda::Tiles<BL, CT>;
+};
+template <typename scalar_t>
+struct Kind;
+template <>
+struct Kind<at::Half> : KindOf<__half, float, cca_cuda::WmmaPolicy, 64, 64> {};
+template <>
+struct Kind<at::BFloat16> : KindOf<__nv_bfloat16, float, cca_cuda::WmmaPolicy, 64, 64> {};
+template <>
+struct Kind<float> : KindOf<float, float, cca_cuda::FmaPolicy, 32, 32> {};
+template <>
+struct Kind<double> : KindOf<double, double, cca_cuda::FmaPolicy, 32, 32> {};
+
+// The tensor-core instantiations need sm_70 (fp16) and sm_80 (bf16).
+template <typename scalar_t>
+void check_arch(const at::Tensor& t, const char* op) {
+  const auto* prop = at::cuda::getDeviceProperties(t.device().index());
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    TORCH_CHECK(prop->major >= 8, op, ": bfloat16 needs a GPU of compute capability 8.0 or newer "
+                "(bf16 tensor-core mma), got ", prop->major, ".", prop->minor,
+                "; use float16 or float32");
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    TORCH_CHECK(prop->major >= 7, op, ": float16 needs a GPU of compute capability 7.0 or newer "
+                "(tensor-core mma), got ", prop->major, ".", prop->minor, "; use float32");
+  }
 }
 
-unsigned int elementwise_blocks(int64_t total) {
-  const int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
-  return static_cast<unsigned int>(std::min<int64_t>(blocks, 65535LL * 16));
+template <typename T, typename scalar_t>
+T* dptr(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr<scalar_t>()) : nullptr;
+}
+
+template <typename acc_t>
+acc_t* aptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<acc_t>() : nullptr;
+}
+
+// The row pass and the column pass of an (H, W) plane. vec: the row pass may move operand tiles
+// 16 bytes at a time (rows of a multiple of 16 bytes, operands 16-byte aligned).
+template <class Tl, typename T>
+std::array<cca_cuda::LinePass, 2> line_passes(int64_t H, int64_t W,
+                                              std::initializer_list<at::Tensor> operands) {
+  const int64_t HW = H * W;
+  bool vec = (W * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  for (const auto& t : operands)
+    vec = vec && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  cca_cuda::LinePass row{static_cast<int>(W), static_cast<int>(H),
+                         static_cast<int>((W + Tl::BL - 1) / Tl::BL), W, 1, HW, false, vec};
+  cca_cuda::LinePass col{static_cast<int>(H), static_cast<int>(W),
+                         static_cast<int>((H + Tl::BL - 1) / Tl::BL), 1, W, HW, true, false};
+  return {row, col};
+}
+
+// Launches kernel(args...) on a grid of (image, line, tile) x channel tiles.
+template <class Tl, typename Kernel, typename... KArgs>
+void launch_lines(Kernel kernel, const cca_cuda::LinePass& g, int64_t N, int64_t c_tiles,
+                  int64_t smem, const char* op, KArgs... args) {
+  const int64_t blocks = N * g.n_lines * g.tiles;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max() && c_tiles <= 65535, op,
+              ": too many tiles for one launch (", blocks, " x ", c_tiles, ")");
+  if (blocks == 0 || c_tiles == 0) return;
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(static_cast<size_t>(smem) <= prop->sharedMemPerBlockOptin, op, ": the kernel needs ",
+              smem, " bytes of shared memory, the GPU allows ", prop->sharedMemPerBlockOptin);
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(c_tiles)), Tl::kThreads, smem,
+           at::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The fused op's launches for one dtype: its element type, policy and tiles named once.
+template <typename scalar_t>
+struct Fused {
+  using K = Kind<scalar_t>;
+  using T = typename K::T;
+  using acc_t = typename K::acc_t;
+  using Pol = typename K::Pol;
+  using Tl = typename K::Tl;
+  using S = cca_cuda::Smem<T, acc_t, Tl>;
+
+  // The arguments every kernel reads: q, k, v, their channel counts and the scale.
+  static cca_cuda::Args<T, acc_t> qkv_args(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, double scale) {
+    cca_cuda::Args<T, acc_t> a{};
+    a.q = dptr<T, scalar_t>(q);
+    a.k = dptr<T, scalar_t>(k);
+    a.v = dptr<T, scalar_t>(v);
+    a.D = static_cast<int>(q.size(1));
+    a.Cv = static_cast<int>(v.size(1));
+    a.scale = static_cast<acc_t>(scale);
+    return a;
+  }
+
+  // out, lse (and y = gamma·out + residual when residual is defined) for contiguous q, k, v.
+  static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& out,
+                      const at::Tensor& lse, const at::Tensor& y, double scale, const char* op);
+
+  // grad_q, grad_k, grad_v (and the per-pixel partials of grad_gamma when gpart is defined) for
+  // contiguous inputs; go is grad_out, or grad_y with gamma defined.
+  static void backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                       const at::Tensor& gamma, const at::Tensor& gq, const at::Tensor& gk,
+                       const at::Tensor& gv, const at::Tensor& gpart, double scale,
+                       const char* op);
+};
+
+template <typename scalar_t>
+void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& residual, const at::Tensor& gamma,
+                              const at::Tensor& out, const at::Tensor& lse, const at::Tensor& y,
+                              double scale, const char* op) {
+  check_arch<scalar_t>(q, op);
+  const int64_t N = q.size(0), D = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
+  auto a = qkv_args(q, k, v, scale);
+  a.lse_out = aptr<acc_t>(lse);
+  const auto passes = line_passes<Tl, T>(H, W, {q, k, v});
+  for (const auto& g : passes) {
+    launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, g, N, 1, S::bytes_forward, op,
+                     a, g);
+  }
+  if (Cv == 0) return;
+  // fp16/bf16: the row pass's partial sums stay in an op-math buffer, rounded once at the end.
+  const at::Tensor part = std::is_same_v<T, acc_t>
+                              ? out
+                              : at::empty(out.sizes(), out.options().dtype(lse.scalar_type()));
+  a.lse = aptr<acc_t>(lse);
+  a.part = aptr<acc_t>(part);
+  a.out = dptr<T, scalar_t>(out);
+  if (residual.defined()) {
+    a.residual = dptr<T, scalar_t>(residual);
+    a.gamma = aptr<acc_t>(gamma);
+    a.y = dptr<T, scalar_t>(y);
+  }
+  const int64_t c_tiles = (Cv + Tl::CT - 1) / Tl::CT;
+  for (int pass = 0; pass < 2; ++pass) {
+    launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, false>, passes[pass], N, c_tiles,
+                     S::bytes_forward, op, a, passes[pass], pass == 1);
+  }
+}
+
+template <typename scalar_t>
+void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               const at::Tensor& gamma, const at::Tensor& gq, const at::Tensor& gk,
+                               const at::Tensor& gv, const at::Tensor& gpart, double scale,
+                               const char* op) {
+  check_arch<scalar_t>(q, op);
+  const int64_t N = q.size(0), D = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
+  const int64_t total = N * H * W;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto dd = at::empty({N, H, W}, lse.options());
+  TORCH_CHECK((total + kElementwiseThreads - 1) / kElementwiseThreads <=
+                  std::numeric_limits<int32_t>::max(),
+              op, ": N·H·W = ", total, " is too large for one launch");
+  cca_cuda::cca_delta_kernel<T, acc_t>
+      <<<static_cast<unsigned>((total + kElementwiseThreads - 1) / kElementwiseThreads),
+         kElementwiseThreads, 0, stream>>>(dptr<T, scalar_t>(go), dptr<T, scalar_t>(out),
+                                           aptr<acc_t>(gamma), aptr<acc_t>(dd), aptr<acc_t>(gpart),
+                                           static_cast<int>(Cv), H * W, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto a = qkv_args(q, k, v, scale);
+  a.go = dptr<T, scalar_t>(go);
+  a.gamma = aptr<acc_t>(gamma);
+  a.lse = aptr<acc_t>(lse);
+  a.dd = aptr<acc_t>(dd);
+  // fp16/bf16: one op-math buffer serves dq, dk and dv in turn (stream order).
+  at::Tensor buf;
+  if (!std::is_same_v<T, acc_t>) buf = at::empty({N * std::max(D, Cv) * H * W}, lse.options());
+  auto part_of = [&](const at::Tensor& grad) {
+    return std::is_same_v<T, acc_t> ? aptr<acc_t>(grad) : aptr<acc_t>(buf);
+  };
+  const auto passes = line_passes<Tl, T>(H, W, {q, k, v, go});
+  if (D > 0) {
+    const int64_t d_tiles = (D + Tl::CT - 1) / Tl::CT;
+    a.part = part_of(gq);
+    a.out = dptr<T, scalar_t>(gq);
+    for (int pass = 0; pass < 2; ++pass) {
+      launch_lines<Tl>(cca_cuda::cca_grad_kernel<Pol, Tl, T, acc_t, false>, passes[pass], N,
+                       d_tiles, S::bytes_grad, op, a, passes[pass], pass == 1);
+    }
+    a.part = part_of(gk);
+    a.out = dptr<T, scalar_t>(gk);
+    for (int pass = 0; pass < 2; ++pass) {
+      launch_lines<Tl>(cca_cuda::cca_grad_kernel<Pol, Tl, T, acc_t, true>, passes[pass], N,
+                       d_tiles, S::bytes_grad, op, a, passes[pass], pass == 1);
+    }
+  }
+  if (Cv > 0) {
+    a.part = part_of(gv);
+    a.out = dptr<T, scalar_t>(gv);
+    const int64_t c_tiles = (Cv + Tl::CT - 1) / Tl::CT;
+    for (int pass = 0; pass < 2; ++pass) {
+      launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, true>, passes[pass], N, c_tiles,
+                       S::bytes_forward, op, a, passes[pass], pass == 1);
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> cca_forward_cuda(const at::Tensor& q_, const at::Tensor& k_,
@@ -434,58 +446,96 @@ std::tuple<at::Tensor, at::Tensor> cca_forward_cuda(const at::Tensor& q_, const 
   check_cuda_inputs(q_, k_, v_, "cca_forward");
   c10::cuda::CUDAGuard guard(q_.device());
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
+  const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto out = at::empty({N, Cv, H, W}, v.options());
   auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (N * H * W == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_forward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const size_t smem = checked_smem((Cqk + W + H + 32) * sizeof(acc_t), "cca_forward", H, W);
-    cca_forward_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned int>(N * H * W), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-            out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), static_cast<int>(Cqk),
-            static_cast<int>(Cv), static_cast<int>(H), static_cast<int>(W),
-            static_cast<acc_t>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    Fused<scalar_t>::forward(q, k, v, at::Tensor(), at::Tensor(), out, lse, at::Tensor(), scale,
+                           "cca_forward");
   });
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_residual_forward_cuda(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& residual_,
+    const at::Tensor& gamma_, double scale) {
+  const char* op = "cca_residual_forward";
+  check_cuda_inputs(q_, k_, v_, op);
+  cca_checks::check_residual(residual_, v_, op);
+  cca_checks::check_gamma(gamma_, v_, op);
+  c10::cuda::CUDAGuard guard(q_.device());
+  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  auto residual = residual_.contiguous(), gamma = gamma_.contiguous();
+  const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
+  auto out = at::empty({N, Cv, H, W}, v.options());
+  auto y = at::empty({N, Cv, H, W}, v.options());
+  auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
+  if (N * H * W == 0) return {y, out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_residual_forward_cuda", [&] {
+    Fused<scalar_t>::forward(q, k, v, residual, gamma, out, lse, y, scale, op);
+  });
+  return {y, out, lse};
+}
+
+// The saved tensors and the gradient in the layouts and dtypes the kernels read.
+struct Saved {
+  at::Tensor go, q, k, v, out, lse;
+};
+
+Saved prepare_backward(const at::Tensor& grad, const at::Tensor& q_, const at::Tensor& k_,
+                       const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& lse_,
+                       const char* op, const char* grad_name) {
+  check_cuda_inputs(q_, k_, v_, op);
+  cca_checks::check_backward(grad, q_, v_, out_, lse_, op, grad_name);
+  TORCH_CHECK(grad.device() == q_.device() && out_.device() == q_.device() &&
+                  lse_.device() == q_.device(),
+              op, ": grad, out and lse must be on ", q_.device(), ", got ", grad.device(), ", ",
+              out_.device(), ", ", lse_.device());
+  const auto st = v_.scalar_type();
+  return {grad.to(st).contiguous(), q_.contiguous(),        k_.contiguous(),
+          v_.contiguous(),          out_.to(st).contiguous(),
+          lse_.to(at::toOpMathType(q_.scalar_type())).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, double scale) {
-  check_cuda_inputs(q_, k_, v_, "cca_backward");
-  cca_checks::check_backward(grad_out, q_, v_, out_, lse_);
   c10::cuda::CUDAGuard guard(q_.device());
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  auto go = grad_out.to(v.scalar_type()).contiguous(), out = out_.to(v.scalar_type()).contiguous();
-  const auto acc_type = at::toOpMathType(q.scalar_type());
-  auto lse = lse_.to(acc_type).contiguous();
-  const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  auto gq = at::empty_like(q), gk = at::empty_like(k), gv = at::empty_like(v);
-  if (N * H * W == 0) return {gq, gk, gv};
-  auto dbuf = at::empty({N, H, W}, q.options().dtype(acc_type));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto stream = at::cuda::getCurrentCUDAStream();
-    const auto blocks = static_cast<unsigned int>(N * H * W);
-    const size_t smem_q = checked_smem((Cqk + Cv + W + H + 32) * sizeof(acc_t), "cca_backward", H, W);
-    cca_backward_query_kernel<scalar_t, acc_t><<<blocks, kThreads, smem_q, stream>>>(
-        go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-        v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
-        gq.data_ptr<scalar_t>(), dbuf.data_ptr<acc_t>(), static_cast<int>(Cqk),
-        static_cast<int>(Cv), static_cast<int>(H), static_cast<int>(W), static_cast<acc_t>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const size_t smem_k = checked_smem((Cqk + Cv + 2 * (W + H)) * sizeof(acc_t), "cca_backward", H, W);
-    cca_backward_key_kernel<scalar_t, acc_t><<<blocks, kThreads, smem_k, stream>>>(
-        go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-        v.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), dbuf.data_ptr<acc_t>(),
-        gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(), static_cast<int>(Cqk),
-        static_cast<int>(Cv), static_cast<int>(H), static_cast<int>(W), static_cast<acc_t>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const Saved s = prepare_backward(grad_out, q_, k_, v_, out_, lse_, "cca_backward", "grad_out");
+  auto gq = at::zeros_like(s.q), gk = at::zeros_like(s.k), gv = at::zeros_like(s.v);
+  if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_backward_cuda", [&] {
+    Fused<scalar_t>::backward(s.go, s.q, s.k, s.v, s.out, s.lse, at::Tensor(), gq, gk, gv,
+                            at::Tensor(), scale, "cca_backward");
   });
   return {gq, gk, gv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cca_residual_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out_, const at::Tensor& lse_, const at::Tensor& gamma_, double scale) {
+  const char* op = "cca_residual_backward";
+  c10::cuda::CUDAGuard guard(q_.device());
+  const Saved s = prepare_backward(grad_y, q_, k_, v_, out_, lse_, op, "grad_y");
+  cca_checks::check_gamma(gamma_, v_, op);
+  auto gamma = gamma_.contiguous();
+  auto gq = at::zeros_like(s.q), gk = at::zeros_like(s.k), gv = at::zeros_like(s.v);
+  if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv, at::zeros_like(gamma_)};
+  auto gpart = at::empty({s.q.size(0), s.q.size(2), s.q.size(3)}, s.lse.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_residual_backward_cuda", [&] {
+    Fused<scalar_t>::backward(s.go, s.q, s.k, s.v, s.out, s.lse, gamma, gq, gk, gv, gpart, scale,
+                            op);
+  });
+  // grad_gamma = sum over pixels of <grad_y_u, out_u>: per-pixel partials, then one fixed-shape
+  // reduction (deterministic).
+  auto grad_gamma = gpart.sum().to(gamma_.scalar_type()).reshape(gamma_.sizes());
+  return {gq, gk, gv, grad_gamma};
+}
+
+unsigned int elementwise_blocks(int64_t total) {
+  const int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
+  return static_cast<unsigned int>(std::min<int64_t>(blocks, 65535LL * 16));
 }
 
 void check_attn(const at::Tensor& a, const at::Tensor& v, const char* op) {
@@ -585,6 +635,8 @@ std::tuple<at::Tensor, at::Tensor> cca_map_backward_cuda(const at::Tensor& g_,
 TORCH_LIBRARY_IMPL(armnet_ops, CUDA, m) {
   m.impl("cca_forward", &cca_forward_cuda);
   m.impl("cca_backward", &cca_backward_cuda);
+  m.impl("cca_residual_forward", &cca_residual_forward_cuda);
+  m.impl("cca_residual_backward", &cca_residual_backward_cuda);
   m.impl("cca_weight", &cca_weight_cuda);
   m.impl("cca_weight_backward", &cca_weight_backward_cuda);
   m.impl("cca_map", &cca_map_cuda);

@@ -1,0 +1,463 @@
+"""The fused criss-cross attention CUDA kernels (csrc/cuda/cca_kernels.cuh), emulated on the host.
+
+The device code is plain C++ over a scalar type, an mma policy and the tile sizes, so it compiles
+with g++ given a few shims: one std::thread per CUDA thread, a std::barrier for __syncthreads,
+blocks of a launch run one after another (one static array is the block's shared memory), and a
+small nvcuda::wmma whose fragments hold the whole 16x16 tile in every thread (the kernels touch
+fragments only through fill/load/store/mma, so its layout does not matter).
+
+The kernels are instantiated with float and double through both policies (the scalar-FMA one the
+fp32/fp64 GPU path uses, and the wmma one the fp16/bf16 path uses) and with small tiles (BL = 16
+or 32 positions, channel tiles of 16 or 32), so that small images still have several position
+tiles, several Cv and Cqk tiles and zero-padded channel chunks. The host driver launches them in
+the order of csrc/cuda/cca.cu and the results are checked against armnet_ops.reference: out, the
+saved lse, the three gradients, and the residual block (y, grad_gamma).
+
+What this cannot check: fp16/bf16 rounding, the real wmma fragment layout, alignment, shared-memory
+limits, launch configurations and timing. The needs_cuda tests at the end of this file (and the
+cuda backend of tests/test_cca.py) run the compiled kernels through the registered ops.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from armnet_ops import reference
+from numerics import assert_close, needs_cuda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HARNESS = r"""
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+struct dim3 { unsigned x = 0, y = 0, z = 0; };
+static thread_local dim3 blockIdx;
+static thread_local dim3 threadIdx;
+static dim3 blockDim;
+static std::barrier<>* g_barrier = nullptr;
+inline void __syncthreads() { g_barrier->arrive_and_wait(); }
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__
+#define __align__(n)
+
+// A host nvcuda::wmma: every thread of a warp holds (and computes) the whole tile; the store is
+// done once per warp, by lane 0 (the kernels sync before anyone reads what was stored).
+namespace nvcuda { namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment { T x[M * N]; };
+template <typename T, typename L>
+void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p, unsigned ld) {
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 16; ++k)
+      f.x[i * 16 + k] = std::is_same_v<L, row_major> ? p[i * ld + k] : p[k * ld + i];
+}
+template <typename T, typename L>
+void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p, unsigned ld) {
+  for (int k = 0; k < 16; ++k)
+    for (int j = 0; j < 16; ++j)
+      f.x[k * 16 + j] = std::is_same_v<L, row_major> ? p[k * ld + j] : p[j * ld + k];
+}
+template <typename T>
+void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T v) {
+  for (auto& e : f.x) e = v;
+}
+template <typename T, typename Tc, typename La, typename Lb>
+void mma_sync(fragment<accumulator, 16, 16, 16, Tc>& d,
+              const fragment<matrix_a, 16, 16, 16, T, La>& a,
+              const fragment<matrix_b, 16, 16, 16, T, Lb>& b,
+              const fragment<accumulator, 16, 16, 16, Tc>& c) {
+  Tc r[256];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      Tc s = c.x[i * 16 + j];
+      for (int k = 0; k < 16; ++k) s += Tc(a.x[i * 16 + k]) * Tc(b.x[k * 16 + j]);
+      r[i * 16 + j] = s;
+    }
+  std::copy(r, r + 256, d.x);
+}
+template <typename T>
+void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ld, layout_t) {
+  if ((threadIdx.x & 31) != 0) return;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) p[i * ld + j] = f.x[i * 16 + j];
+}
+} }
+#define ARMNET_CCA_HOST_WMMA 1
+
+namespace armnet_ops { namespace cca_cuda {
+alignas(128) unsigned char smem_raw[1 << 20];
+} }
+#include "cuda/cca_kernels.cuh"
+
+using namespace armnet_ops::cca_cuda;
+
+// One std::thread per CUDA thread for the whole launch; blocks one after another, a barrier
+// between blocks (the shared memory is reused).
+template <typename F>
+static void launch(int64_t gx, int64_t gy, int threads, F body) {
+  if (gx == 0 || gy == 0) return;
+  std::barrier<> bar(threads);
+  g_barrier = &bar;
+  blockDim.x = threads;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (int64_t by = 0; by < gy; ++by)
+        for (int64_t bx = 0; bx < gx; ++bx) {
+          blockIdx.x = static_cast<unsigned>(bx);
+          blockIdx.y = static_cast<unsigned>(by);
+          body();
+          bar.arrive_and_wait();
+        }
+    });
+  for (auto& th : pool) th.join();
+}
+
+// vec as the glue decides it: rows of a multiple of 16 bytes, operands 16-byte aligned.
+template <class Tl, typename T>
+static void passes(int H, int W, std::initializer_list<const T*> operands, LinePass (&g)[2]) {
+  const int64_t HW = int64_t(H) * W;
+  bool vec = (W * sizeof(T)) % 16 == 0;
+  for (const T* p : operands)
+    vec = vec && (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0);
+  g[0] = LinePass{W, H, (W + Tl::BL - 1) / Tl::BL, W, 1, HW, false, vec};
+  g[1] = LinePass{H, W, (H + Tl::BL - 1) / Tl::BL, 1, W, HW, true, false};
+}
+
+static int64_t lines(const LinePass& g, int N) { return int64_t(N) * g.n_lines * g.tiles; }
+
+// The launch sequence of csrc/cuda/cca.cu. part: the op-math buffer of the row pass (out itself
+// when null, as for fp32/fp64 on the GPU).
+template <class Pol, class Tl, typename T>
+static void run(int bwd, const T* q, const T* k, const T* v, const T* go, const T* residual,
+                const T* gamma, T* out, T* lse, T* y, T* gq, T* gk, T* gv, T* gpart, T* part,
+                int N, int D, int Cv, int H, int W, T scale) {
+  LinePass g[2];
+  passes<Tl, T>(H, W, {q, k, v, go}, g);
+  Args<T, T> a{};
+  a.q = q; a.k = k; a.v = v; a.D = D; a.Cv = Cv; a.scale = scale;
+  const int64_t c_tiles = (Cv + Tl::CT - 1) / Tl::CT, d_tiles = (D + Tl::CT - 1) / Tl::CT;
+  if (!bwd) {
+    a.lse_out = lse;
+    for (auto& p : g)
+      launch(lines(p, N), 1, Tl::kThreads, [&] { cca_lse_kernel<Pol, Tl, T, T>(a, p); });
+    a.lse = lse; a.out = out; a.part = part ? part : out;
+    if (residual) { a.residual = residual; a.gamma = gamma; a.y = y; }
+    for (int i = 0; i < 2; ++i)
+      launch(lines(g[i], N), c_tiles, Tl::kThreads,
+             [&] { cca_pv_kernel<Pol, Tl, T, T, false>(a, g[i], i == 1); });
+    return;
+  }
+  const int64_t total = int64_t(N) * H * W;
+  std::vector<T> dd(total);
+  launch((total + 63) / 64, 1, 64, [&] {
+    cca_delta_kernel<T, T>(go, out, gamma, dd.data(), gpart, Cv, int64_t(H) * W, total);
+  });
+  a.go = go; a.gamma = gamma; a.lse = lse; a.dd = dd.data();
+  T* grads[3] = {gq, gk, gv};
+  for (int which = 0; which < 3; ++which) {
+    a.out = grads[which];
+    a.part = part ? part : grads[which];
+    for (int i = 0; i < 2; ++i) {
+      if (which == 0)
+        launch(lines(g[i], N), d_tiles, Tl::kThreads,
+               [&] { cca_grad_kernel<Pol, Tl, T, T, false>(a, g[i], i == 1); });
+      else if (which == 1)
+        launch(lines(g[i], N), d_tiles, Tl::kThreads,
+               [&] { cca_grad_kernel<Pol, Tl, T, T, true>(a, g[i], i == 1); });
+      else
+        launch(lines(g[i], N), c_tiles, Tl::kThreads,
+               [&] { cca_pv_kernel<Pol, Tl, T, T, true>(a, g[i], i == 1); });
+    }
+  }
+}
+
+template <typename T>
+static void dispatch(int cfg, int bwd, const T* q, const T* k, const T* v, const T* go,
+                     const T* residual, const T* gamma, T* out, T* lse, T* y, T* gq, T* gk, T* gv,
+                     T* gpart, T* part, int N, int D, int Cv, int H, int W, T scale) {
+#define ARGS \
+  bwd, q, k, v, go, residual, gamma, out, lse, y, gq, gk, gv, gpart, part, N, D, Cv, H, W, scale
+  switch (cfg) {
+    case 0: run<FmaPolicy<T, T>, Tiles<16, 16>, T>(ARGS); break;
+    case 1: run<FmaPolicy<T, T>, Tiles<32, 16>, T>(ARGS); break;
+    case 2: run<WmmaPolicy<T, T>, Tiles<16, 16>, T>(ARGS); break;
+    case 3: run<WmmaPolicy<T, T>, Tiles<32, 32>, T>(ARGS); break;
+    default: break;
+  }
+#undef ARGS
+}
+
+extern "C" {
+void cca_emulate_f32(int cfg, int bwd, const float* q, const float* k, const float* v,
+                     const float* go, const float* residual, const float* gamma, float* out,
+                     float* lse, float* y, float* gq, float* gk, float* gv, float* gpart,
+                     float* part, int N, int D, int Cv, int H, int W, double scale) {
+  dispatch<float>(cfg, bwd, q, k, v, go, residual, gamma, out, lse, y, gq, gk, gv, gpart, part,
+                  N, D, Cv, H, W, static_cast<float>(scale));
+}
+void cca_emulate_f64(int cfg, int bwd, const double* q, const double* k, const double* v,
+                     const double* go, const double* residual, const double* gamma, double* out,
+                     double* lse, double* y, double* gq, double* gk, double* gv, double* gpart,
+                     double* part, int N, int D, int Cv, int H, int W, double scale) {
+  dispatch<double>(cfg, bwd, q, k, v, go, residual, gamma, out, lse, y, gq, gk, gv, gpart, part,
+                   N, D, Cv, H, W, scale);
+}
+}
+"""
+
+# (policy, BL, CT) of each configuration the harness instantiates.
+CONFIGS = {0: ("fma", 16, 16), 1: ("fma", 32, 16), 2: ("wmma", 16, 16), 3: ("wmma", 32, 32)}
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++ or c++) for the host emulation of the CUDA kernels")
+    d = tmp_path_factory.mktemp("cca_emulation")
+    (d / "harness.cpp").write_text(HARNESS)
+    lib = d / "libcca_emulation.so"
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
+                          "-Wno-unknown-pragmas",
+                          f"-I{os.path.join(ROOT, 'csrc')}", str(d / "harness.cpp"), "-o",
+                          str(lib)], capture_output=True, text=True)
+    assert res.returncode == 0, f"host compile of cca_kernels.cuh failed:\n{res.stderr[-4000:]}"
+    return ctypes.CDLL(str(lib))
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else None)
+
+
+def _emulate(lib, cfg, q, k, v, go, residual, gamma, scale, split_part):
+    """Runs the emulated forward then backward; every output starts as NaN, so an element a
+    kernel forgets to write shows up."""
+    N, D, H, W = q.shape
+    Cv = v.shape[1]
+    dt = q.dtype
+    fn = lib.cca_emulate_f64 if dt == torch.float64 else lib.cca_emulate_f32
+    nan = float("nan")
+    out = torch.full((N, Cv, H, W), nan, dtype=dt)
+    lse = torch.full((N, H, W), nan, dtype=dt)
+    y = torch.full((N, Cv, H, W), nan, dtype=dt) if residual is not None else None
+    gq, gk = torch.full_like(q, nan), torch.full_like(k, nan)
+    gv = torch.full_like(v, nan)
+    gpart = torch.full((N, H, W), nan, dtype=dt) if residual is not None else None
+    part = torch.full((N * max(D, Cv) * H * W,), nan, dtype=dt) if split_part else None
+    sizes = [ctypes.c_int(s) for s in (N, D, Cv, H, W)]
+
+    def call(bwd):
+        fn(ctypes.c_int(cfg), ctypes.c_int(bwd), _ptr(q), _ptr(k), _ptr(v), _ptr(go),
+           _ptr(residual), _ptr(gamma), _ptr(out), _ptr(lse), _ptr(y), _ptr(gq), _ptr(gk),
+           _ptr(gv), _ptr(gpart), _ptr(part), *sizes, ctypes.c_double(scale))
+
+    call(0)
+    call(1)
+    return out, lse, y, gq, gk, gv, gpart
+
+
+def _reference_lse(q, k, scale):
+    """The log-sum-exp over the H+W-1 keys of each pixel (row with self, column without)."""
+    H = q.shape[2]
+    e_row = torch.einsum("nchw,nchg->nhwg", q, k) * scale
+    e_col = torch.einsum("nchw,ncgw->nhwg", q, k) * scale
+    self_key = torch.eye(H, dtype=torch.bool)[None, :, None, :]
+    e_col = e_col.masked_fill(self_key, float("-inf"))
+    return torch.logsumexp(torch.cat([e_row, e_col], dim=-1), dim=-1)
+
+
+CASES = [
+    # cfg, N, Cqk, Cv, H, W, dtype, residual, split part buffer
+    (2, 2, 8, 24, 5, 7, torch.float64, False, False),   # wmma: Cqk padded to 16, two Cv tiles
+    (2, 1, 3, 5, 1, 9, torch.float64, True, True),      # H = 1: the column pass has no keys
+    (2, 1, 4, 6, 9, 1, torch.float32, True, False),     # W = 1
+    (2, 1, 20, 17, 17, 18, torch.float64, True, True),  # two position tiles, two Cqk chunks
+    (3, 1, 8, 40, 35, 6, torch.float32, False, True),   # BL = 32, CT = 32: two tiles along h
+    (3, 1, 33, 16, 3, 33, torch.float64, True, False),  # Cqk tail in the second CT = 32 chunk
+    (0, 2, 5, 33, 17, 21, torch.float64, True, True),   # fma: 2 position tiles, 3 Cv tiles
+    (0, 1, 1, 1, 1, 1, torch.float64, True, False),     # one pixel: a single row key
+    (1, 1, 16, 16, 33, 34, torch.float32, True, True),  # fma, BL = 32: 2 tiles both ways
+    (1, 1, 7, 9, 2, 2, torch.float64, False, False),
+    # rows of a multiple of 16 bytes: the row pass loads operand tiles as 16-byte vectors
+    (0, 2, 12, 20, 6, 20, torch.float32, True, True),   # 5 vectors per row, 2 position tiles
+    (3, 1, 5, 7, 3, 10, torch.float64, True, False),    # wmma, BL = 32: vectors past the line
+    (2, 1, 16, 16, 17, 16, torch.float64, False, True), # wmma: vectors, 2 column tiles
+]
+
+
+@pytest.mark.parametrize("cfg,N,D,Cv,H,W,dtype,with_residual,split", CASES)
+def test_cuda_kernels_emulated(emulation, cfg, N, D, Cv, H, W, dtype, with_residual, split):
+    torch.manual_seed(1000 * cfg + 10 * H + W)
+    scale = 0.7
+    q = torch.randn(N, D, H, W, dtype=torch.float64)
+    k = torch.randn(N, D, H, W, dtype=torch.float64)
+    v = torch.randn(N, Cv, H, W, dtype=torch.float64)
+    grad = torch.randn(N, Cv, H, W, dtype=torch.float64)
+    residual = torch.randn(N, Cv, H, W, dtype=torch.float64) if with_residual else None
+    gamma = torch.tensor([0.6], dtype=torch.float64) if with_residual else None
+
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref_out = reference.criss_cross_attention(qr, kr, vr, scale)
+    if with_residual:
+        gr = gamma.clone().requires_grad_()
+        ref_y = gr * ref_out + residual
+        ref_y.backward(grad)
+    else:
+        ref_out.backward(grad)
+    ref_lse = _reference_lse(q, k, scale)
+
+    conv = (lambda t: None if t is None else t.to(dtype).contiguous())
+    out, lse, y, gq, gk, gv, gpart = _emulate(
+        emulation, cfg, conv(q), conv(k), conv(v), conv(grad), conv(residual), conv(gamma), scale,
+        split)
+    what = f"emulated CUDA ({CONFIGS[cfg]}, {dtype})"
+    assert_close(out, ref_out.detach(), what=f"{what} out")
+    assert_close(lse, ref_lse, what=f"{what} lse")
+    assert_close(gq, qr.grad, what=f"{what} grad q")
+    assert_close(gk, kr.grad, what=f"{what} grad k")
+    assert_close(gv, vr.grad, what=f"{what} grad v")
+    if with_residual:
+        assert_close(y, ref_y.detach(), what=f"{what} y")
+        assert_close(gpart.sum().reshape(1), gr.grad, what=f"{what} grad gamma")
+
+
+def test_backward_is_deterministic(emulation):
+    """Two runs give bitwise-equal gradients (a gather formulation, no atomics)."""
+    torch.manual_seed(7)
+    q, k = torch.randn(1, 5, 6, 9), torch.randn(1, 5, 6, 9)
+    v, go = torch.randn(1, 7, 6, 9), torch.randn(1, 7, 6, 9)
+    a = _emulate(emulation, 1, q, k, v, go, None, None, 1.0, False)
+    b = _emulate(emulation, 1, q, k, v, go, None, None, 1.0, False)
+    for x, y in zip(a, b):
+        if x is not None:
+            assert torch.equal(x, y)
+
+
+# ---- the compiled kernels, on a GPU -------------------------------------------------------------
+# The registered CUDA ops called directly, the residual pair included, against the fp64 reference
+# (fp16/bf16 by the rule of tests/numerics.py, with the reference run in that precision).
+
+GPU = "cuda"
+
+
+def _ops():
+    return torch.ops.armnet_ops
+
+
+def _reference_block(q, k, v, x, gamma, grad, scale):
+    """out, y = gamma·out + x, and the gradients of y (q, k, v, gamma) by autograd."""
+    q, k, v, gamma = (t.detach().clone().requires_grad_() for t in (q, k, v, gamma))
+    out = reference.criss_cross_attention(q, k, v, scale)
+    y = gamma * out + x
+    y.backward(grad)
+    return out.detach(), y.detach(), q.grad, k.grad, v.grad, gamma.grad
+
+
+def _skip_without_bf16(dtype):
+    if dtype == torch.bfloat16 and GPU == "cuda" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bfloat16 needs compute capability 8.0 (the op refuses it below)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,D,Cv,H,W", [
+    (2, 64, 512, 33, 37),   # CCNet's channel ratio, several Cv tiles, two tiles along each line
+    (1, 8, 24, 97, 97),     # mmcv's published spatial size, Cqk padded to 16
+    (2, 5, 7, 1, 70),       # H = 1
+    (1, 3, 130, 65, 1),     # W = 1, a Cv tail
+    (1, 16, 16, 64, 64),    # 16-byte row loads (rows of 64 elements)
+])
+def test_cuda_ops_on_gpu(dtype, N, D, Cv, H, W):
+    _skip_without_bf16(dtype)
+    ops = _ops()
+    scale = D ** -0.5
+    gen = torch.Generator(device=GPU).manual_seed(N + D + Cv + H + W)
+    mk = lambda c: torch.randn(N, c, H, W, device=GPU, dtype=torch.float64, generator=gen)
+    q, k, v, x, grad = mk(D), mk(D), mk(Cv), mk(Cv), mk(Cv)
+    gamma = torch.tensor([0.6], device=GPU, dtype=torch.float64)
+    ref = _reference_block(q, k, v, x, gamma, grad, scale)
+    low = [t.to(dtype) for t in (q, k, v, x, grad)]
+    g32 = gamma.float()
+    ref_low = None
+    if dtype != torch.float32:
+        ref_low = _reference_block(*low[:4], g32, low[4].float(), scale)
+        ref_low = tuple(t.to(dtype) if t.dtype != torch.float32 or i < 5 else t
+                        for i, t in enumerate(ref_low))
+    ql, kl, vl, xl, gl = low
+    y, out, lse = ops.cca_residual_forward(ql, kl, vl, xl, g32, scale)
+    gq, gk, gv, gg = ops.cca_residual_backward(gl, ql, kl, vl, out, lse, g32, scale)
+    pick = (lambda i: None) if ref_low is None else (lambda i: ref_low[i])
+    what = f"cuda {dtype} {(N, D, Cv, H, W)}"
+    assert y.dtype == out.dtype == dtype and lse.dtype == torch.float32
+    assert_close(out, ref[0], pick(0), f"{what} out")
+    assert_close(y, ref[1], pick(1), f"{what} y")
+    # lse is float32 from fp32-accumulated energies: against the fp64 lse of the rounded inputs
+    ref_lse = _reference_lse(ql.double().cpu(), kl.double().cpu(), scale).to(GPU)
+    assert_close(lse, ref_lse, None, f"{what} lse")
+    for i, (got, name) in enumerate(zip((gq, gk, gv), ("grad q", "grad k", "grad v"))):
+        assert got.dtype == dtype
+        assert_close(got, ref[2 + i], pick(2 + i), f"{what} {name}")
+    assert gg.shape == gamma.shape and gg.dtype == torch.float32
+    if dtype == torch.float32:
+        assert_close(gg, ref[5], None, f"{what} grad gamma")
+    else:  # <grad_y, out> with out rounded to dtype: the low-precision reference's error
+        lowp_gg = (gl.float() * ref_low[0].float()).sum().reshape(1)
+        bound = 2 * (lowp_gg.double() - ref[5]).abs().item() + 1e-3 * ref[5].abs().item()
+        assert (gg.double() - ref[5]).abs().item() <= bound, f"{what} grad gamma"
+    # the plain pair runs the same kernels: gamma = 1, no epilogue
+    out2, lse2 = ops.cca_forward(ql, kl, vl, scale)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    gq2, gk2, gv2 = ops.cca_backward(gl * 0.5, ql, kl, vl, out, lse, scale)
+    lowp_gv = None if ref_low is None else 0.5 * ref_low[4].double() / 0.6
+    assert_close(gv2, 0.5 * ref[4] / 0.6, lowp_gv, f"{what} cca_backward grad v")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backward_deterministic(dtype):
+    _skip_without_bf16(dtype)
+    ops = _ops()
+    q, k = (torch.randn(2, 16, 45, 51, device=GPU, dtype=dtype) for _ in range(2))
+    v, g = (torch.randn(2, 96, 45, 51, device=GPU, dtype=dtype) for _ in range(2))
+    out, lse = ops.cca_forward(q, k, v, 1.0)
+    a = ops.cca_backward(g, q, k, v, out, lse, 1.0)
+    b = ops.cca_backward(g, q, k, v, out, lse, 1.0)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@needs_cuda
+def test_cuda_ops_empty_and_bad_input():
+    ops = _ops()
+    q = torch.randn(0, 4, 5, 6, device=GPU)
+    v = torch.randn(0, 7, 5, 6, device=GPU)
+    out, lse = ops.cca_forward(q, q, v, 1.0)
+    assert out.shape == (0, 7, 5, 6) and lse.shape == (0, 5, 6)
+    q = torch.randn(1, 4, 5, 6, device=GPU)
+    v = torch.randn(1, 7, 5, 6, device=GPU)
+    with pytest.raises(RuntimeError, match="gamma"):
+        ops.cca_residual_forward(q, q, v, v, torch.ones(2, device=GPU), 1.0)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.cca_residual_forward(q, q, v, q, torch.ones(1, device=GPU), 1.0)
