@@ -22,7 +22,9 @@ from . import reference
 from ._backend import EXTENSION_ERROR, OpSpec, autocast_inputs, forward_op, select
 from ._checks import check_same_device_dtype, check_size, check_tensor
 
-# "auto" on a GPU prefers Triton: its kernels use tensor cores (tl.dot), the CUDA kernel is SIMT.
+# "auto" on a GPU tries Triton first. Both GPU kernels are line-tiled with tensor-core products
+# (tl.dot; wmma in CUDA) and neither has been timed on a GPU yet: set the order from
+# benchmarks/ops.py on the first GPU run.
 SPEC = OpSpec("criss_cross_attention", "cca_forward", "armnet_ops.triton.cca",
               gpu_order=("triton", "cuda"))
 # The block with the residual epilogue fused: criss_cross_attention(..., gamma=, residual=) with a
