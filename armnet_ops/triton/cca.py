@@ -513,10 +513,16 @@ def cca_residual_backward_triton(
 
 @triton.jit
 def _energy_channel(p, s, CH0, EXCLUDE_SELF: tl.constexpr):
-    """[BP, BS] channel of key s of pixel p in the energy layout."""
+    """[BP, BS] channel of key s of pixel p in the energy layout, int64.
+
+    One return statement: Triton 3.6 type-checks the statements after a return inside a taken
+    constexpr branch too, and with p int64 and s int32 (_line_aggregate) the two returns had
+    different types ("Inconsistent return types")."""
     if EXCLUDE_SELF:
-        return CH0 + s[None, :] - (s[None, :] > p[:, None]).to(s.dtype)
-    return CH0 + s[None, :] + 0 * p[:, None]
+        ch = CH0 + s[None, :] - (s[None, :] > p[:, None]).to(s.dtype)
+    else:
+        ch = CH0 + s[None, :] + 0 * p[:, None]
+    return ch.to(tl.int64)
 
 
 @triton.jit
