@@ -3,9 +3,6 @@ reference against a brute-force loop, gradients (gradcheck in fp64), opcheck of 
 ops, torch.compile, autocast, strides, the modules and bad input."""
 import ctypes
 import itertools
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ import armnet_ops
 from armnet_ops import reference
 from armnet_ops.carafe import CARAFE, CARAFEPack, carafe, carafe_fused
 from conftest import HAS_CUDA
+from host_emulation import build_harness
 from numerics import KERNEL_BACKENDS, assert_close, needs_cuda, needs_triton_cpu, opcheck
 
 OPS = {"carafe": (carafe, reference.carafe), "carafe_fused": (carafe_fused, reference.carafe_fused)}
@@ -531,21 +529,12 @@ void carafe_emulate_f64(int fused, int bwd, const double* go, const double* f, c
 }
 """
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def cuda_emulation(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler for the host emulation of the CUDA kernels")
-    d = tmp_path_factory.mktemp("carafe_emulation")
-    (d / "harness.cpp").write_text(EMULATION_HARNESS)
-    lib = d / "libcarafe_emulation.so"
-    subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread",
-                    f"-I{os.path.join(ROOT, 'csrc')}", str(d / "harness.cpp"), "-o", str(lib)],
-                   check=True, capture_output=True)
-    return ctypes.CDLL(str(lib))
+    return build_harness(tmp_path_factory.mktemp("carafe_emulation"), "carafe_emulation",
+                         EMULATION_HARNESS)
 
 
 def _emulate(lib, fused, f, m, go, k, G, s, splits):

@@ -18,17 +18,14 @@ limits, launch configurations and timing. The needs_cuda tests at the end of thi
 cuda backend of tests/test_cca.py) run the compiled kernels through the registered ops.
 """
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 
 from armnet_ops import reference
+from host_emulation import build_harness
 from numerics import assert_close, needs_cuda
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HARNESS = r"""
 #include <algorithm>
@@ -233,18 +230,7 @@ CONFIGS = {0: ("fma", 16, 16), 1: ("fma", 32, 16), 2: ("wmma", 16, 16), 3: ("wmm
 
 @pytest.fixture(scope="module")
 def emulation(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++ or c++) for the host emulation of the CUDA kernels")
-    d = tmp_path_factory.mktemp("cca_emulation")
-    (d / "harness.cpp").write_text(HARNESS)
-    lib = d / "libcca_emulation.so"
-    res = subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall",
-                          "-Wno-unknown-pragmas",
-                          f"-I{os.path.join(ROOT, 'csrc')}", str(d / "harness.cpp"), "-o",
-                          str(lib)], capture_output=True, text=True)
-    assert res.returncode == 0, f"host compile of cca_kernels.cuh failed:\n{res.stderr[-4000:]}"
-    return ctypes.CDLL(str(lib))
+    return build_harness(tmp_path_factory.mktemp("cca_emulation"), "cca_emulation", HARNESS)
 
 
 def _ptr(t):
