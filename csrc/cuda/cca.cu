@@ -98,8 +98,13 @@ __device__ __forceinline__ int64_t channel_key_offset(int s, int h, int w, int W
 // The channel in which pixel (h, ·) stores its column key of row j (j != h).
 __device__ __forceinline__ int column_channel(int j, int h, int W) { return W + (j < h ? j : j - 1); }
 
+// The two-op API has two contractions and their transposes, and each op uses them with other
+// operands: energy e[s, u] = <x_u, y_key_s(u)> is cca_weight(q, k) and the attn grad of
+// cca_map(grad_out, v); the query-side gather sum_s e[s, u] y_key_s(u) is the q grad of
+// cca_weight(G, k) and cca_map itself (attn, v); the key-side gather is the k grad of
+// cca_weight(G, q) and the v grad of cca_map (attn, grad_out).
 template <typename scalar_t, typename acc_t>
-__global__ void cca_weight_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+__global__ void cca_energy_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                   scalar_t* __restrict__ e, int64_t total, int C, int H, int W) {
   const int64_t HW = static_cast<int64_t>(H) * W, S = H + W - 1;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -117,9 +122,11 @@ __global__ void cca_weight_kernel(const scalar_t* __restrict__ q, const scalar_t
   }
 }
 
-// grad of q (KEY_SIDE false) or of k (true) from the grad of the energy.
+// sum over the keys of energy-layout weights g times the other operand: at each pixel
+// (KEY_SIDE false, the q grad of cca_weight, cca_map's output) or at each key, gathered over the
+// pixels that see it (KEY_SIDE true, the k grad of cca_weight, the v grad of cca_map).
 template <typename scalar_t, typename acc_t, bool KEY_SIDE>
-__global__ void cca_weight_backward_kernel(const scalar_t* __restrict__ g,
+__global__ void cca_gather_kernel(const scalar_t* __restrict__ g,
                                            const scalar_t* __restrict__ other,
                                            scalar_t* __restrict__ grad, int64_t total, int C,
                                            int H, int W) {
@@ -153,71 +160,6 @@ __global__ void cca_weight_backward_kernel(const scalar_t* __restrict__ g,
     grad[idx] = static_cast<scalar_t>(acc);
   }
 }
-
-template <typename scalar_t, typename acc_t>
-__global__ void cca_map_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ v,
-                               scalar_t* __restrict__ out, int64_t total, int C, int H, int W) {
-  const int64_t HW = static_cast<int64_t>(H) * W, S = H + W - 1;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t hw = idx % HW, nc = idx / HW, n = nc / C;
-    const int h = static_cast<int>(hw / W), w = static_cast<int>(hw % W);
-    const scalar_t* an = a + n * S * HW;
-    const scalar_t* vc = v + nc * HW;
-    acc_t acc = 0;
-    for (int s = 0; s < S; ++s)
-      acc += static_cast<acc_t>(an[s * HW + hw]) * static_cast<acc_t>(vc[channel_key_offset(s, h, w, W)]);
-    out[idx] = static_cast<scalar_t>(acc);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void cca_map_backward_attn_kernel(const scalar_t* __restrict__ go,
-                                             const scalar_t* __restrict__ v,
-                                             scalar_t* __restrict__ ga, int64_t total, int C,
-                                             int H, int W) {
-  const int64_t HW = static_cast<int64_t>(H) * W, S = H + W - 1;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t hw = idx % HW, n = idx / (S * HW);
-    const int s = static_cast<int>((idx / HW) % S);
-    const int h = static_cast<int>(hw / W), w = static_cast<int>(hw % W);
-    const int64_t key = channel_key_offset(s, h, w, W);
-    const scalar_t* gon = go + n * C * HW;
-    const scalar_t* vn = v + n * C * HW;
-    acc_t acc = 0;
-    for (int c = 0; c < C; ++c)
-      acc += static_cast<acc_t>(gon[c * HW + hw]) * static_cast<acc_t>(vn[c * HW + key]);
-    ga[idx] = static_cast<scalar_t>(acc);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void cca_map_backward_v_kernel(const scalar_t* __restrict__ go,
-                                          const scalar_t* __restrict__ a,
-                                          scalar_t* __restrict__ gv, int64_t total, int C, int H,
-                                          int W) {
-  const int64_t HW = static_cast<int64_t>(H) * W, S = H + W - 1;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t hw = idx % HW, nc = idx / HW, n = nc / C;
-    const int j = static_cast<int>(hw / W), z = static_cast<int>(hw % W);
-    const scalar_t* an = a + n * S * HW;
-    const scalar_t* gc = go + nc * HW;
-    acc_t acc = 0;
-    for (int u = 0; u < W; ++u) {
-      const int64_t pu = static_cast<int64_t>(j) * W + u;
-      acc += static_cast<acc_t>(an[z * HW + pu]) * static_cast<acc_t>(gc[pu]);
-    }
-    for (int r = 0; r < H; ++r) {
-      if (r == j) continue;
-      const int64_t pu = static_cast<int64_t>(r) * W + z;
-      acc += static_cast<acc_t>(an[column_channel(j, r, W) * HW + pu]) * static_cast<acc_t>(gc[pu]);
-    }
-    gv[idx] = static_cast<scalar_t>(acc);
-  }
-}
-
 
 // ---- glue -------------------------------------------------------------------------------------
 
@@ -566,7 +508,7 @@ at::Tensor cca_weight_cuda(const at::Tensor& q_, const at::Tensor& k_) {
   if (total == 0) return e;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_weight_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_elementwise<scalar_t>(cca_weight_kernel<scalar_t, acc_t>, q, k, e, C, H, W);
+    launch_elementwise<scalar_t>(cca_energy_kernel<scalar_t, acc_t>, q, k, e, C, H, W);
   });
   return e;
 }
@@ -584,9 +526,9 @@ std::tuple<at::Tensor, at::Tensor> cca_weight_backward_cuda(const at::Tensor& g_
   if (total == 0) return {gq.zero_(), gk.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_weight_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_elementwise<scalar_t>(cca_weight_backward_kernel<scalar_t, acc_t, false>, g, k, gq, C,
+    launch_elementwise<scalar_t>(cca_gather_kernel<scalar_t, acc_t, false>, g, k, gq, C,
                                  H, W);
-    launch_elementwise<scalar_t>(cca_weight_backward_kernel<scalar_t, acc_t, true>, g, q, gk, C,
+    launch_elementwise<scalar_t>(cca_gather_kernel<scalar_t, acc_t, true>, g, q, gk, C,
                                  H, W);
   });
   return {gq, gk};
@@ -602,7 +544,7 @@ at::Tensor cca_map_cuda(const at::Tensor& a_, const at::Tensor& v_) {
   if (total == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cca_map_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_elementwise<scalar_t>(cca_map_kernel<scalar_t, acc_t>, a, v, out, C, H, W);
+    launch_elementwise<scalar_t>(cca_gather_kernel<scalar_t, acc_t, false>, a, v, out, C, H, W);
   });
   return out;
 }
@@ -620,11 +562,10 @@ std::tuple<at::Tensor, at::Tensor> cca_map_backward_cuda(const at::Tensor& g_,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "cca_map_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (total_a > 0) {
-      launch_elementwise<scalar_t>(cca_map_backward_attn_kernel<scalar_t, acc_t>, g, v, ga, C, H,
-                                   W);
+      launch_elementwise<scalar_t>(cca_energy_kernel<scalar_t, acc_t>, g, v, ga, C, H, W);
     }
     if (total_v > 0) {
-      launch_elementwise<scalar_t>(cca_map_backward_v_kernel<scalar_t, acc_t>, g, a, gv, C, H, W);
+      launch_elementwise<scalar_t>(cca_gather_kernel<scalar_t, acc_t, true>, a, g, gv, C, H, W);
     }
   });
   return {ga, gv};
