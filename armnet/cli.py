@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rem-weight", type=float, default=1.0, help="weight of the REM l1 loss")
     t.add_argument("--text-weight", type=float, default=1.0,
                    help="cross-entropy weight of the text class (background 1)")
+    t.add_argument("--dice-weight", type=float, default=0.0,
+                   help="weight of the per-image soft-F (dice) loss on the text class")
     t.add_argument("--crop-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     t.add_argument("--scale-min", type=float, default=0.5)
     t.add_argument("--scale-max", type=float, default=2.0)

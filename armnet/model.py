@@ -356,15 +356,22 @@ class ARMNetLoss(nn.Module):
     mean divides by the summed weights (PyTorch's convention), so the loss scale stays comparable.
     The REM target (N, 1, H, W) in [0, 1] is resized to the map's resolution by area averaging.
     A batch whose pixels are all ignored contributes 0 (not NaN) cross-entropy.
+
+    `dice_weight` adds dice_weight · mean over images of (1 − soft F_i), with soft
+    F_i = 2·Σp·y / (Σp + Σy) over the image's valid pixels and p = softmax text probability: the
+    per-image F that the TexRNet-style metric averages, made differentiable. Cross-entropy weighs
+    every pixel alike, so images with large text dominate it; this term weighs images alike.
     """
 
     def __init__(self, rem_weight: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                 text_weight: float = 1.0):
+                 text_weight: float = 1.0, dice_weight: float = 0.0):
         super().__init__()
         if not text_weight > 0:
             raise ValueError(f"text_weight must be > 0, got {text_weight}")
+        if not dice_weight >= 0:
+            raise ValueError(f"dice_weight must be >= 0, got {dice_weight}")
         self.rem_weight, self.ignore_index = rem_weight, ignore_index
-        self.text_weight = float(text_weight)
+        self.text_weight, self.dice_weight = float(text_weight), float(dice_weight)
 
     def forward(self, outputs, mask, rem_target=None) -> tuple[torch.Tensor, dict[str, float]]:
         logits = outputs["logits"].float()
@@ -377,6 +384,14 @@ class ARMNetLoss(nn.Module):
         else:
             ce = logits.sum() * 0.0
         loss, parts = ce, {"ce": float(ce.detach())}
+        if self.dice_weight and logits.shape[1] == 2:
+            valid = (mask != self.ignore_index).to(logits.dtype)
+            p = torch.softmax(logits, 1)[:, 1] * valid
+            y = (mask == 1).to(logits.dtype)
+            soft_f = (2 * (p * y).flatten(1).sum(1) + 1) / ((p + y).flatten(1).sum(1) + 1)
+            dice = (1 - soft_f).mean()
+            loss = loss + self.dice_weight * dice
+            parts["dice"] = float(dice.detach())
         rem_map = outputs.get("rem_map")
         if rem_map is not None and rem_target is not None and self.rem_weight:
             target = F.adaptive_avg_pool2d(rem_target.float(), rem_map.shape[-2:])

@@ -111,7 +111,8 @@ def train(args) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     dtype = amp_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    criterion = ARMNetLoss(args.rem_weight, text_weight=getattr(args, "text_weight", 1.0))
+    criterion = ARMNetLoss(args.rem_weight, text_weight=getattr(args, "text_weight", 1.0),
+                            dice_weight=getattr(args, "dice_weight", 0.0))
 
     steps_per_epoch = len(loader)
     total = args.epochs * steps_per_epoch

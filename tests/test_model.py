@@ -255,6 +255,26 @@ def test_loss_text_weight_is_weighted_mean_over_valid_pixels():
         ARMNetLoss(text_weight=0.0)
 
 
+def test_loss_dice_term_is_per_image_soft_f():
+    # every pixel has p(text) = 0.75; image 0 has one text pixel among three valid ones, image 1
+    # has no text pixel: soft F_0 = (2·0.75 + 1) / (3·0.75 + 1 + 1), soft F_1 = 1 / (4·0.75 + 1)
+    logits = torch.zeros(2, 2, 2, 2)
+    logits[:, 1] = math.log(3.0)
+    mask = torch.tensor([[[1, 0], [0, 255]], [[0, 0], [0, 0]]])
+    ce, _ = ARMNetLoss(rem_weight=0.0)({"logits": logits, "rem_map": None}, mask)
+    loss, parts = ARMNetLoss(rem_weight=0.0, dice_weight=2.0)({"logits": logits, "rem_map": None},
+                                                              mask)
+    f0, f1 = 2.5 / 4.25, 1 / 4.0
+    expect = ((1 - f0) + (1 - f1)) / 2
+    assert parts["dice"] == pytest.approx(expect)
+    torch.testing.assert_close(loss, ce + 2.0 * expect)
+    all_ignored = torch.full((2, 2, 2), 255)
+    loss, parts = ARMNetLoss(dice_weight=1.0)({"logits": logits, "rem_map": None}, all_ignored)
+    assert loss.item() == 0.0 and parts["dice"] == 0.0
+    with pytest.raises(ValueError, match="dice_weight"):
+        ARMNetLoss(dice_weight=-1.0)
+
+
 def test_build_model_rejects_unknown_name():
     with pytest.raises(ValueError, match="armnet_tiny"):
         build_model("armnet_r101")
