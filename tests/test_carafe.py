@@ -12,6 +12,7 @@ import armnet_ops
 from armnet_ops import reference
 from armnet_ops.carafe import CARAFE, CARAFEPack, carafe, carafe_fused
 from conftest import HAS_CUDA
+from cpu_isa import ISAS, run_with_cpu_isa
 from host_emulation import build_harness
 from numerics import KERNEL_BACKENDS, assert_close, needs_cuda, needs_triton_cpu, opcheck
 
@@ -184,6 +185,35 @@ def test_cuda_too_many_taps_is_a_clear_error(op):
 @pytest.mark.parametrize("k,G,s", [(5, 1, 2), (3, 4, 4), (7, 2, 3), (5, 2, 5)])
 def test_low_precision_cuda(op, dtype, backend, k, G, s):
     _check_parity(op, backend, "cuda", 2, 8 * G, 11, 37, k, G, s, dtype)
+
+
+_ISA_SCRIPT = """
+import torch, armnet_ops
+from armnet_ops import reference
+g = torch.Generator().manual_seed(0)
+# W = 13 and 2W = 26 are no multiple of any vector width: the loop tails run too.
+for k, G, s in ((3, 1, 2), (5, 2, 2), (3, 1, 3)):
+    f = torch.randn(2, 4, 9, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    lg = (3 * torch.randn(2, G * k * k * s * s, 9, 13, generator=g, dtype=torch.float64)).requires_grad_()
+    m = reference.carafe_mask(lg, k, G, s).detach().requires_grad_()
+    for name, second in (("carafe", m), ("carafe_fused", lg)):
+        ref = getattr(reference, name)(f, second, k, G, s)
+        go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+        want = torch.autograd.grad(ref, (f, second), go)
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+            x = [t.detach().to(dtype).requires_grad_() for t in (f, second)]
+            out = getattr(armnet_ops, name)(*x, k, G, s, backend="cpu")
+            got = torch.autograd.grad(out, x, go.to(dtype))
+            for a, b in zip((out,) + got, (ref,) + want):
+                err = (a.double() - b).abs().max().item() / b.abs().max().item()
+                assert err < tol, (name, k, G, s, dtype, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_isa_variants(isa):
+    run_with_cpu_isa(_ISA_SCRIPT, isa)
 
 
 @pytest.mark.parametrize("op", list(OPS))

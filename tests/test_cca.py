@@ -8,6 +8,7 @@ import torch
 import armnet_ops
 from armnet_ops import reference
 from armnet_ops.nn import CrissCrossAttention
+from cpu_isa import ISAS, run_with_cpu_isa
 from numerics import KERNEL_BACKENDS, assert_close, needs_cuda, needs_triton, needs_triton_cpu, opcheck
 
 ops = torch.ops.armnet_ops
@@ -145,17 +146,9 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["base", "avx2"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_cpu_isa_variants(isa):
-    """The C++ kernels are compiled once per instruction set and picked at run time; the
-    machine running the tests uses the best one, so the others run here in a subprocess."""
-    import os
-    import subprocess
-    import sys
-    env = dict(os.environ, ARMNET_OPS_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    run_with_cpu_isa(_ISA_SCRIPT, isa)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)

@@ -47,51 +47,8 @@
 namespace armnet_ops {
 namespace {
 
-// The kernels, three times: for the baseline ISA, for AVX2+FMA and for AVX-512 (512-bit vectors
-// preferred) where the compiler can target them; every inner loop runs along w and vectorises, so
-// the vector width is most of the speed. kernel_isa() picks at run time, so the binary still runs
-// on CPUs without AVX2.
-namespace isa_base {
-#include "cca_kernels.h"
-}  // namespace isa_base
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace isa_avx2 {
-#include "cca_kernels.h"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
-namespace isa_avx512 {
-#include "cca_kernels.h"
-}  // namespace isa_avx512
-#pragma GCC pop_options
-// 0 baseline, 1 AVX2, 2 AVX-512: the best the CPU supports, capped by the environment variable
-// ARMNET_OPS_CPU_ISA=base|avx2 (read once; the tests use it to run every variant).
-int kernel_isa() {
-  static const int isa = [] {
-    __builtin_cpu_init();
-    int best = 0;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = 1;
-    if (best == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      best = 2;
-    const char* cap = std::getenv("ARMNET_OPS_CPU_ISA");
-    if (cap != nullptr && std::string(cap) == "base") best = 0;
-    if (cap != nullptr && std::string(cap) == "avx2") best = std::min(best, 1);
-    return best;
-  }();
-  return isa;
-}
-#define CCA_KERNEL(fn, ...)                                                                \
-  (kernel_isa() == 2   ? isa_avx512::fn(__VA_ARGS__)                                       \
-   : kernel_isa() == 1 ? isa_avx2::fn(__VA_ARGS__)                                         \
-                       : isa_base::fn(__VA_ARGS__))
-#else
-#define CCA_KERNEL(fn, ...) isa_base::fn(__VA_ARGS__)
-#endif
+#define ARMNET_ISA_KERNELS "cca_kernels.h"
+#include "isa_variants.h"
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
   cca_checks::check_qkv(q, k, v, op);
@@ -119,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q_, con
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_forward_cpu", [&] {
     // A CPU tensor: reading gamma here costs no device synchronisation.
     const scalar_t g = epilogue ? gamma.item<scalar_t>() : scalar_t(0);
-    CCA_KERNEL(forward_kernel<scalar_t>, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+    ARMNET_CPU_KERNEL(forward_kernel<scalar_t>, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), N, Cqk,
                Cv, H, W, static_cast<scalar_t>(scale),
                epilogue ? residual.data_ptr<scalar_t>() : nullptr,
@@ -158,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto D = at::empty({N, H, W}, q.options());
   if (N * H * W == 0) return {gq.zero_(), gk.zero_(), gv.zero_(), D};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_backward_cpu", [&] {
-    CCA_KERNEL(backward_kernel<scalar_t>, go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+    ARMNET_CPU_KERNEL(backward_kernel<scalar_t>, go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                lse.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
                gv.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), N, Cqk, Cv, H, W,
@@ -202,7 +159,7 @@ at::Tensor cca_weight_cpu(const at::Tensor& q_, const at::Tensor& k_) {
   auto e = at::empty({N, H + W - 1, H, W}, q.options());
   if (e.numel() == 0) return e;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_weight_cpu", [&] {
-    CCA_KERNEL(weight_kernel<scalar_t>, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+    ARMNET_CPU_KERNEL(weight_kernel<scalar_t>, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                             e.data_ptr<scalar_t>(), N, C, H, W);
   });
   return e;
@@ -218,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> cca_weight_backward_cpu(const at::Tensor& g_,
   auto gq = at::zeros_like(q), gk = at::zeros_like(k);
   if (N * H * W == 0) return {gq, gk};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_weight_backward_cpu", [&] {
-    CCA_KERNEL(weight_backward_kernel<scalar_t>, g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+    ARMNET_CPU_KERNEL(weight_backward_kernel<scalar_t>, g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                                      k.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(),
                                      gk.data_ptr<scalar_t>(), N, C, H, W);
   });
@@ -232,7 +189,7 @@ at::Tensor cca_map_cpu(const at::Tensor& a_, const at::Tensor& v_) {
   auto out = at::empty_like(v);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "cca_map_cpu", [&] {
-    CCA_KERNEL(map_kernel<scalar_t>, a.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    ARMNET_CPU_KERNEL(map_kernel<scalar_t>, a.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                          N, C, H, W);
   });
   return out;
@@ -247,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> cca_map_backward_cpu(const at::Tensor& g_, co
   auto ga = at::zeros_like(a), gv = at::zeros_like(v);
   if (N * H * W == 0) return {ga, gv};
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "cca_map_backward_cpu", [&] {
-    CCA_KERNEL(map_backward_kernel<scalar_t>, g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
+    ARMNET_CPU_KERNEL(map_backward_kernel<scalar_t>, g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                                   v.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(),
                                   gv.data_ptr<scalar_t>(), N, C, H, W);
   });

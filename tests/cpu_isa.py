@@ -1,0 +1,15 @@
+"""The C++ kernels of criss-cross attention and CARAFE are compiled once per instruction set and
+one is picked at run time (csrc/cpu/isa_variants.h); the machine running the tests uses the best,
+so the others run in a subprocess with ARMNET_OPS_CPU_ISA capping the choice."""
+import os
+import subprocess
+import sys
+
+ISAS = ["base", "avx2"]
+
+
+def run_with_cpu_isa(script: str, isa: str) -> None:
+    env = dict(os.environ, ARMNET_OPS_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
