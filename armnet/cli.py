@@ -61,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--crop-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
     t.add_argument("--scale-min", type=float, default=0.5)
     t.add_argument("--scale-max", type=float, default=2.0)
-    t.add_argument("--flip", type=float, default=0.5, help="probability of a horizontal flip")
+    t.add_argument("--flip", type=float, default=0.5,
+                   help="probability of a horizontal flip (mirrored glyphs are not text a test "
+                        "set holds; the synthetic recipe uses 0)")
     t.add_argument("--cache", action="store_true", help="synthetic: keep rendered images in memory")
     t.add_argument("--backbone-weights", default=None,
                    help="torchvision-format ResNet state dict (e.g. resnet50 ImageNet weights)")

@@ -184,6 +184,10 @@ class TrainAugment:
     """
 
     def __init__(self, crop_size=(512, 512), scale=(0.5, 2.0), flip: float = 0.5):
+        if not 0.0 <= flip <= 1.0:
+            raise ValueError(f"flip must be a probability in [0, 1], got {flip}")
+        if not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {tuple(scale)}")
         self.crop_size, self.scale, self.flip = crop_size, scale, flip
 
     def __call__(self, image, mask, rem, rng: np.random.Generator):

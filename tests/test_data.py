@@ -201,6 +201,29 @@ def test_augment_crop_pad_and_flip_move_image_and_mask_together():
     assert (m[20:] == IGNORE).all() and (m[:, 30:] == IGNORE).all() and (im[:, 20:] == 0).all()
 
 
+def test_augment_flip_probability():
+    image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(3, 2, 4)
+    mask = torch.zeros(2, 4, dtype=torch.long)
+    mask[:, 0] = 1
+    rem = mask[None].float()
+    for p, flipped in ((0.0, False), (1.0, True)):
+        aug = TrainAugment(crop_size=None, scale=(1.0, 1.0), flip=p)
+        for seed in range(4):
+            im, m, r = aug(image, mask, rem, np.random.default_rng(seed))
+            assert torch.equal(im, image.flip(-1) if flipped else image)
+            assert torch.equal(m, mask.flip(-1) if flipped else mask)
+            assert torch.equal(r, rem.flip(-1) if flipped else rem)
+
+
+@pytest.mark.parametrize("kw,match", [({"flip": 1.5}, "flip must be a probability"),
+                                      ({"flip": -0.1}, "got -0.1"),
+                                      ({"scale": (1.2, 0.8)}, r"scale must be .* got \(1.2, 0.8\)"),
+                                      ({"scale": (0.0, 1.0)}, "0 < min")])
+def test_augment_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainAugment(**kw)
+
+
 def test_resize_label_keeps_text_and_ignore_in_place():
     mask = torch.zeros(8, 8, dtype=torch.long)
     mask[2:4, 3:5] = 1
