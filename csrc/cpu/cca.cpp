@@ -77,10 +77,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q_, con
     // A CPU tensor: reading gamma here costs no device synchronisation.
     const scalar_t g = epilogue ? gamma.item<scalar_t>() : scalar_t(0);
     ARMNET_CPU_KERNEL(forward_kernel<scalar_t>, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-               v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), N, Cqk,
-               Cv, H, W, static_cast<scalar_t>(scale),
-               epilogue ? residual.data_ptr<scalar_t>() : nullptr,
-               epilogue ? y.data_ptr<scalar_t>() : nullptr, g);
+                      v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                      N, Cqk, Cv, H, W, static_cast<scalar_t>(scale),
+                      epilogue ? residual.data_ptr<scalar_t>() : nullptr,
+                      epilogue ? y.data_ptr<scalar_t>() : nullptr, g);
   });
   return {y, out, lse};
 }
@@ -116,10 +116,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   if (N * H * W == 0) return {gq.zero_(), gk.zero_(), gv.zero_(), D};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_backward_cpu", [&] {
     ARMNET_CPU_KERNEL(backward_kernel<scalar_t>, go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-               k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-               lse.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
-               gv.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), N, Cqk, Cv, H, W,
-               static_cast<scalar_t>(scale), static_cast<scalar_t>(gamma));
+                      k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                      lse.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
+                      gv.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), N, Cqk, Cv, H, W,
+                      static_cast<scalar_t>(scale), static_cast<scalar_t>(gamma));
   });
   return {gq, gk, gv, D};
 }
@@ -160,7 +160,7 @@ at::Tensor cca_weight_cpu(const at::Tensor& q_, const at::Tensor& k_) {
   if (e.numel() == 0) return e;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_weight_cpu", [&] {
     ARMNET_CPU_KERNEL(weight_kernel<scalar_t>, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                            e.data_ptr<scalar_t>(), N, C, H, W);
+                      e.data_ptr<scalar_t>(), N, C, H, W);
   });
   return e;
 }
@@ -175,9 +175,9 @@ std::tuple<at::Tensor, at::Tensor> cca_weight_backward_cpu(const at::Tensor& g_,
   auto gq = at::zeros_like(q), gk = at::zeros_like(k);
   if (N * H * W == 0) return {gq, gk};
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_weight_backward_cpu", [&] {
-    ARMNET_CPU_KERNEL(weight_backward_kernel<scalar_t>, g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                                     k.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(),
-                                     gk.data_ptr<scalar_t>(), N, C, H, W);
+    ARMNET_CPU_KERNEL(weight_backward_kernel<scalar_t>, g.data_ptr<scalar_t>(),
+                      q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(),
+                      gk.data_ptr<scalar_t>(), N, C, H, W);
   });
   return {gq, gk};
 }
@@ -189,8 +189,8 @@ at::Tensor cca_map_cpu(const at::Tensor& a_, const at::Tensor& v_) {
   auto out = at::empty_like(v);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "cca_map_cpu", [&] {
-    ARMNET_CPU_KERNEL(map_kernel<scalar_t>, a.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                         N, C, H, W);
+    ARMNET_CPU_KERNEL(map_kernel<scalar_t>, a.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                      out.data_ptr<scalar_t>(), N, C, H, W);
   });
   return out;
 }
@@ -205,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor> cca_map_backward_cpu(const at::Tensor& g_, co
   if (N * H * W == 0) return {ga, gv};
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "cca_map_backward_cpu", [&] {
     ARMNET_CPU_KERNEL(map_backward_kernel<scalar_t>, g.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
-                                  v.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(),
-                                  gv.data_ptr<scalar_t>(), N, C, H, W);
+                      v.data_ptr<scalar_t>(), ga.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>(),
+                      N, C, H, W);
   });
   return {ga, gv};
 }
