@@ -7,7 +7,9 @@
 // contiguous rows and vectorise, so the vector width is most of the speed; the binary still runs
 // on CPUs without AVX2. ARMNET_CPU_KERNEL(fn, args...) calls the best variant the CPU supports,
 // capped by the environment variable ARMNET_OPS_CPU_ISA=base|avx2 (read once; the tests use it
-// to run every variant). No include guard: each kernel file includes it once.
+// to run every variant). No include guard: each kernel file includes it once. It is included
+// inside a namespace, so the includer provides the standard headers it and the kernel headers
+// use (<algorithm>, <bit>, <cmath>, <cstdint>, <cstdlib>, <string>, <vector>).
 
 namespace isa_base {
 #include ARMNET_ISA_KERNELS
