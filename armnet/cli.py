@@ -59,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--dice-weight", type=float, default=0.0,
                    help="weight of the per-image soft-F (dice) loss on the text class")
     t.add_argument("--crop-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
+    t.add_argument("--small-crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="progressive resizing: train on crops of this size first, then on --crop-size")
+    t.add_argument("--small-crop-until", type=float, default=0.6,
+                   help="the fraction of the run (epochs, or the --time-limit budget) on --small-crop")
     t.add_argument("--scale-min", type=float, default=0.5)
     t.add_argument("--scale-max", type=float, default=2.0)
     t.add_argument("--flip", type=float, default=0.5,

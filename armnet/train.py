@@ -11,6 +11,12 @@ Multi-process: launch with `torchrun --nproc_per_node=K -m armnet train ...`; ea
 its DistributedSampler shard (gloo on CPU, NCCL on CUDA with one GPU per local rank); rank 0
 writes checkpoints and shows the progress bar. `--batch-size` is per process.
 
+Progressive resizing (`--small-crop H W`, `--small-crop-until F`): the first fraction F of the run
+(by epochs, or by the time budget when `--time-limit` is set, whichever is further along) trains on
+smaller random crops, the rest on `--crop-size`. Small crops make a step cheaper, so the network
+gets more updates early, when it is learning what text looks like; the last part at full size
+fits it to the context and the statistics of larger images.
+
 Checkpoints: `<out>/last.pt` after every epoch (and when `--max-steps` or `--time-limit` seconds
 stop a run early);
 `--resume <file>` or `--resume auto` (= `<out>/last.pt` if it exists) restores model, optimizer,
@@ -39,6 +45,21 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float, power: float = 0.9
         return base_lr * (0.01 + 0.99 * step / warmup)
     t = max((step - warmup) / max(total - warmup, 1), time_fraction)
     return base_lr * max(1.0 - t, 0.0) ** power
+
+
+def crop_for(progress: float, crop_size: tuple, small_crop: tuple | None, until: float) -> tuple:
+    """The crop size for an epoch that starts at `progress` (0..1) through the run."""
+    return tuple(small_crop) if small_crop and progress < until else tuple(crop_size)
+
+
+def make_loader(dataset, batch_size: int, sampler, workers: int, drop_last: bool,
+                pin_memory: bool) -> DataLoader:
+    # Not persistent: worker processes are started afresh each epoch, so that they see the
+    # dataset's epoch (set_epoch, which seeds the augmentation) and the epoch's crop size. The
+    # persistent workers kept the copy they were started with, and so repeated epoch 0's crops.
+    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory,
+                      persistent_workers=False)
 
 
 def elapsed_seconds(t0: float, world: int, device: torch.device) -> float:
@@ -98,9 +119,16 @@ def train(args) -> dict:
         raise RuntimeError(f"the {args.dataset} {args.split!r} split has no images")
     sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
                if world > 1 else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
-    loader = DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.workers,
-                        collate_fn=collate, drop_last=len(dataset) // world >= args.batch_size,
-                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    loader = make_loader(dataset, args.batch_size, sampler, args.workers,
+                         drop_last=len(dataset) // world >= args.batch_size,
+                         pin_memory=device.type == "cuda")
+    small_crop = getattr(args, "small_crop", None)
+    small_until = getattr(args, "small_crop_until", 0.6)
+    if small_crop is not None:
+        if min(small_crop) <= 0:
+            raise ValueError(f"--small-crop must be two sizes > 0, got {tuple(small_crop)}")
+        if not 0.0 <= small_until <= 1.0:
+            raise ValueError(f"--small-crop-until must be in [0, 1], got {small_until}")
 
     kwargs = model_kwargs_from_args(args)
     model = build_model(args.model, ops_backend=args.ops_backend, **kwargs)
@@ -157,6 +185,8 @@ def train(args) -> dict:
     used = 0.0  # the fraction of the time budget spent so far
     for epoch in range(start_epoch, args.epochs):
         model.train()
+        augment.crop_size = crop_for(max(epoch / args.epochs, used), args.crop_size, small_crop,
+                                     small_until)
         dataset.set_epoch(epoch)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
@@ -197,7 +227,8 @@ def train(args) -> dict:
         bar.close()
         if main and not args.quiet:
             print(f"epoch {epoch + 1}/{args.epochs}: mean loss {run_loss / max(n, 1):.4f}, "
-                  f"lr {lr:.2e}, {time.time() - t0:.0f} s", flush=True)
+                  f"lr {lr:.2e}, crop {augment.crop_size[0]}x{augment.crop_size[1]}, "
+                  f"{time.time() - t0:.0f} s", flush=True)
         # an epoch cut short by --max-steps is redone from its start on resume
         checkpoint(epoch + 1 if n == steps_per_epoch else epoch)
         if stop:

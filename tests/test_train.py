@@ -185,3 +185,63 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert log["summary"]["world_size"] == 2 and log["summary"]["steps"] == 2
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
     assert not any(k.startswith("module.") for k in ckpt["model"])   # saved unwrapped
+
+
+# ---- progressive resizing and the loader ------------------------------------------------------
+
+def test_crop_for_switches_at_the_given_fraction():
+    assert train_module.crop_for(0.0, (96, 96), (64, 64), 0.6) == (64, 64)
+    assert train_module.crop_for(0.59, (96, 96), (64, 64), 0.6) == (64, 64)
+    assert train_module.crop_for(0.6, (96, 96), (64, 64), 0.6) == (96, 96)
+    assert train_module.crop_for(0.0, (96, 96), None, 0.6) == (96, 96)
+
+
+def test_small_crop_trains_on_small_then_full_crops(tmp_path, monkeypatch):
+    shapes = []
+
+    def recording_collate(items):
+        batch = collate(items)
+        shapes.append(tuple(batch["image"].shape[-2:]))
+        return batch
+
+    monkeypatch.setattr(train_module, "collate", recording_collate)
+    # 3 epochs of 2 steps; epochs start at progress 0, 1/3, 2/3: the first two are below 0.5
+    train(_train_args(tmp_path, "--small-crop", "32", "32", "--small-crop-until", "0.5"))
+    assert shapes == [(32, 32)] * 4 + [(48, 48)] * 2
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--small-crop", ["0", "32"], "--small-crop must be two sizes > 0"),
+    ("--small-crop-until", ["1.5"], r"--small-crop-until must be in \[0, 1\], got 1.5"),
+])
+def test_small_crop_bad_values_are_refused(tmp_path, flag, value, match):
+    extra = [flag, *value] + (["--small-crop", "32", "32"] if flag != "--small-crop" else [])
+    with pytest.raises(ValueError, match=match):
+        train(_train_args(tmp_path, *extra))
+
+
+class _EpochEcho(torch.utils.data.Dataset):
+    """Returns the epoch it was told, as the augmentation seed would see it in a worker."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        t = torch.full((1,), float(self.epoch))
+        return {"image": t, "mask": t, "rem_target": t, "id": i}
+
+
+def test_loader_workers_see_each_epoch():
+    ds = _EpochEcho()
+    loader = train_module.make_loader(ds, 2, None, workers=1, drop_last=False, pin_memory=False)
+    seen = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        seen += [int(v) for batch in loader for v in batch["image"].flatten()]
+    assert seen == [0, 0, 1, 1]
