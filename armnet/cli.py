@@ -11,6 +11,11 @@ import sys
 from .model import MODELS
 
 
+def _scales(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="test scales: resize the image by each, average the softmax (default 1.0)")
+
+
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1")
     p.add_argument("--ops-backend", default="auto",
@@ -79,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out-json", default=None, help="write the metrics here")
     e.add_argument("--batch-size", type=int, default=1, help="synthetic only (same-size images)")
     e.add_argument("--max-images", type=int, default=0)
+    _scales(e)
 
     p = sub.add_parser("predict", help="write <stem>_mask.png and <stem>_overlay.png per image")
     _common(p, data=False)
@@ -88,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-side", type=int, default=0,
                    help="downscale images whose longer side exceeds this (0: never)")
+    _scales(p)
 
     s = sub.add_parser("synth", help="write a synthetic set to disk in the TextSeg layout")
     s.add_argument("--out", required=True)

@@ -2,7 +2,11 @@
 
 eval: runs a checkpoint over a dataset split (images at their own size, batch 1 unless all images
 share a size), accumulates armnet.metrics.TextSegMetrics, prints the table and writes JSON
-(metrics, checkpoint, dataset, device, time).
+(metrics, checkpoint, dataset, test scales, device, time).
+
+Both take `--scales`: multi-scale testing as segmentation toolkits do it (mmseg's aug_test). The
+image is resized by each factor, the logits are resized back to the image's size and the softmax
+probabilities are averaged; the default, one scale of 1.0, is the plain forward pass.
 
 predict: for each IMAGE writes `<out>/<stem>_mask.png` (0 background / 255 text) and
 `<out>/<stem>_overlay.png` (the image with text pixels tinted red and outlined, for a person).
@@ -10,6 +14,7 @@ predict: for each IMAGE writes `<out>/<stem>_mask.png` (0 background / 255 text)
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -33,14 +38,39 @@ def _device(arg: str) -> torch.device:
                         else ("cpu" if arg == "auto" else arg))
 
 
+def check_scales(scales) -> tuple[float, ...]:
+    scales = tuple(float(s) for s in scales)
+    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
+        raise ValueError(f"scales must be one or more finite factors > 0, got {list(scales)}")
+    return scales
+
+
 @torch.no_grad()
-def predict_logits(model, image: torch.Tensor, dtype=None) -> torch.Tensor:
-    with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        return model(image)["logits"].float()
+def predict_probs(model, image: torch.Tensor, dtype=None, scales=(1.0,), size=None) -> torch.Tensor:
+    """Class probabilities (N, 2, *size) of `image` (N, 3, H, W), averaged over the test `scales`.
+
+    `size` (default (H, W)) is where the logits of each scale are resized to (bilinear) before the
+    softmax. With one scale of 1.0 and no `size`, this is softmax(model(image)).
+    """
+    size = tuple(size or image.shape[-2:])
+    probs = None
+    for s in check_scales(scales):
+        x = image
+        if s != 1.0:
+            hw = (max(round(image.shape[-2] * s), 1), max(round(image.shape[-1] * s), 1))
+            x = F.interpolate(image, size=hw, mode="bilinear", align_corners=False)
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)["logits"].float()
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        p = torch.softmax(logits, 1)
+        probs = p if probs is None else probs + p
+    return probs / len(scales)
 
 
 def evaluate(args) -> dict:
     device = _device(args.device)
+    scales = check_scales(args.scales)
     model, ckpt = load_model(args.checkpoint, args.model, args.ops_backend)
     model.to(device).eval()
     dataset = build_dataset(args.dataset, args.data_root, args.split, augment=None,
@@ -56,11 +86,13 @@ def evaluate(args) -> dict:
     dtype = amp_dtype(args.amp, device)
     t0 = time.time()
     for batch in tqdm(loader, desc="eval", disable=args.quiet, dynamic_ncols=True, leave=False):
-        logits = predict_logits(model, batch["image"].to(device), dtype)
-        metrics.update(logits.argmax(1).cpu(), batch["mask"])
+        probs = predict_probs(model, batch["image"].to(device), dtype, scales)
+        metrics.update(probs.argmax(1).cpu(), batch["mask"])
     result = metrics.compute()
     elapsed = time.time() - t0
     title = f"{ckpt['model_name']} on {args.dataset}/{args.split}"
+    if scales != (1.0,):
+        title += f", test scales {', '.join(f'{s:g}' for s in scales)}"
     print(format_table(result, title))
     report = {"metrics": result, "checkpoint": args.checkpoint,
               "model": ckpt["model_name"], "model_kwargs": ckpt.get("model_kwargs", {}),
@@ -69,7 +101,7 @@ def evaluate(args) -> dict:
                           **({"synth_n": args.synth_n, "synth_seed": args.synth_seed,
                               "synth_size": list(args.synth_size)}
                              if args.dataset == "synthetic" else {})},
-              "ops_backend": args.ops_backend, "seconds": elapsed,
+              "scales": list(scales), "ops_backend": args.ops_backend, "seconds": elapsed,
               "environment": environment(device)}
     if args.out_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
@@ -93,6 +125,7 @@ def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.55) -> Image.
 
 def predict(args) -> list[str]:
     device = _device(args.device)
+    scales = check_scales(args.scales)
     model, _ = load_model(args.checkpoint, args.model, args.ops_backend)
     model.to(device).eval()
     dtype = amp_dtype(args.amp, device)
@@ -107,11 +140,8 @@ def predict(args) -> list[str]:
         else:
             work = img
         x = normalize(torch.from_numpy(np.asarray(work, np.uint8).copy()).permute(2, 0, 1).float())
-        logits = predict_logits(model, x[None].to(device), dtype)
-        if work.size != img.size:
-            logits = F.interpolate(logits, size=(img.height, img.width), mode="bilinear",
-                                   align_corners=False)
-        mask = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        probs = predict_probs(model, x[None].to(device), dtype, scales, (img.height, img.width))
+        mask = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
         stem = os.path.splitext(os.path.basename(path))[0]
         mpath = os.path.join(args.out, f"{stem}_mask.png")
         opath = os.path.join(args.out, f"{stem}_overlay.png")

@@ -47,6 +47,51 @@ def test_eval_prints_table_and_writes_json(checkpoint, tmp_path, capsys):
         assert 0.0 <= rep["metrics"][k] <= 1.0
 
 
+class _Logits(torch.nn.Module):
+    """A stand-in segmentation model: a fixed 3×3 conv, so that each scale gives other logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+        torch.manual_seed(0)
+        torch.nn.init.normal_(self.conv.weight)
+
+    def forward(self, x):
+        return {"logits": self.conv(x)}
+
+
+def test_predict_probs_averages_the_softmax_over_scales():
+    import torch.nn.functional as F
+    from armnet.evaluate import predict_probs
+    model, x = _Logits(), torch.randn(2, 3, 20, 24)
+    one = predict_probs(model, x)
+    assert torch.allclose(one, torch.softmax(model(x)["logits"], 1))
+    up = F.interpolate(model(F.interpolate(x, size=(30, 36), mode="bilinear"))["logits"],
+                       size=(20, 24), mode="bilinear")
+    want = (torch.softmax(model(x)["logits"], 1) + torch.softmax(up, 1)) / 2
+    two = predict_probs(model, x, scales=(1.0, 1.5))
+    assert two.shape == (2, 2, 20, 24) and torch.allclose(two, want, atol=1e-6)
+    assert not torch.allclose(two, one, atol=1e-3)      # the second scale did contribute
+    big = predict_probs(model, x, size=(40, 48))
+    want = torch.softmax(F.interpolate(model(x)["logits"], size=(40, 48), mode="bilinear"), 1)
+    assert torch.allclose(big, want, atol=1e-6)
+    for bad in ([], [0.0], [1.0, -1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="scales must be"):
+            predict_probs(model, x, scales=bad)
+
+
+def test_eval_with_test_scales(checkpoint, tmp_path, capsys):
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), *SYN, "--synth-n", "2", "--batch-size",
+                 "2", "--scales", "1", "1.25", "--out-json", str(out_json), "--quiet"]) == 0
+    assert "test scales 1, 1.25" in capsys.readouterr().out
+    rep = json.loads(out_json.read_text())
+    assert rep["scales"] == [1.0, 1.25] and rep["metrics"]["images"] == 2
+    assert main(["eval", "--checkpoint", str(checkpoint), *SYN, "--synth-n", "1",
+                 "--scales", "0", "--quiet"]) == 2
+    assert "scales must be one or more finite factors > 0, got [0.0]" in capsys.readouterr().err
+
+
 def test_synth_then_eval_on_textseg_layout(checkpoint, tmp_path):
     root = tmp_path / "syn"
     assert main(["synth", "--out", str(root), "--n", "2", "--size", "40", "44", "--seed", "5"]) == 0
@@ -61,11 +106,13 @@ def test_predict_writes_mask_and_overlay(checkpoint, tmp_path):
     img = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), np.uint8)).save(img)
     out = tmp_path / "pred"
-    assert main(["predict", str(img), "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
-    mask = np.asarray(Image.open(out / "photo_mask.png"))
-    over = Image.open(out / "photo_overlay.png")
-    assert mask.shape == (37, 53) and set(np.unique(mask)) <= {0, 255}
-    assert over.size == (53, 37) and over.mode == "RGB"
+    for extra in ([], ["--scales", "0.75", "1.25", "--max-side", "40"]):
+        assert main(["predict", str(img), "--checkpoint", str(checkpoint), "--out", str(out),
+                     *extra]) == 0
+        mask = np.asarray(Image.open(out / "photo_mask.png"))
+        over = Image.open(out / "photo_overlay.png")
+        assert mask.shape == (37, 53) and set(np.unique(mask)) <= {0, 255}
+        assert over.size == (53, 37) and over.mode == "RGB"
 
 
 def test_bad_inputs_give_clear_errors(checkpoint, tmp_path, capsys):
