@@ -13,7 +13,7 @@ from .model import MODELS
 
 def _scales(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
-                   help="test scales: resize the image by each, average the softmax (default 1.0)")
+                   help="test scales: average the softmax over the image resized by each")
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
