@@ -52,9 +52,9 @@ def predict_probs(model, image: torch.Tensor, dtype=None, scales=(1.0,), size=No
     `size` (default (H, W)) is where the logits of each scale are resized to (bilinear) before the
     softmax. With one scale of 1.0 and no `size`, this is softmax(model(image)).
     """
-    size = tuple(size or image.shape[-2:])
+    size, scales = tuple(size or image.shape[-2:]), check_scales(scales)
     probs = None
-    for s in check_scales(scales):
+    for s in scales:
         x = image
         if s != 1.0:
             hw = (max(round(image.shape[-2] * s), 1), max(round(image.shape[-1] * s), 1))
