@@ -151,6 +151,38 @@ def test_cpu_isa_variants(isa):
     run_with_cpu_isa(_ISA_SCRIPT, isa)
 
 
+def test_cpu_gemm_without_blas():
+    """The C++ kernel's GEMMs go to the BLAS torch links (MKL's sgemm_/dgemm_) when the process
+    has one, else to at::mm on strided views; ARMNET_OPS_CPU_GEMM=aten forces the latter."""
+    run_with_cpu_isa(_ISA_SCRIPT, None, ARMNET_OPS_CPU_GEMM="aten")
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 70, 19, 37), (1, 3, 5, 33, 1), (1, 3, 5, 1, 33)])
+def test_cpu_column_blocks(shape):
+    """The CPU kernel gathers columns in blocks of 16 adjacent ones (csrc/cpu/cca_kernels.h):
+    widths across several blocks with a tail, one-pixel lines, and channel counts that are no
+    multiple of a vector, against the fp64 reference; and the same bits with 1 and 2 threads."""
+    N, Cqk, Cv, H, W = shape
+    q, k, v = _inputs(N, Cqk, Cv, H, W, requires_grad=True)
+    ref = reference.criss_cross_attention(q, k, v, 0.9)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            x = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            out = armnet_ops.criss_cross_attention(*x, scale=0.9, backend="cpu")
+            results.append((out, *torch.autograd.grad(out, x, g.float())))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(results[0], (ref, *want)):
+        assert_close(a, b)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_empty_batch(backend, device):
     q, k, v = _inputs(0, 2, 3, 4, 5, torch.float32, device, requires_grad=True)
