@@ -84,7 +84,8 @@ class TextSegMetrics:
 
 
 def format_table(metrics: dict[str, float], title: str = "") -> str:
-    rows = [("TexRNet F (per-image P, R means)", metrics["P"], metrics["R"], metrics["F"], None, None),
+    rows = [("TexRNet-style (per-image means)", metrics["P"], metrics["R"], metrics["F"], None,
+             None),
             ("dataset level", metrics["dataset_P"], metrics["dataset_R"], metrics["dataset_F"],
              metrics["fgIoU"], metrics["mIoU"])]
     lines = [title] if title else []
