@@ -168,11 +168,12 @@ def evaluate(args) -> dict:
         raise ValueError(f"--scales {' '.join(f'{s:g}' for s in args.scales)} cannot be combined "
                          "with --protocol texrnet (which fixes its own 8 sizes)")
     limit_side(torch.zeros(1, 1, 1, 1), args.max_side)       # checks --max-side before any work
-    model, ckpt = load_model(args.checkpoint, args.model, args.ops_backend)
-    model.to(device).eval()
+    # the dataset first: a broken tree is reported before a large model is loaded
     dataset = build_dataset(args.dataset, args.data_root, args.split, augment=None,
                             synth_n=args.synth_n, synth_seed=args.synth_seed,
                             synth_size=tuple(args.synth_size), rem_target=None)
+    model, ckpt = load_model(args.checkpoint, args.model, args.ops_backend)
+    model.to(device).eval()
     n = len(dataset) if not args.max_images else min(args.max_images, len(dataset))
     if n == 0:
         raise RuntimeError(f"the {args.dataset} {args.split!r} split has no images")

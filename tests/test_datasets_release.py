@@ -56,7 +56,7 @@ def test_totaltext_upper_case_extensions(totaltext_root):
     assert len(TotalTextDataset(str(totaltext_root), "test")) == 1
 
 
-def test_totaltext_every_problem_in_one_error_at_build(totaltext_root):
+def test_totaltext_every_problem_in_one_error_at_build(totaltext_root, capsys):
     (totaltext_root / "groundtruth_pixel/Train/img61.JPG").unlink()          # missing label
     (totaltext_root / "groundtruth_pixel/Train/img7.jpg").write_bytes(b"not an image")
     _rgb(10, 10).save(totaltext_root / "Images/Train/img1.jpg")              # size mismatch
@@ -67,9 +67,13 @@ def test_totaltext_every_problem_in_one_error_at_build(totaltext_root):
     assert "img61: no label" in msg and "img61.{jpg,jpeg,png,bmp}" in msg
     assert "img7: cannot read label" in msg and "img7.jpg" in msg
     assert "img1: image size (10, 10) != label size (16, 20)" in msg
-    # the CLI turns it into one message and exit code 2, with no traceback
+    # the CLI turns it into one message and exit code 2, with no traceback, before it loads the
+    # checkpoint (which does not exist here)
     assert main(["eval", "--checkpoint", "unused.pt", "--dataset", "totaltext", "--data-root",
                  str(totaltext_root), "--split", "train", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "armnet eval: error: Total-Text 'train' split" in err and "3 problem(s)" in err
+    assert "img61: no label" in err and "Traceback" not in err
 
 
 def test_check_data_prints_counts_and_every_problem(totaltext_root, capsys):
