@@ -178,7 +178,8 @@ def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
             for g in grid(c.kwargs):
                 n *= g
             return n
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = (torch.cuda.get_device_properties(device).multi_processor_count
+               if device.type == "cuda" else 1)  # a CPU device: only the tests force capture
         config = capture_config(kernel.early_config_prune(kernel.configs, nargs, **kwargs),
                                 programs, sms)
     kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
