@@ -3,6 +3,7 @@ parity over kernels × dilations × layouts × epilogues, fp64 gradcheck, opchec
 autocast, the DirectionalConv2d module (BatchNorm folding), determinism and bad input.
 
 The Triton interpreter runs a subset of the shapes (it is slow); the C++ CPU backend runs all."""
+import contextlib
 import itertools
 
 import pytest
@@ -431,12 +432,18 @@ def test_autocast(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_backward_deterministic(backend, device):
+    # The cuda backend's weight gradient is cuDNN's (at::convolution_backward): deterministic
+    # when torch.backends.cudnn.deterministic asks for it, as for F.conv2d. The others always are.
+    flags = (torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                        allow_tf32=False)
+             if backend == "cuda" else contextlib.nullcontext())
     ts = make(N=2, C_in=5, C_out=6, H=9, W=8, device=device, dtype=torch.float32)
     runs = []
-    for _ in range(2):
-        y = armnet_ops.directional_conv2d(*ts[:3], (3, 1), scale=ts[3], shift=ts[4],
-                                          activation="relu", backend=backend)
-        runs.append(torch.autograd.grad(y, ts, torch.ones_like(y)))
+    with flags:
+        for _ in range(2):
+            y = armnet_ops.directional_conv2d(*ts[:3], (3, 1), scale=ts[3], shift=ts[4],
+                                              activation="relu", backend=backend)
+            runs.append(torch.autograd.grad(y, ts, torch.ones_like(y)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
