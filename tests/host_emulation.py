@@ -1,6 +1,7 @@
 """Builds a host harness of CUDA device code (one std::thread per CUDA thread, see
-csrc/cuda/*_kernels.cuh) into a shared library for ctypes. Used by the CARAFE and CCA emulation
-tests."""
+csrc/cuda/*_kernels.cuh) into a shared library for ctypes, and the C++ pieces harnesses share:
+HOST_CUDA (threads, barrier, launch), HOST_HALF (__half / __nv_bfloat16 rounding as the device)
+and HOST_WMMA (nvcuda::wmma). Used by the CARAFE, CCA and directional-conv emulation tests."""
 import ctypes
 import os
 import shutil
@@ -30,6 +31,50 @@ def build_harness(directory, name: str, source: str) -> ctypes.CDLL:
 
 
 # ---- C++ snippets for harnesses (paste them into the source before the kernel header) ----------
+
+# The CUDA execution model on the host: dim3, blockIdx / threadIdx (per thread), blockDim,
+# __syncthreads as a std::barrier, uint4, the qualifiers as nothing, and launch(blocks, threads,
+# body): one std::thread per CUDA thread for the whole launch, the blocks of a 1-D grid one after
+# another with a barrier between them (so one set of static arrays can be every block's shared
+# memory). The harness defines __shared__ and __align__ to suit its kernels.
+HOST_CUDA = r"""
+#include <barrier>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+struct dim3 { unsigned x = 0, y = 0, z = 0; };
+static thread_local dim3 blockIdx;
+static thread_local dim3 threadIdx;
+static dim3 blockDim;
+static std::barrier<>* g_barrier = nullptr;
+inline void __syncthreads() { g_barrier->arrive_and_wait(); }
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+
+template <typename F>
+static void launch(int64_t blocks, int threads, F body) {
+  std::barrier<> bar(threads);
+  g_barrier = &bar;
+  blockDim.x = threads;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (int64_t b = 0; b < blocks; ++b) {
+        blockIdx.x = static_cast<unsigned>(b);
+        body();
+        bar.arrive_and_wait();
+      }
+    });
+  for (auto& th : pool) th.join();
+}
+"""
 
 # Host __half and __nv_bfloat16: 16-bit storage, conversions from float rounding to nearest even
 # (as __float2half_rn / __float2bfloat16_rn, which at::Half(float) and at::BFloat16(float) use on

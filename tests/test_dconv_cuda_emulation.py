@@ -27,57 +27,17 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from armnet_ops import reference
-from host_emulation import HOST_HALF, HOST_WMMA, build_harness
+from host_emulation import HOST_CUDA, HOST_HALF, HOST_WMMA, build_harness
 from numerics import assert_close
 
-SHIMS = r"""
-#include <barrier>
-#include <cstdint>
-#include <thread>
-#include <vector>
-
-struct dim3 { unsigned x = 0, y = 0, z = 0; };
-static thread_local dim3 blockIdx;
-static thread_local dim3 threadIdx;
-static dim3 blockDim;
-static std::barrier<>* g_barrier = nullptr;
-inline void __syncthreads() { g_barrier->arrive_and_wait(); }
-struct alignas(16) uint4 { unsigned x, y, z, w; };
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(x)
+HARNESS = HOST_CUDA + r"""
 // Blocks run one at a time: a function-static array is the block's shared memory.
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
-"""
-
-HARNESS = SHIMS + HOST_HALF + HOST_WMMA + r"""
+""" + HOST_HALF + HOST_WMMA + r"""
 #include "cuda/directional_conv_kernels.cuh"
 
 using namespace armnet_ops::dconv;
-
-// One std::thread per CUDA thread for the whole launch; blocks one after another, a barrier
-// between blocks (the shared memory is reused).
-template <typename F>
-static void launch(int64_t blocks, int threads, F body) {
-  std::barrier<> bar(threads);
-  g_barrier = &bar;
-  blockDim.x = threads;
-  std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back([&, t] {
-      threadIdx.x = t;
-      for (int64_t b = 0; b < blocks; ++b) {
-        blockIdx.x = static_cast<unsigned>(b);
-        body();
-        bar.arrive_and_wait();
-      }
-    });
-  for (auto& th : pool) th.join();
-}
 
 template <typename S> struct Acc { using type = float; };  // at::acc_type<S, true>
 template <> struct Acc<double> { using type = double; };
