@@ -295,6 +295,7 @@ def plot(rows: list[dict], path: str) -> None:
                         ys.append(r[key])
                 ax.bar(xs, ys, width, hatch=hatch, color=f"C{i}",
                        label=f"{b} {'fwd' if j == 0 else 'fwd+bwd'}")
+        ax.set_yscale("log")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=7)
         ax.set_ylabel(f"speed-up vs {peer}")
