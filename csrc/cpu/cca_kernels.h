@@ -62,6 +62,11 @@ inline Line row_line(int64_t W, int64_t h) { return {W, h * W, 1, false}; }
 inline Line column_line(int64_t H, int64_t W, int64_t w) { return {H, w, W, true}; }
 
 constexpr int64_t kColumnBlock = 16;
+// The column pass keeps the weights of all its columns (H x H each) and walks v's channels in
+// chunks, outermost: a chunk's planes (kChannelChunk·H·W elements; 600 KB in fp32 at 97 x 97)
+// and the output's stay in a core's L2 while its column blocks are gathered, multiplied and
+// scattered, so v and out are each read from memory once, in whole rows.
+constexpr int64_t kChannelChunk = 16;
 
 template <typename T>
 void line_energies(const T* Q, const T* K, int64_t C, const Line& l, T scale, T* E) {
@@ -72,50 +77,65 @@ void line_energies(const T* Q, const T* K, int64_t C, const Line& l, T scale, T*
 // dst[b][c][j] = src[c][j][w0 + b] for the nb <= kColumnBlock columns from w0 of one NCHW
 // image (C planes of H x W). Transposed through a kColumnBlock x kColumnBlock tile, so that both
 // the reads (nb adjacent columns) and the writes (adjacent j) are runs of contiguous memory.
+// The loops are written out (no memcpy calls for 16 elements) and have constant trip counts
+// for whole tiles, so that they compile to vector moves.
+template <typename T, int64_t NB, int64_t NJ>
+inline void transpose_tile(const T* src, int64_t src_ld, T* dst, int64_t dst_ld, int64_t nb,
+                           int64_t nj) {
+  T tile[kColumnBlock][kColumnBlock];
+  const int64_t b_end = NB ? NB : nb, j_end = NJ ? NJ : nj;
+  for (int64_t j = 0; j < j_end; ++j)
+    for (int64_t b = 0; b < b_end; ++b) tile[b][j] = src[j * src_ld + b];
+  for (int64_t b = 0; b < b_end; ++b)
+    for (int64_t j = 0; j < j_end; ++j) dst[b * dst_ld + j] = tile[b][j];
+}
+
+// dst[b·dst_ld + j] = src[j·src_ld + b] for b < nb, j < nj (both <= kColumnBlock).
+template <typename T>
+inline void transpose_block(const T* src, int64_t src_ld, T* dst, int64_t dst_ld, int64_t nb,
+                            int64_t nj) {
+  if (nb == kColumnBlock && nj == kColumnBlock)
+    transpose_tile<T, kColumnBlock, kColumnBlock>(src, src_ld, dst, dst_ld, nb, nj);
+  else
+    transpose_tile<T, 0, 0>(src, src_ld, dst, dst_ld, nb, nj);
+}
+
 template <typename T>
 void gather_columns(const T* src, int64_t C, int64_t H, int64_t W, int64_t w0, int64_t nb,
                     T* dst) {
-  T tile[kColumnBlock][kColumnBlock];
   for (int64_t c = 0; c < C; ++c)
-    for (int64_t j0 = 0; j0 < H; j0 += kColumnBlock) {
-      const int64_t nj = std::min(kColumnBlock, H - j0);
-      for (int64_t j = 0; j < nj; ++j) {
-        const T* s = src + (c * H + j0 + j) * W + w0;
-        for (int64_t b = 0; b < nb; ++b) tile[b][j] = s[b];
-      }
-      for (int64_t b = 0; b < nb; ++b) std::copy(tile[b], tile[b] + nj, dst + (b * C + c) * H + j0);
-    }
+    for (int64_t j0 = 0; j0 < H; j0 += kColumnBlock)
+      transpose_block(src + (c * H + j0) * W + w0, W, dst + c * H + j0, C * H, nb,
+                      std::min(kColumnBlock, H - j0));
 }
 
 // The inverse: dst[c][j][w0 + b] = src[b][c][j].
 template <typename T>
 void scatter_columns(const T* src, int64_t C, int64_t H, int64_t W, int64_t w0, int64_t nb,
                      T* dst) {
-  T tile[kColumnBlock][kColumnBlock];
   for (int64_t c = 0; c < C; ++c)
-    for (int64_t j0 = 0; j0 < H; j0 += kColumnBlock) {
-      const int64_t nj = std::min(kColumnBlock, H - j0);
-      for (int64_t b = 0; b < nb; ++b) {
-        const T* s = src + (b * C + c) * H + j0;
-        for (int64_t j = 0; j < nj; ++j) tile[j][b] = s[j];
-      }
-      for (int64_t j = 0; j < nj; ++j) std::copy(tile[j], tile[j] + nb, dst + (c * H + j0 + j) * W + w0);
-    }
+    for (int64_t j0 = 0; j0 < H; j0 += kColumnBlock)
+      transpose_block(src + c * H + j0, C * H, dst + (c * H + j0) * W + w0, W,
+                      std::min(kColumnBlock, H - j0), nb);
 }
 
-// Runs fn(n, w0, nb, scratch) over blocks of at most kColumnBlock adjacent columns of one image,
-// the N·W columns split between the threads; `scratch` is each thread's buffer of
-// `scratch_size` elements, allocated once per thread and not initialised.
-template <typename T, typename Fn>
-void for_column_blocks(int64_t N, int64_t W, int64_t scratch_size, Fn fn) {
-  at::parallel_for(0, N * W, kColumnBlock, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<T[]> scratch(new T[scratch_size]);
+// Runs fn(n, wa, wb) over runs of adjacent columns [wa, wb) of one image, the N·W columns split
+// evenly between the threads.
+template <typename Fn>
+void for_column_runs(int64_t N, int64_t W, Fn fn) {
+  at::parallel_for(0, N * W, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
-      const int64_t n = i / W, w0 = i % W, nb = std::min({kColumnBlock, W - w0, end - i});
-      fn(n, w0, nb, scratch.get());
-      i += nb;
+      const int64_t n = i / W, wa = i % W, wb = std::min(W, wa + end - i);
+      fn(n, wa, wb);
+      i += wb - wa;
     }
   });
+}
+
+// Uninitialised scratch of n elements.
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
 }
 
 // Row i of E becomes exp(E_i - m_i) with m_i its maximum over the unmasked keys; s_i is the sum.
@@ -157,22 +177,31 @@ void forward_kernel(const T* Q, const T* K, const T* v, T* mcol, T* scol, T* out
                     int64_t N, int64_t Cqk, int64_t Cv, int64_t H, int64_t W, T scale,
                     const T* residual = nullptr, T* y = nullptr, T gamma = T(0)) {
   const int64_t HW = H * W;
-  const int64_t block = kColumnBlock * Cv * H;
-  for_column_blocks<T>(N, W, 2 * block + H * H + 2 * H, [&](int64_t n, int64_t w0, int64_t nb,
-                                                             T* scratch) {
-    T *Vb = scratch, *Ob = Vb + block, *E = Ob + block, *m = E + H * H, *s = m + H;
-    gather_columns(v + n * Cv * HW, Cv, H, W, w0, nb, Vb);
-    for (int64_t b = 0; b < nb; ++b) {
-      const Line l = column_line(H, W, w0 + b);
+  const int64_t HH = H * H, chunk = kColumnBlock * kChannelChunk * H;
+  for_column_runs(N, W, [&](int64_t n, int64_t wa, int64_t wb) {
+    auto P = scratch<T>((wb - wa) * HH), Vb = scratch<T>(chunk), Ob = scratch<T>(chunk);
+    auto m = scratch<T>(H), s = scratch<T>(H);
+    for (int64_t w = wa; w < wb; ++w) {
+      const Line l = column_line(H, W, w);
+      T* E = P.get() + (w - wa) * HH;
       line_energies(Q + n * HW * Cqk, K + n * HW * Cqk, Cqk, l, scale, E);
-      exp_rows(E, l, m, s);
+      exp_rows(E, l, m.get(), s.get());
       for (int64_t i = 0; i < H; ++i) {
         mcol[n * HW + l.first + i * l.stride] = m[i];
         scol[n * HW + l.first + i * l.stride] = s[i];
       }
-      gemm_rm(false, true, Cv, H, H, T(1), Vb + b * Cv * H, H, E, H, T(0), Ob + b * Cv * H, H);
     }
-    scatter_columns(Ob, Cv, H, W, w0, nb, out + n * Cv * HW);
+    for (int64_t c0 = 0; c0 < Cv; c0 += kChannelChunk) {
+      const int64_t cc = std::min(kChannelChunk, Cv - c0), plane = (n * Cv + c0) * HW;
+      for (int64_t w0 = wa; w0 < wb; w0 += kColumnBlock) {
+        const int64_t nb = std::min(kColumnBlock, wb - w0);
+        gather_columns(v + plane, cc, H, W, w0, nb, Vb.get());
+        for (int64_t b = 0; b < nb; ++b)
+          gemm_rm(false, true, cc, H, H, T(1), Vb.get() + b * cc * H, H,
+                  P.get() + (w0 - wa + b) * HH, H, T(0), Ob.get() + b * cc * H, H);
+        scatter_columns(Ob.get(), cc, H, W, w0, nb, out + plane);
+      }
+    }
   });
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> E(W * W), m(W), s(W), f(W);
@@ -275,23 +304,39 @@ void backward_kernel(const T* Q, const T* K, const T* v, const T* go, const T* l
                      int64_t H, int64_t W, T scale, T gamma) {
   const int64_t HW = H * W;
   const T sg = scale * gamma;
-  const int64_t block = kColumnBlock * Cv * H;
-  for_column_blocks<T>(N, W, 3 * block + 2 * H * H, [&](int64_t n, int64_t w0, int64_t nb,
-                                                         T* scratch) {
-    T *Vb = scratch, *Gb = Vb + block, *Ob = Gb + block, *P = Ob + block, *dS = P + H * H;
-    const int64_t iq = n * HW * Cqk;
-    gather_columns(v + n * Cv * HW, Cv, H, W, w0, nb, Vb);
-    gather_columns(go + n * Cv * HW, Cv, H, W, w0, nb, Gb);
-    for (int64_t b = 0; b < nb; ++b) {
-      const Line l = column_line(H, W, w0 + b);
-      const T *Vc = Vb + b * Cv * H, *Gc = Gb + b * Cv * H;
-      line_weights(l, Q + iq, K + iq, lse + n * HW, Cqk, scale, P);
-      gemm_rm(true, false, H, H, Cv, T(1), Gc, H, Vc, H, T(0), dS, H);
-      line_score_grads(l, P, D + n * HW, sg, dS);
-      line_qk_grads(l, Q + iq, K + iq, dS, Cqk, T(0), dQ + iq, dK + iq);
-      gemm_rm(false, false, Cv, H, H, gamma, Gc, H, P, H, T(0), Ob + b * Cv * H, H);
+  const int64_t HH = H * H, chunk = kColumnBlock * kChannelChunk * H;
+  for_column_runs(N, W, [&](int64_t n, int64_t wa, int64_t wb) {
+    const int64_t iq = n * HW * Cqk, nw = wb - wa;
+    auto P = scratch<T>(nw * HH), dS = scratch<T>(nw * HH);
+    auto Vb = scratch<T>(chunk), Gb = scratch<T>(chunk), Ob = scratch<T>(chunk);
+    for (int64_t w = wa; w < wb; ++w)
+      line_weights(column_line(H, W, w), Q + iq, K + iq, lse + n * HW, Cqk, scale,
+                   P.get() + (w - wa) * HH);
+    std::fill(dS.get(), dS.get() + nw * HH, T(0));
+    // One sweep over the channel chunks: dP = G_c V_cᵀ accumulates over them, and each chunk's
+    // rows of dV_cᵀ = gamma·G_cᵀ P (which needs P only) are finished and scattered.
+    for (int64_t c0 = 0; c0 < Cv; c0 += kChannelChunk) {
+      const int64_t cc = std::min(kChannelChunk, Cv - c0), plane = (n * Cv + c0) * HW;
+      for (int64_t w0 = wa; w0 < wb; w0 += kColumnBlock) {
+        const int64_t nb = std::min(kColumnBlock, wb - w0);
+        gather_columns(v + plane, cc, H, W, w0, nb, Vb.get());
+        gather_columns(go + plane, cc, H, W, w0, nb, Gb.get());
+        for (int64_t b = 0; b < nb; ++b) {
+          const T *Vc = Vb.get() + b * cc * H, *Gc = Gb.get() + b * cc * H;
+          const int64_t e = (w0 - wa + b) * HH;
+          gemm_rm(true, false, H, H, cc, T(1), Gc, H, Vc, H, T(1), dS.get() + e, H);
+          gemm_rm(false, false, cc, H, H, gamma, Gc, H, P.get() + e, H, T(0),
+                  Ob.get() + b * cc * H, H);
+        }
+        scatter_columns(Ob.get(), cc, H, W, w0, nb, gv + plane);
+      }
     }
-    scatter_columns(Ob, Cv, H, W, w0, nb, gv + n * Cv * HW);
+    for (int64_t w = wa; w < wb; ++w) {
+      const Line l = column_line(H, W, w);
+      T *Pw = P.get() + (w - wa) * HH, *dSw = dS.get() + (w - wa) * HH;
+      line_score_grads(l, Pw, D + n * HW, sg, dSw);
+      line_qk_grads(l, Q + iq, K + iq, dSw, Cqk, T(0), dQ + iq, dK + iq);
+    }
   });
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P(W * W), dS(W * W);
