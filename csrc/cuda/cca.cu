@@ -176,23 +176,24 @@ void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 // Element type, mma policy and tile sizes per dtype.
-template <typename T_, typename acc_t_, template <typename, typename> class Pol_, int BL, int CT>
+template <typename T_, typename acc_t_, template <typename, typename> class Pol_, class Tl_>
 struct KindOf {
   using T = T_;
   using acc_t = acc_t_;
   using Pol = Pol_<T_, acc_t_>;
-  using Tl = cca_cuda::Tiles<BL, CT>;
+  using Tl = Tl_;
 };
 template <typename scalar_t>
 struct Kind;
 template <>
-struct Kind<at::Half> : KindOf<__half, float, cca_cuda::WmmaPolicy, 64, 64> {};
+struct Kind<at::Half> : KindOf<__half, float, cca_cuda::WmmaPolicy, cca_cuda::ProdTiles16> {};
 template <>
-struct Kind<at::BFloat16> : KindOf<__nv_bfloat16, float, cca_cuda::WmmaPolicy, 64, 64> {};
+struct Kind<at::BFloat16>
+    : KindOf<__nv_bfloat16, float, cca_cuda::WmmaPolicy, cca_cuda::ProdTiles16> {};
 template <>
-struct Kind<float> : KindOf<float, float, cca_cuda::FmaPolicy, 32, 32> {};
+struct Kind<float> : KindOf<float, float, cca_cuda::FmaPolicy, cca_cuda::ProdTilesFma> {};
 template <>
-struct Kind<double> : KindOf<double, double, cca_cuda::FmaPolicy, 32, 32> {};
+struct Kind<double> : KindOf<double, double, cca_cuda::FmaPolicy, cca_cuda::ProdTilesFma> {};
 
 // The tensor-core instantiations need sm_70 (fp16) and sm_80 (bf16).
 template <typename scalar_t>
@@ -218,21 +219,25 @@ acc_t* aptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
-// The row pass and the column pass of an (H, W) plane. vec: the row pass may move operand tiles
-// 16 bytes at a time (rows of a multiple of 16 bytes, operands 16-byte aligned).
-template <class Tl, typename T>
+// The column pass (first) and the row pass (final, writes the NCHW outputs along w) of an (H, W)
+// plane. aligned: every NHWC operand starts 16-byte aligned (cp.async of channel vectors).
+template <class Tl>
 std::array<cca_cuda::LinePass, 2> line_passes(int64_t H, int64_t W,
                                               std::initializer_list<at::Tensor> operands) {
   const int64_t HW = H * W;
-  bool vec = (W * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  bool aligned = true;
   for (const auto& t : operands)
-    vec = vec && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  cca_cuda::LinePass row{static_cast<int>(W), static_cast<int>(H),
-                         static_cast<int>((W + Tl::BL - 1) / Tl::BL), W, 1, HW, false, vec};
+    aligned = aligned && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   cca_cuda::LinePass col{static_cast<int>(H), static_cast<int>(W),
-                         static_cast<int>((H + Tl::BL - 1) / Tl::BL), 1, W, HW, true, false};
-  return {row, col};
+                         static_cast<int>((H + Tl::BO - 1) / Tl::BO), 1, W, HW, true, aligned};
+  cca_cuda::LinePass row{static_cast<int>(W), static_cast<int>(H),
+                         static_cast<int>((W + Tl::BO - 1) / Tl::BO), W, 1, HW, false, aligned};
+  return {col, row};
 }
+
+// The operands in NHWC memory order (a (N, C, H, W) tensor with channels-last strides): no copy
+// for channels_last inputs, one transpose for NCHW ones.
+at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
 
 // Launches kernel(args...) on a grid of (image, line, tile) x channel tiles.
 template <class Tl, typename Kernel, typename... KArgs>
@@ -277,19 +282,32 @@ struct Fused {
     return a;
   }
 
-  // out, lse (and y = gamma·out + residual when residual is defined) for contiguous q, k, v.
+  // out, lse (and y = gamma·out + residual when residual is defined) for NHWC q, k, v; out, y
+  // and residual NCHW.
   static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& out,
                       const at::Tensor& lse, const at::Tensor& y, double scale, const char* op);
 
-  // grad_q, grad_k, grad_v (and the per-pixel partials of grad_gamma when gpart is defined) for
-  // contiguous inputs; go is grad_out, or grad_y with gamma defined.
-  static void backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
-                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                       const at::Tensor& gamma, const at::Tensor& gq, const at::Tensor& gk,
-                       const at::Tensor& gv, const at::Tensor& gpart, double scale,
-                       const char* op);
+  // grad_q, grad_k, grad_v (NCHW; and the per-pixel partials of grad_gamma when gpart is
+  // defined) for NHWC q, k, v, go (go_nchw: the same gradient NCHW, and out NCHW, for D); go is
+  // grad_out, or grad_y with gamma defined.
+  static void backward(const at::Tensor& go, const at::Tensor& go_nchw, const at::Tensor& q,
+                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                       const at::Tensor& lse, const at::Tensor& gamma, const at::Tensor& gq,
+                       const at::Tensor& gk, const at::Tensor& gv, const at::Tensor& gpart,
+                       double scale, const char* op);
 };
+
+// The widest Cv group whose P·V accumulators fit in this GPU's shared memory.
+template <class S>
+int pv_group(int64_t Cv, const char* op) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const int group = S::group_width(static_cast<int>(Cv),
+                                   static_cast<int64_t>(prop->sharedMemPerBlockOptin));
+  TORCH_CHECK(group > 0, op, ": the P·V kernel needs ", S::bytes_pv(0),
+              "+ bytes of shared memory, the GPU allows ", prop->sharedMemPerBlockOptin);
+  return group;
+}
 
 template <typename scalar_t>
 void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -297,37 +315,37 @@ void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at
                               const at::Tensor& out, const at::Tensor& lse, const at::Tensor& y,
                               double scale, const char* op) {
   check_arch<scalar_t>(q, op);
-  const int64_t N = q.size(0), D = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
+  const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto a = qkv_args(q, k, v, scale);
   a.lse_out = aptr<acc_t>(lse);
-  const auto passes = line_passes<Tl, T>(H, W, {q, k, v});
-  for (const auto& g : passes) {
-    launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, g, N, 1, S::bytes_forward, op,
-                     a, g);
+  const auto passes = line_passes<Tl>(H, W, {q, k, v});
+  for (int pass = 0; pass < 2; ++pass) {
+    launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, passes[pass], N, 1,
+                     S::bytes_lse, op, a, passes[pass], pass == 1);
   }
   if (Cv == 0) return;
-  // fp16/bf16: the row pass's partial sums stay in an op-math buffer, rounded once at the end.
-  const at::Tensor part = std::is_same_v<T, acc_t>
-                              ? out
-                              : at::empty(out.sizes(), out.options().dtype(lse.scalar_type()));
+  // The column pass's result, NHWC in the element type (read back once by the row pass).
+  const at::Tensor part = at::empty({N * H * W * Cv}, out.options());
   a.lse = aptr<acc_t>(lse);
-  a.part = aptr<acc_t>(part);
+  a.part = dptr<T, scalar_t>(part);
   a.out = dptr<T, scalar_t>(out);
   if (residual.defined()) {
     a.residual = dptr<T, scalar_t>(residual);
     a.gamma = aptr<acc_t>(gamma);
     a.y = dptr<T, scalar_t>(y);
   }
-  const int64_t c_tiles = (Cv + Tl::CT - 1) / Tl::CT;
+  a.group = pv_group<S>(Cv, op);
+  const int64_t groups = (Cv + a.group - 1) / a.group;
   for (int pass = 0; pass < 2; ++pass) {
-    launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, false>, passes[pass], N, c_tiles,
-                     S::bytes_forward, op, a, passes[pass], pass == 1);
+    launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, false>, passes[pass], N, groups,
+                     S::bytes_pv(a.group), op, a, passes[pass], pass == 1);
   }
 }
 
 template <typename scalar_t>
-void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& go_nchw,
+                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, const at::Tensor& lse,
                                const at::Tensor& gamma, const at::Tensor& gq, const at::Tensor& gk,
                                const at::Tensor& gv, const at::Tensor& gpart, double scale,
                                const char* op) {
@@ -341,7 +359,7 @@ void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const 
               op, ": N·H·W = ", total, " is too large for one launch");
   cca_cuda::cca_delta_kernel<T, acc_t>
       <<<static_cast<unsigned>((total + kElementwiseThreads - 1) / kElementwiseThreads),
-         kElementwiseThreads, 0, stream>>>(dptr<T, scalar_t>(go), dptr<T, scalar_t>(out),
+         kElementwiseThreads, 0, stream>>>(dptr<T, scalar_t>(go_nchw), dptr<T, scalar_t>(out),
                                            aptr<acc_t>(gamma), aptr<acc_t>(dd), aptr<acc_t>(gpart),
                                            static_cast<int>(Cv), H * W, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -350,22 +368,17 @@ void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const 
   a.gamma = aptr<acc_t>(gamma);
   a.lse = aptr<acc_t>(lse);
   a.dd = aptr<acc_t>(dd);
-  // fp16/bf16: one op-math buffer serves dq, dk and dv in turn (stream order).
-  at::Tensor buf;
-  if (!std::is_same_v<T, acc_t>) buf = at::empty({N * std::max(D, Cv) * H * W}, lse.options());
-  auto part_of = [&](const at::Tensor& grad) {
-    return std::is_same_v<T, acc_t> ? aptr<acc_t>(grad) : aptr<acc_t>(buf);
-  };
-  const auto passes = line_passes<Tl, T>(H, W, {q, k, v, go});
+  // The column pass's results, NHWC in the element type: one buffer serves dq, dk, dv in turn.
+  const at::Tensor part = at::empty({total * std::max(D, Cv)}, out.options());
+  a.part = dptr<T, scalar_t>(part);
+  const auto passes = line_passes<Tl>(H, W, {q, k, v, go});
   if (D > 0) {
     const int64_t d_tiles = (D + Tl::CT - 1) / Tl::CT;
-    a.part = part_of(gq);
     a.out = dptr<T, scalar_t>(gq);
     for (int pass = 0; pass < 2; ++pass) {
       launch_lines<Tl>(cca_cuda::cca_grad_kernel<Pol, Tl, T, acc_t, false>, passes[pass], N,
                        d_tiles, S::bytes_grad, op, a, passes[pass], pass == 1);
     }
-    a.part = part_of(gk);
     a.out = dptr<T, scalar_t>(gk);
     for (int pass = 0; pass < 2; ++pass) {
       launch_lines<Tl>(cca_cuda::cca_grad_kernel<Pol, Tl, T, acc_t, true>, passes[pass], N,
@@ -373,12 +386,12 @@ void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const 
     }
   }
   if (Cv > 0) {
-    a.part = part_of(gv);
     a.out = dptr<T, scalar_t>(gv);
-    const int64_t c_tiles = (Cv + Tl::CT - 1) / Tl::CT;
+    a.group = pv_group<S>(Cv, op);
+    const int64_t groups = (Cv + a.group - 1) / a.group;
     for (int pass = 0; pass < 2; ++pass) {
-      launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, true>, passes[pass], N, c_tiles,
-                       S::bytes_forward, op, a, passes[pass], pass == 1);
+      launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, true>, passes[pass], N, groups,
+                       S::bytes_pv(a.group), op, a, passes[pass], pass == 1);
     }
   }
 }
@@ -387,9 +400,9 @@ std::tuple<at::Tensor, at::Tensor> cca_forward_cuda(const at::Tensor& q_, const 
                                                     const at::Tensor& v_, double scale) {
   check_cuda_inputs(q_, k_, v_, "cca_forward");
   c10::cuda::CUDAGuard guard(q_.device());
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  auto q = nhwc(q_), k = nhwc(k_), v = nhwc(v_);
   const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  auto out = at::empty({N, Cv, H, W}, v.options());
+  auto out = at::empty({N, Cv, H, W}, v.options());  // NCHW (options carry no memory format)
   auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (N * H * W == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_forward_cuda", [&] {
@@ -407,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_residual_forward_cuda(
   cca_checks::check_residual(residual_, v_, op);
   cca_checks::check_gamma(gamma_, v_, op);
   c10::cuda::CUDAGuard guard(q_.device());
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  auto q = nhwc(q_), k = nhwc(k_), v = nhwc(v_);
   auto residual = residual_.contiguous(), gamma = gamma_.contiguous();
   const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto out = at::empty({N, Cv, H, W}, v.options());
@@ -420,10 +433,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_residual_forward_cuda(
   return {y, out, lse};
 }
 
-// The saved tensors and the gradient in the layouts and dtypes the kernels read.
+// The saved tensors and the gradient in the layouts and dtypes the kernels read: go, q, k, v
+// NHWC for the tiled kernels, go_nchw and out NCHW for the delta kernel.
 struct Saved {
-  at::Tensor go, q, k, v, out, lse;
+  at::Tensor go, go_nchw, q, k, v, out, lse;
 };
+
+// A gradient: NCHW like the op's outputs (every element is written by the row pass).
+at::Tensor nchw_empty(const at::Tensor& like) { return at::empty(like.sizes(), like.options()); }
 
 Saved prepare_backward(const at::Tensor& grad, const at::Tensor& q_, const at::Tensor& k_,
                        const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& lse_,
@@ -435,9 +452,9 @@ Saved prepare_backward(const at::Tensor& grad, const at::Tensor& q_, const at::T
               op, ": grad, out and lse must be on ", q_.device(), ", got ", grad.device(), ", ",
               out_.device(), ", ", lse_.device());
   const auto st = v_.scalar_type();
-  return {grad.to(st).contiguous(), q_.contiguous(),        k_.contiguous(),
-          v_.contiguous(),          out_.to(st).contiguous(),
-          lse_.to(at::toOpMathType(q_.scalar_type())).contiguous()};
+  const at::Tensor go = grad.to(st);
+  return {nhwc(go),     go.contiguous(),          nhwc(q_), nhwc(k_), nhwc(v_),
+          out_.to(st).contiguous(), lse_.to(at::toOpMathType(q_.scalar_type())).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
@@ -445,10 +462,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
     const at::Tensor& out_, const at::Tensor& lse_, double scale) {
   c10::cuda::CUDAGuard guard(q_.device());
   const Saved s = prepare_backward(grad_out, q_, k_, v_, out_, lse_, "cca_backward", "grad_out");
-  auto gq = at::zeros_like(s.q), gk = at::zeros_like(s.k), gv = at::zeros_like(s.v);
+  auto gq = nchw_empty(s.q), gk = nchw_empty(s.k), gv = nchw_empty(s.v);
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_backward_cuda", [&] {
-    Fused<scalar_t>::backward(s.go, s.q, s.k, s.v, s.out, s.lse, at::Tensor(), gq, gk, gv,
+    Fused<scalar_t>::backward(s.go, s.go_nchw, s.q, s.k, s.v, s.out, s.lse, at::Tensor(), gq, gk, gv,
                             at::Tensor(), scale, "cca_backward");
   });
   return {gq, gk, gv};
@@ -462,11 +479,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cca_residual_backward
   const Saved s = prepare_backward(grad_y, q_, k_, v_, out_, lse_, op, "grad_y");
   cca_checks::check_gamma(gamma_, v_, op);
   auto gamma = gamma_.contiguous();
-  auto gq = at::zeros_like(s.q), gk = at::zeros_like(s.k), gv = at::zeros_like(s.v);
+  auto gq = nchw_empty(s.q), gk = nchw_empty(s.k), gv = nchw_empty(s.v);
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv, at::zeros_like(gamma_)};
   auto gpart = at::empty({s.q.size(0), s.q.size(2), s.q.size(3)}, s.lse.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_residual_backward_cuda", [&] {
-    Fused<scalar_t>::backward(s.go, s.q, s.k, s.v, s.out, s.lse, gamma, gq, gk, gv, gpart, scale,
+    Fused<scalar_t>::backward(s.go, s.go_nchw, s.q, s.k, s.v, s.out, s.lse, gamma, gq, gk, gv, gpart, scale,
                             op);
   });
   // grad_gamma = sum over pixels of <grad_y_u, out_u>: per-pixel partials, then one fixed-shape
