@@ -6,20 +6,26 @@ blocks of a launch run one after another (one static array is the block's shared
 small nvcuda::wmma whose fragments hold the whole 16x16 tile in every thread (the kernels touch
 fragments only through fill/load/store/mma, so its layout does not matter).
 
-The kernels are instantiated with float and double through both policies (the scalar-FMA one the
-fp32/fp64 GPU path uses, and the wmma one the fp16/bf16 path uses) and with small tiles (BL = 16
-or 32 positions, channel tiles of 16 or 32), so that small images still have several position
-tiles, several Cv and Cqk tiles and zero-padded channel chunks. The host driver launches them in
-the order of csrc/cuda/cca.cu and the results are checked against armnet_ops.reference: out, the
-saved lse, the three gradients, and the residual block (y, grad_gamma).
+The kernels are instantiated with float and double at the production tile configurations of
+csrc/cuda/cca.cu (ProdTilesFma through the scalar-FMA policy, as fp32/fp64 run on the GPU, and
+ProdTiles16 through the wmma policy, as fp16/bf16 run, with the Cv group an sm_90 gets for 2-byte
+elements; test_production_tiles_are_emulated ties the two files together) and at small tiles, so
+that small images still have several own tiles, key tiles, Cv groups and zero-padded channel
+chunks. The host driver launches them in the order of csrc/cuda/cca.cu (column pass, then row
+pass), with q, k, v, dO in NHWC, and the results are checked against armnet_ops.reference: out,
+the saved lse, the three gradients, and the residual block (y, grad_gamma). cp.async is a plain
+16-byte copy on the host: the double-buffer protocol (which buffer holds which chunk, the
+barriers) is what runs here.
 
-What this cannot check: fp16/bf16 rounding, the real wmma fragment layout, alignment, shared-memory
-limits, launch configurations and timing. The needs_cuda tests at the end of this file (and the
-cuda backend of tests/test_cca.py) run the compiled kernels through the registered ops.
+What this cannot check: fp16/bf16 rounding, the real wmma fragment layout, the asynchrony of
+cp.async, shared-memory limits, launch configurations and timing. The needs_cuda tests at the
+end of this file (and the cuda backend of tests/test_cca.py) run the compiled kernels through
+the registered ops; tests/test_sass.py reads their machine code.
 """
 import ctypes
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -49,7 +55,7 @@ inline void __syncthreads() { g_barrier->arrive_and_wait(); }
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__
 #define __align__(n)
 
@@ -409,6 +415,18 @@ def test_cv_groups_as_launched(emulation):
     assert emulation.cca_group_f64(2, 33, SMALL_SMEM[2]) < 33
 
 
+def test_traffic_model_uses_the_launched_tiles(emulation):
+    """benchmarks/traffic.py models the tiles and Cv groups the kernels are launched with."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import traffic
+    assert traffic.TILES[2] == CONFIGS[1][1:]
+    assert traffic.TILES[4] == traffic.TILES[8] == CONFIGS[0][1:]
+    for cv in (1, 33, 300, 512, 1000):
+        assert traffic.pv_group(cv, 2) == emulation.cca_group_f32(1, cv, 0), cv
+        assert traffic.pv_group(cv, 4) == emulation.cca_group_f32(0, cv, 0), cv
+        assert traffic.pv_group(cv, 8) == emulation.cca_group_f64(0, cv, 0), cv
+
+
 def test_backward_is_deterministic(emulation):
     """Two runs give bitwise-equal gradients (a gather formulation, no atomics)."""
     torch.manual_seed(7)
@@ -453,7 +471,8 @@ def _skip_without_bf16(dtype):
     (1, 8, 24, 97, 97),     # mmcv's published spatial size, Cqk padded to 16
     (2, 5, 7, 1, 70),       # H = 1
     (1, 3, 130, 65, 1),     # W = 1, a Cv tail
-    (1, 16, 16, 64, 64),    # 16-byte row loads (rows of 64 elements)
+    (1, 16, 16, 64, 64),    # 16-byte channel vectors (cp.async) in 16-bit and fp32
+    (1, 64, 300, 130, 9),   # two own tiles along h, Cv = 300: two Cv groups in fp16/bf16
 ])
 def test_cuda_ops_on_gpu(dtype, N, D, Cv, H, W):
     _skip_without_bf16(dtype)
@@ -498,6 +517,25 @@ def test_cuda_ops_on_gpu(dtype, N, D, Cv, H, W):
     gq2, gk2, gv2 = ops.cca_backward(gl * 0.5, ql, kl, vl, out, lse, scale)
     lowp_gv = None if ref_low is None else 0.5 * ref_low[4].double() / 0.6
     assert_close(gv2, 0.5 * ref[4] / 0.6, lowp_gv, f"{what} cca_backward grad v")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_channels_last_inputs(dtype):
+    """channels_last q, k, v (read in place, no transpose) give the very same results as NCHW
+    ones, and the outputs are contiguous NCHW either way."""
+    _skip_without_bf16(dtype)
+    ops = _ops()
+    q, k = (torch.randn(2, 16, 21, 37, device=GPU, dtype=dtype) for _ in range(2))
+    v, g = (torch.randn(2, 40, 21, 37, device=GPU, dtype=dtype) for _ in range(2))
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (q, k, v, g)]
+    out, lse = ops.cca_forward(q, k, v, 1.0)
+    out_cl, lse_cl = ops.cca_forward(*cl[:3], 1.0)
+    assert out_cl.is_contiguous() and torch.equal(out_cl, out) and torch.equal(lse_cl, lse)
+    grads = ops.cca_backward(g, q, k, v, out, lse, 1.0)
+    grads_cl = ops.cca_backward(cl[3], *cl[:3], out, lse, 1.0)
+    for a, b in zip(grads, grads_cl):
+        assert b.is_contiguous() and torch.equal(a, b)
 
 
 @needs_cuda

@@ -2,64 +2,67 @@
 // block with its residual epilogue fused (cca_residual_forward / cca_residual_backward), and
 // CCNet's two-op API (cca_weight / cca_map and their backwards). fp32, fp16, bf16 (and fp64).
 //
-// Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W), contiguous NCHW (the glue calls .contiguous()).
+// Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W). The tiled kernels read them in NHWC memory order
+// (channels_last strides): channels_last inputs are used in place, NCHW inputs go through one
+// transpose each (nhwc() below; benchmarks/traffic.py counts it). Outputs are contiguous NCHW.
 // The H+W-1 keys of pixel (h, w) are its row (h, z), itself included, and its column (j, w),
 // j != h. Nothing of size (N, H+W-1, H, W) is ever materialised.
 //
-// The fused op: line-tiled, as armnet_ops/triton/cca.py. The device code is in cca_kernels.cuh;
-// every kernel runs twice, a row pass (lines = rows, positions along w) and a column pass (lines
-// = columns, positions along h, the pixel itself excluded from its keys). A block owns BL
-// positions of one line and walks the other positions of the line BL at a time; all tile
-// products are 16x16x16 mma on shared-memory operands: nvcuda::wmma tensor cores for fp16/bf16
-// (fp32 accumulators; BL = 64, channel tiles of 64, 4 warps), scalar FMA of the same tiles for
-// fp32/fp64 (BL = 32, channel tiles of 32, 2 warps; no TF32). Cqk and Cv are chunked by the
-// channel tile and zero-padded to it in shared memory, so any Cqk and Cv work.
+// The fused op is line-tiled; the device code is in cca_kernels.cuh, where each kernel's header
+// states the bytes it moves. Every kernel runs twice: a column pass (lines = columns, the pixel
+// itself excluded from its keys), then a row pass, which adds the column pass's result and writes
+// the NCHW outputs along w (coalesced). A block owns BO positions of one line and walks the
+// line's positions BK at a time; operand tiles [positions][channels] are read along channels
+// (coalesced in both passes; 16-byte cp.async, double-buffered over channel chunks of CT, when a
+// pixel's channel vector is a multiple of 16 bytes). All tile products are 16x16x16 mma on
+// shared-memory operands: nvcuda::wmma tensor cores for fp16/bf16 (fp32 accumulators;
+// ProdTiles16: BO = 128, so H, W <= 128 is one own tile, BK = 64, CT = 32, 8 warps), scalar FMA
+// of the same tiles for fp32/fp64 (ProdTilesFma: BO = 64, BK = 32, CT = 32, 4 warps; no TF32,
+// so fp32 stays exact to fp32 rounding).
 //
-//   forward  1. cca_lse_kernel, row pass then column pass: per pixel the log-sum-exp of its
-//               scaled energies by an online softmax over key tiles; the column pass merges its
-//               value into the row pass's by logaddexp. Saved: lse (N, H, W), op-math type.
-//            2. cca_pv_kernel<KEY=false>, grid (image·line·pixel tile, Cv tile): P recomputed
-//               from the final lse, out += P·V by mma (P rounded to the element type, as in
-//               flash-attention). The row pass writes an op-math buffer, the column pass adds it
-//               and rounds once (the buffer is out itself for fp32/fp64); the residual op's
-//               column pass also writes y = gamma·out + residual (gamma read on the device).
-//               Saved: out.
+//   forward  1. cca_lse_kernel, column pass then row pass: per pixel the log-sum-exp of its
+//               scaled energies by an online softmax over key tiles; the row pass merges its
+//               value into the column pass's by logaddexp. Saved: lse (N, H, W), op-math type.
+//            2. cca_pv_kernel<KEY=false>, grid (image·line·pixel tile, Cv group): P recomputed
+//               from the final lse once per (pixel tile, key tile) and used for every Cv chunk
+//               of the group (op-math accumulators in shared memory; the group is the widest
+//               that fits: fp16/bf16 288 channels on an sm_90, so Cv = 512 is two groups; fp32
+//               all of Cv up to 704). The column pass writes an NHWC buffer in the element type,
+//               the row pass adds it in fp32 and rounds once more into out (so fp16/bf16 out
+//               carries two roundings of the column part); the residual op's row pass also
+//               writes y = gamma·out + residual (gamma read on the device). Saved: out.
 //   backward 1. cca_delta_kernel: D_u = gamma·<grad_y_u, out_u> (gamma = 1 for cca_backward),
 //               and for the residual op the per-pixel <grad_y_u, out_u>, summed by at::sum
 //               (a fixed-shape reduction) into grad_gamma.
-//            2. cca_grad_kernel<KEY=false> (dq), grid (pixel tiles, Cqk tiles):
+//            2. cca_grad_kernel<KEY=false> (dq), grid (pixel tiles, Cqk tiles of CT):
 //               dS = P·(gamma·dO·V^T - D)·scale, dq += dS·K; <KEY=true> (dk), grid (key tiles,
 //               Cqk tiles), the transposed tiles, dk += dS^T·Q gathered over the pixels of the
 //               line that see each key.
-//            3. cca_pv_kernel<KEY=true> (dv), grid (key tiles, Cv tiles): dv += gamma·P^T·dO.
-//            Row pass then column pass each, the column pass adding to the row pass's result in
+//            3. cca_pv_kernel<KEY=true> (dv), grid (key tiles, Cv groups): dv += gamma·P^T·dO.
+//            Column pass then row pass each, the row pass adding the column pass's result in
 //            stream order: every element is written by one thread, no atomics, deterministic.
 //
-// Cost and memory. Energies are recomputed: once by the lse pass and once per Cv tile by the
-// output pass (Cv = 512: 8 tiles, so the q·k work is about 9/8 of the p·v work); the backward
-// computes them and dP = dO·V^T (over all of Cv) once per Cqk tile in each of the dq and dk
-// kernels, and the energies once more per Cv tile for dv. Extra memory: lse (and D) (N, H, W) in
-// fp32, and for fp16/bf16 one fp32 buffer of out's size in the forward and of
-// N·max(Cqk, Cv)·H·W in the backward (the row pass's partial sums). Shared memory per block:
-// fp16/bf16 45 KiB (lse, forward, dv) and 62 KiB (dq, dk: opted in above 48 KiB); fp32
-// 20/25 KiB; fp64 40/49 KiB. A row pass reads operand tiles 16 bytes at a time when rows are a
-// multiple of 16 bytes and the tensors 16-byte aligned; a column pass reads positions W apart
-// (sectors shared with the neighbouring columns' blocks through L2). bfloat16 needs sm_80, fp16
-// sm_70: the glue refuses older GPUs with an error (their device code compiles to scalar FMA).
+// Extra memory: lse (and D) (N, H, W) in op-math type; one element-type buffer of out's size in
+// the forward and of N·max(Cqk, Cv)·H·W in the backward (the column pass's results); the NHWC
+// copies of NCHW inputs. Shared memory per block (sm_90 opt-in up to 227 KiB): fp16/bf16 lse
+// 81 KiB, dq/dk 115 KiB, P·V 81 KiB + 512 B per Cv channel of the group (227 KiB at 288).
+// bfloat16 needs sm_80, fp16 sm_70: the glue refuses older GPUs with an error (their device code
+// compiles to scalar FMA). cp.async needs sm_80; older GPUs get plain 16-byte copies.
 //
 // The two-op API (below) is one thread per output element, SIMT, correct and simple: it exists
 // for CCNet compatibility and materialises the energy by definition.
 //
-// What is verified where: the tiled kernels (tiling, masks, the online softmax and the lse merge,
-// the backward gathers, the residual epilogue, the 16-byte loads) run on the host in
-// tests/test_cca_cuda_emulation.py, instantiated with float and double, through both the
-// scalar-FMA policy and a host emulation of nvcuda::wmma. The real fp16/bf16 wmma path, launch
-// configurations, shared-memory sizes and performance are checked only by the needs_cuda tests
-// (the same file, and the cuda backend of tests/test_cca.py).
-// What remains (performance): no cp.async / double buffering of the operand tiles; Q (and dO) are
-// reloaded for every key tile instead of staying resident when Cqk fits one channel tile; fp32
-// runs on scalar FMA from shared memory (no TF32 by contract; 3xTF32 on tensor cores would be
-// the fast exact-enough path); tile sizes are fixed per dtype, not tuned on a GPU.
+// What is verified where: the tiled kernels at the production tiles (ProdTiles16 in float and
+// double through a host nvcuda::wmma, ProdTilesFma) and at small tiles run on the host in
+// tests/test_cca_cuda_emulation.py; tests/test_sass.py checks the sm_90 SASS (no local memory,
+// HMMA in the fp16/bf16 kernels, 16-byte cp.async operand loads). The real fp16/bf16 wmma path,
+// the cp.async instructions' behaviour, launch configurations, shared-memory limits and speed are
+// checked only by the needs_cuda tests (the same file, and the cuda backend of tests/test_cca.py).
+// What remains (performance): wgmma/TMA (sm_90) instead of mma.sync and cp.async; the backward
+// recomputes dP = dO·V^T per Cqk tile (CT = 32: twice at Cqk = 64) and reloads dO per key tile
+// (benchmarks/traffic.py: about 8x its minimum at (2, 64, 512, 97, 97) bf16); a row/column fused
+// forward (one online-softmax state per pixel carried from the column pass into the row pass)
+// would drop the lse kernel; fp32 could use 3xTF32 tensor-core products.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -465,8 +468,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
   auto gq = nchw_empty(s.q), gk = nchw_empty(s.k), gv = nchw_empty(s.v);
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_backward_cuda", [&] {
-    Fused<scalar_t>::backward(s.go, s.go_nchw, s.q, s.k, s.v, s.out, s.lse, at::Tensor(), gq, gk, gv,
-                            at::Tensor(), scale, "cca_backward");
+    Fused<scalar_t>::backward(s.go, s.go_nchw, s.q, s.k, s.v, s.out, s.lse, at::Tensor(), gq,
+                              gk, gv, at::Tensor(), scale, "cca_backward");
   });
   return {gq, gk, gv};
 }
@@ -483,8 +486,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cca_residual_backward
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv, at::zeros_like(gamma_)};
   auto gpart = at::empty({s.q.size(0), s.q.size(2), s.q.size(3)}, s.lse.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_residual_backward_cuda", [&] {
-    Fused<scalar_t>::backward(s.go, s.go_nchw, s.q, s.k, s.v, s.out, s.lse, gamma, gq, gk, gv, gpart, scale,
-                            op);
+    Fused<scalar_t>::backward(s.go, s.go_nchw, s.q, s.k, s.v, s.out, s.lse, gamma, gq, gk, gv,
+                              gpart, scale, op);
   });
   // grad_gamma = sum over pixels of <grad_y_u, out_u>: per-pixel partials, then one fixed-shape
   // reduction (deterministic).

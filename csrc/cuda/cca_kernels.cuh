@@ -566,16 +566,18 @@ __device__ __forceinline__ int other_extent(int L, int o0) {
 }
 
 // ---- kernels --------------------------------------------------------------------------------
-// Traffic (global bytes requested per pass, b = sizeof(T), P = N·H·W pixels, L the line length,
-// T_o = ceil(L / BO) own tiles and T_k = ceil(L / BK) key tiles per line, D = Cqk, G = the
-// number of Cv groups); benchmarks/traffic.py computes the same figures.
-//   lse:  q P·D·b·(1 or T_k if D > 2·CT) + k P·D·b·T_o + lse 4·P (x2 in the final pass).
+// Traffic: each kernel's comment gives the global bytes it requests per pass, with b =
+// sizeof(T), a = sizeof(acc_t), P = N·H·W pixels, L the pass's line length, T_o = ceil(L / BO)
+// own tiles and T_k = ceil(L / BK) key tiles per line, D = Cqk, G = ceil(Cv / group) and
+// r = 1 when the own side of q·k stays resident (D <= 2·CT), else T_k. benchmarks/traffic.py
+// sums them (cca_cuda_traffic).
 
 // cca_lse_kernel: per pixel of the pass, the log-sum-exp of its scaled energies over the pass's
 // keys, by an online softmax over key tiles (two threads per pixel row, each over alternate
 // keys, merged at the end). The first (column) pass writes it to lse_out; the final (row) pass
 // merges it with what the first pass wrote there (read then written by one thread) by logaddexp.
 // A column pass with no keys (H = 1) writes -inf, which the merge leaves out.
+// Traffic per pass: q P·D·b·r, k P·D·b·T_o, lse P·a written (and read by the row pass).
 template <class Pol, class Tl, typename T, typename acc_t>
 __global__ void __launch_bounds__(Tl::kThreads, 1)
 cca_lse_kernel(Args<T, acc_t> a, LinePass g, bool final) {
@@ -630,9 +632,9 @@ cca_lse_kernel(Args<T, acc_t> a, LinePass g, bool final) {
 // with P in the element type. KEY = true (dv in the backward): for a tile of keys,
 //   dv(s, c) = gamma · sum_p P(p, s) · dO(p, c)
 // over the pixels p of the line that see s. Grid: x = (image, line, own tile), y = Cv group.
-// Traffic per pass: q, k as the lse kernel, times G; v (or dO) P·Cv·b·T_o; the output as
-// store_tile: first pass part P·Cv·b written, final pass part P·Cv·b read and out P·Cv·b
-// written (and residual read, y written, residual op).
+// Traffic per pass: G·(q P·D·b·r + k P·D·b·T_o + lse P·a·T_k) + v (dO for dv) P·Cv·b·T_o; the
+// column pass writes part P·Cv·b, the row pass reads it and writes out P·Cv·b (residual op: also
+// residual read and y written, P·Cv·b each).
 template <class Pol, class Tl, typename T, typename acc_t, bool KEY>
 __global__ void __launch_bounds__(Tl::kThreads, 1)
 cca_pv_kernel(Args<T, acc_t> a, LinePass g, bool final) {
@@ -692,8 +694,10 @@ cca_pv_kernel(Args<T, acc_t> a, LinePass g, bool final) {
 // a tile of keys, dk(s, d) = sum_p dS(p, s) · q(p, d) over the pixels of the line that see s.
 // dS is rounded to the element type for its mma, as flash-attention does. Grid: x = (image,
 // line, own tile), y = Cqk tile (CT wide).
-// Traffic per pass and Cqk tile: q, k P·D·b·(1 + T_o) (+ the output tile's side P·CT·b·T_o),
-// v and dO P·Cv·b·(1 + T_o); the output as store_tile with C = D.
+// Traffic per pass and Cqk tile: q, k P·D·b·(T_k + T_o), dO, v P·Cv·b·(T_k + T_o) (both sides
+// reloaded per key tile: two contractions share xs), the output side's CT channels P·CT·b·T_o,
+// lse and D 2·P·a·T_k; the output as the P·V kernel's with C = D (part P·D·b written, read,
+// dq or dk P·D·b written).
 template <class Pol, class Tl, typename T, typename acc_t, bool KEY>
 __global__ void __launch_bounds__(Tl::kThreads, 1)
 cca_grad_kernel(Args<T, acc_t> a, LinePass g, bool final) {
@@ -739,7 +743,7 @@ cca_grad_kernel(Args<T, acc_t> a, LinePass g, bool final) {
 // cca_delta_kernel: one thread per pixel, D_u = gamma·<dO_u, O_u> over Cv (dO = gamma·grad_y for
 // the residual op, gamma = 1 otherwise); gpart_u = <grad_y_u, O_u>, the pixel's share of
 // grad_gamma (residual op only). go and out NCHW: consecutive threads read consecutive pixels of
-// each channel. Traffic: 2·P·Cv·b read, 4·P (or 8·P) written.
+// each channel. Traffic: 2·P·Cv·b read, P·a written (2·P·a, residual op).
 template <typename T, typename acc_t>
 __global__ void cca_delta_kernel(const T* __restrict__ go, const T* __restrict__ out,
                                  const acc_t* __restrict__ gamma, acc_t* __restrict__ dd,
