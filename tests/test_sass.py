@@ -29,6 +29,7 @@ the CUDA objects) those are failures instead. ARMNET_OPS_SASS_BINARY names anoth
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -70,10 +71,18 @@ def _binary() -> str:
     override = os.environ.get("ARMNET_OPS_SASS_BINARY")
     if override:
         return override
+    # This tree's extension (an editable install or an in-place build), else the one a regular
+    # install put in site-packages, found without importing it.
     found = sorted(glob.glob(os.path.join(ROOT, "armnet_ops", "_C*.so")))
-    if not found:
-        _unavailable("the extension armnet_ops/_C*.so is not built in this tree")
-    return found[0]
+    if found:
+        return found[0]
+    try:
+        spec = importlib.util.find_spec("armnet_ops._C")
+    except ImportError:
+        spec = None
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        _unavailable("the extension armnet_ops._C is not built (no armnet_ops/_C*.so)")
+    return spec.origin
 
 
 def parse_sass(text: str) -> dict[str, list[str]]:
