@@ -6,18 +6,26 @@ blocks of a launch run one after another (one static array is the block's shared
 small nvcuda::wmma whose fragments hold the whole 16x16 tile in every thread (the kernels touch
 fragments only through fill/load/store/mma, so its layout does not matter).
 
-The kernels are instantiated with float and double through both policies (the scalar-FMA one the
-fp32/fp64 GPU path uses, and the wmma one the fp16/bf16 path uses) and with small tiles (BL = 16
-or 32 positions, channel tiles of 16 or 32), so that small images still have several position
-tiles, several Cv and Cqk tiles and zero-padded channel chunks. The host driver launches them in
-the order of csrc/cuda/cca.cu and the results are checked against armnet_ops.reference: out, the
-saved lse, the three gradients, and the residual block (y, grad_gamma).
+The kernels are instantiated with float and double at the production tile configurations of
+csrc/cuda/cca.cu (ProdTilesFma through the scalar-FMA policy, as fp32/fp64 run on the GPU, and
+ProdTiles16 through the wmma policy, as fp16/bf16 run, with the Cv group an sm_90 gets for 2-byte
+elements; test_production_tiles_are_emulated ties the two files together) and at small tiles, so
+that small images still have several own tiles, key tiles, Cv groups and zero-padded channel
+chunks. The host driver launches them in the order of csrc/cuda/cca.cu (column pass, then row
+pass), with q, k, v, dO in NHWC, and the results are checked against armnet_ops.reference: out,
+the saved lse, the three gradients, and the residual block (y, grad_gamma). cp.async is a plain
+16-byte copy on the host: the double-buffer protocol (which buffer holds which chunk, the
+barriers) is what runs here.
 
-What this cannot check: fp16/bf16 rounding, the real wmma fragment layout, alignment, shared-memory
-limits, launch configurations and timing. The needs_cuda tests at the end of this file (and the
-cuda backend of tests/test_cca.py) run the compiled kernels through the registered ops.
+What this cannot check: fp16/bf16 rounding, the real wmma fragment layout, the asynchrony of
+cp.async, shared-memory limits, launch configurations and timing. The needs_cuda tests at the
+end of this file (and the cuda backend of tests/test_cca.py) run the compiled kernels through
+the registered ops; tests/test_sass.py reads their machine code.
 """
 import ctypes
+import os
+import re
+import sys
 
 import pytest
 import torch
@@ -47,12 +55,13 @@ inline void __syncthreads() { g_barrier->arrive_and_wait(); }
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__
 #define __align__(n)
 
-// A host nvcuda::wmma: every thread of a warp holds (and computes) the whole tile; the store is
-// done once per warp, by lane 0 (the kernels sync before anyone reads what was stored).
+// A host nvcuda::wmma: every thread of a warp holds a whole tile, but only lane 0 computes the
+// products and stores (the kernels touch fragments only through load / fill / mma / store, and
+// sync before anyone reads what was stored), which keeps the emulation 32 times cheaper.
 namespace nvcuda { namespace wmma {
 struct matrix_a {};
 struct matrix_b {};
@@ -83,6 +92,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, Tc>& d,
               const fragment<matrix_a, 16, 16, 16, T, La>& a,
               const fragment<matrix_b, 16, 16, 16, T, Lb>& b,
               const fragment<accumulator, 16, 16, 16, Tc>& c) {
+  if ((threadIdx.x & 31) != 0) return;  // only lane 0's tile is ever stored (see above)
   Tc r[256];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
@@ -91,6 +101,11 @@ void mma_sync(fragment<accumulator, 16, 16, 16, Tc>& d,
       r[i * 16 + j] = s;
     }
   std::copy(r, r + 256, d.x);
+}
+template <typename T>
+void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ld, layout_t) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.x[i * 16 + j] = p[i * ld + j];
 }
 template <typename T>
 void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ld, layout_t) {
@@ -131,51 +146,58 @@ static void launch(int64_t gx, int64_t gy, int threads, F body) {
   for (auto& th : pool) th.join();
 }
 
-// vec as the glue decides it: rows of a multiple of 16 bytes, operands 16-byte aligned.
+// The column pass then the row pass, as the glue builds them; aligned as the glue decides it.
 template <class Tl, typename T>
 static void passes(int H, int W, std::initializer_list<const T*> operands, LinePass (&g)[2]) {
   const int64_t HW = int64_t(H) * W;
-  bool vec = (W * sizeof(T)) % 16 == 0;
+  bool aligned = true;
   for (const T* p : operands)
-    vec = vec && (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0);
-  g[0] = LinePass{W, H, (W + Tl::BL - 1) / Tl::BL, W, 1, HW, false, vec};
-  g[1] = LinePass{H, W, (H + Tl::BL - 1) / Tl::BL, 1, W, HW, true, false};
+    aligned = aligned && (p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0);
+  g[0] = LinePass{H, W, (H + Tl::BO - 1) / Tl::BO, 1, W, HW, true, aligned};
+  g[1] = LinePass{W, H, (W + Tl::BO - 1) / Tl::BO, W, 1, HW, false, aligned};
 }
 
 static int64_t lines(const LinePass& g, int N) { return int64_t(N) * g.n_lines * g.tiles; }
 
-// The launch sequence of csrc/cuda/cca.cu. part: the op-math buffer of the row pass (out itself
-// when null, as for fp32/fp64 on the GPU).
+// The launch sequence of csrc/cuda/cca.cu. q, k, v, go NHWC; go_nchw, residual and the outputs
+// NCHW. The Cv group is what the glue picks on an sm_90 (smem_limit = 0) for an element of
+// elem_bytes bytes (2: the fp16/bf16 production kernels), or for a smaller smem_limit (to get
+// several groups at small Cv).
 template <class Pol, class Tl, typename T>
-static void run(int bwd, const T* q, const T* k, const T* v, const T* go, const T* residual,
-                const T* gamma, T* out, T* lse, T* y, T* gq, T* gk, T* gv, T* gpart, T* part,
-                int N, int D, int Cv, int H, int W, T scale) {
+static void run(int bwd, const T* q, const T* k, const T* v, const T* go, const T* go_nchw,
+                const T* residual, const T* gamma, T* out, T* lse, T* y, T* gq, T* gk, T* gv,
+                T* gpart, T* part, int N, int D, int Cv, int H, int W, T scale, int elem_bytes,
+                int64_t smem_limit) {
   LinePass g[2];
   passes<Tl, T>(H, W, {q, k, v, go}, g);
   Args<T, T> a{};
-  a.q = q; a.k = k; a.v = v; a.D = D; a.Cv = Cv; a.scale = scale;
-  const int64_t c_tiles = (Cv + Tl::CT - 1) / Tl::CT, d_tiles = (D + Tl::CT - 1) / Tl::CT;
+  a.q = q; a.k = k; a.v = v; a.D = D; a.Cv = Cv; a.scale = scale; a.part = part;
+  const int64_t limit = smem_limit > 0 ? smem_limit : kSmemSm90;
+  a.group = elem_bytes == 2 ? Smem<std::uint16_t, T, Tl>::group_width(Cv, limit)
+                            : Smem<T, T, Tl>::group_width(Cv, limit);
+  const int64_t groups = a.group > 0 ? (Cv + a.group - 1) / a.group : 0;
+  const int64_t d_tiles = (D + Tl::CT - 1) / Tl::CT;
   if (!bwd) {
     a.lse_out = lse;
-    for (auto& p : g)
-      launch(lines(p, N), 1, Tl::kThreads, [&] { cca_lse_kernel<Pol, Tl, T, T>(a, p); });
-    a.lse = lse; a.out = out; a.part = part ? part : out;
+    for (int i = 0; i < 2; ++i)
+      launch(lines(g[i], N), 1, Tl::kThreads,
+             [&] { cca_lse_kernel<Pol, Tl, T, T>(a, g[i], i == 1); });
+    a.lse = lse; a.out = out;
     if (residual) { a.residual = residual; a.gamma = gamma; a.y = y; }
     for (int i = 0; i < 2; ++i)
-      launch(lines(g[i], N), c_tiles, Tl::kThreads,
+      launch(lines(g[i], N), groups, Tl::kThreads,
              [&] { cca_pv_kernel<Pol, Tl, T, T, false>(a, g[i], i == 1); });
     return;
   }
   const int64_t total = int64_t(N) * H * W;
   std::vector<T> dd(total);
   launch((total + 63) / 64, 1, 64, [&] {
-    cca_delta_kernel<T, T>(go, out, gamma, dd.data(), gpart, Cv, int64_t(H) * W, total);
+    cca_delta_kernel<T, T>(go_nchw, out, gamma, dd.data(), gpart, Cv, int64_t(H) * W, total);
   });
   a.go = go; a.gamma = gamma; a.lse = lse; a.dd = dd.data();
   T* grads[3] = {gq, gk, gv};
   for (int which = 0; which < 3; ++which) {
     a.out = grads[which];
-    a.part = part ? part : grads[which];
     for (int i = 0; i < 2; ++i) {
       if (which == 0)
         launch(lines(g[i], N), d_tiles, Tl::kThreads,
@@ -184,62 +206,109 @@ static void run(int bwd, const T* q, const T* k, const T* v, const T* go, const 
         launch(lines(g[i], N), d_tiles, Tl::kThreads,
                [&] { cca_grad_kernel<Pol, Tl, T, T, true>(a, g[i], i == 1); });
       else
-        launch(lines(g[i], N), c_tiles, Tl::kThreads,
+        launch(lines(g[i], N), groups, Tl::kThreads,
                [&] { cca_pv_kernel<Pol, Tl, T, T, true>(a, g[i], i == 1); });
     }
   }
 }
 
+// The configurations: 0 and 1 are the production ones of cca.cu (Kind<float/double> and
+// Kind<Half/BFloat16>), the others small test tiles.
 template <typename T>
 static void dispatch(int cfg, int bwd, const T* q, const T* k, const T* v, const T* go,
-                     const T* residual, const T* gamma, T* out, T* lse, T* y, T* gq, T* gk, T* gv,
-                     T* gpart, T* part, int N, int D, int Cv, int H, int W, T scale) {
-#define ARGS \
-  bwd, q, k, v, go, residual, gamma, out, lse, y, gq, gk, gv, gpart, part, N, D, Cv, H, W, scale
+                     const T* go_nchw, const T* residual, const T* gamma, T* out, T* lse, T* y,
+                     T* gq, T* gk, T* gv, T* gpart, T* part, int N, int D, int Cv, int H, int W,
+                     T scale, int64_t smem_limit) {
+#define ARGS bwd, q, k, v, go, go_nchw, residual, gamma, out, lse, y, gq, gk, gv, gpart, part, N, \
+             D, Cv, H, W, scale
   switch (cfg) {
-    case 0: run<FmaPolicy<T, T>, Tiles<16, 16>, T>(ARGS); break;
-    case 1: run<FmaPolicy<T, T>, Tiles<32, 16>, T>(ARGS); break;
-    case 2: run<WmmaPolicy<T, T>, Tiles<16, 16>, T>(ARGS); break;
-    case 3: run<WmmaPolicy<T, T>, Tiles<32, 32>, T>(ARGS); break;
+    case 0: run<FmaPolicy<T, T>, ProdTilesFma, T>(ARGS, sizeof(T), smem_limit); break;
+    case 1: run<WmmaPolicy<T, T>, ProdTiles16, T>(ARGS, 2, smem_limit); break;
+    case 2: run<FmaPolicy<T, T>, Tiles<16, 16, 16>, T>(ARGS, sizeof(T), smem_limit); break;
+    case 3: run<WmmaPolicy<T, T>, Tiles<32, 16, 16>, T>(ARGS, sizeof(T), smem_limit); break;
+    case 4: run<WmmaPolicy<T, T>, Tiles<16, 32, 16>, T>(ARGS, sizeof(T), smem_limit); break;
     default: break;
   }
 #undef ARGS
 }
 
-extern "C" {
-void cca_emulate_f32(int cfg, int bwd, const float* q, const float* k, const float* v,
-                     const float* go, const float* residual, const float* gamma, float* out,
-                     float* lse, float* y, float* gq, float* gk, float* gv, float* gpart,
-                     float* part, int N, int D, int Cv, int H, int W, double scale) {
-  dispatch<float>(cfg, bwd, q, k, v, go, residual, gamma, out, lse, y, gq, gk, gv, gpart, part,
-                  N, D, Cv, H, W, static_cast<float>(scale));
+// The Cv group the harness uses (what the glue launches) for a configuration.
+template <typename T>
+static int group_of(int cfg, int Cv, int64_t smem_limit) {
+  const int64_t limit = smem_limit > 0 ? smem_limit : kSmemSm90;
+  switch (cfg) {
+    case 0: return Smem<T, T, ProdTilesFma>::group_width(Cv, limit);
+    case 1: return Smem<std::uint16_t, T, ProdTiles16>::group_width(Cv, limit);
+    case 2: return Smem<T, T, Tiles<16, 16, 16>>::group_width(Cv, limit);
+    case 3: return Smem<T, T, Tiles<32, 16, 16>>::group_width(Cv, limit);
+    case 4: return Smem<T, T, Tiles<16, 32, 16>>::group_width(Cv, limit);
+    default: return 0;
+  }
 }
-void cca_emulate_f64(int cfg, int bwd, const double* q, const double* k, const double* v,
-                     const double* go, const double* residual, const double* gamma, double* out,
-                     double* lse, double* y, double* gq, double* gk, double* gv, double* gpart,
-                     double* part, int N, int D, int Cv, int H, int W, double scale) {
-  dispatch<double>(cfg, bwd, q, k, v, go, residual, gamma, out, lse, y, gq, gk, gv, gpart, part,
-                   N, D, Cv, H, W, scale);
+
+extern "C" {
+#define EMULATE(NAME, T)                                                                          \
+  void NAME(int cfg, int bwd, const T* q, const T* k, const T* v, const T* go, const T* go_nchw,  \
+            const T* residual, const T* gamma, T* out, T* lse, T* y, T* gq, T* gk, T* gv,         \
+            T* gpart, T* part, int N, int D, int Cv, int H, int W, double scale,                  \
+            long long smem_limit) {                                                               \
+    dispatch<T>(cfg, bwd, q, k, v, go, go_nchw, residual, gamma, out, lse, y, gq, gk, gv, gpart,  \
+                part, N, D, Cv, H, W, static_cast<T>(scale), smem_limit);                         \
+  }
+EMULATE(cca_emulate_f32, float)
+EMULATE(cca_emulate_f64, double)
+int cca_group_f32(int cfg, int Cv, long long smem_limit) {
+  return group_of<float>(cfg, Cv, smem_limit);
+}
+int cca_group_f64(int cfg, int Cv, long long smem_limit) {
+  return group_of<double>(cfg, Cv, smem_limit);
 }
 }
 """
 
-# (policy, BL, CT) of each configuration the harness instantiates.
-CONFIGS = {0: ("fma", 16, 16), 1: ("fma", 32, 16), 2: ("wmma", 16, 16), 3: ("wmma", 32, 32)}
+# (policy, BO, BK, CT) of each configuration the harness instantiates; 0 and 1 are the production
+# tiles of csrc/cuda/cca.cu (checked against the header below, so the two cannot drift apart).
+CONFIGS = {0: ("fma", 64, 32, 32), 1: ("wmma", 128, 64, 32), 2: ("fma", 16, 16, 16),
+           3: ("wmma", 32, 16, 16), 4: ("wmma", 16, 32, 16)}
+PRODUCTION = {0: "ProdTilesFma", 1: "ProdTiles16"}
 
 
 @pytest.fixture(scope="module")
 def emulation(tmp_path_factory):
-    return build_harness(tmp_path_factory.mktemp("cca_emulation"), "cca_emulation", HARNESS)
+    lib = build_harness(tmp_path_factory.mktemp("cca_emulation"), "cca_emulation", HARNESS)
+    for fn in (lib.cca_group_f32, lib.cca_group_f64):
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
+    return lib
+
+
+def test_production_tiles_are_emulated():
+    """The harness's configurations 0 and 1 are the tiles cca.cu launches: Kind<float/double>
+    uses ProdTilesFma and Kind<Half/BFloat16> ProdTiles16, whose sizes are those in CONFIGS."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "csrc", "cuda", "cca_kernels.cuh")) as f:
+        header = f.read()
+    with open(os.path.join(root, "csrc", "cuda", "cca.cu")) as f:
+        glue = f.read()
+    for cfg, name in PRODUCTION.items():
+        _, bo, bk, ct = CONFIGS[cfg]
+        assert re.search(rf"using {name} = Tiles<{bo}, {bk}, {ct}>;", header), name
+    kinds = dict(re.findall(r"struct Kind<(at::\w+|float|double)>\s*:\s*KindOf<[^>]*?cca_cuda::"
+                            r"(ProdTiles\w+)>", glue))
+    assert kinds == {"at::Half": "ProdTiles16", "at::BFloat16": "ProdTiles16",
+                     "float": "ProdTilesFma", "double": "ProdTilesFma"}, kinds
+
+
+def _nhwc(t):
+    return None if t is None else t.permute(0, 2, 3, 1).contiguous()
 
 
 def _ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else None)
 
 
-def _emulate(lib, cfg, q, k, v, go, residual, gamma, scale, split_part):
-    """Runs the emulated forward then backward; every output starts as NaN, so an element a
-    kernel forgets to write shows up."""
+def _emulate(lib, cfg, q, k, v, go, residual, gamma, scale, smem_limit=0):
+    """Runs the emulated forward then backward (q, k, v, go given NCHW, passed NHWC as the glue
+    does); every output starts as NaN, so an element a kernel forgets to write shows up."""
     N, D, H, W = q.shape
     Cv = v.shape[1]
     dt = q.dtype
@@ -251,13 +320,15 @@ def _emulate(lib, cfg, q, k, v, go, residual, gamma, scale, split_part):
     gq, gk = torch.full_like(q, nan), torch.full_like(k, nan)
     gv = torch.full_like(v, nan)
     gpart = torch.full((N, H, W), nan, dtype=dt) if residual is not None else None
-    part = torch.full((N * max(D, Cv) * H * W,), nan, dtype=dt) if split_part else None
+    part = torch.full((N * max(D, Cv) * H * W,), nan, dtype=dt)
     sizes = [ctypes.c_int(s) for s in (N, D, Cv, H, W)]
+    qn, kn, vn, gon = (_nhwc(t) for t in (q, k, v, go))
 
     def call(bwd):
-        fn(ctypes.c_int(cfg), ctypes.c_int(bwd), _ptr(q), _ptr(k), _ptr(v), _ptr(go),
+        fn(ctypes.c_int(cfg), ctypes.c_int(bwd), _ptr(qn), _ptr(kn), _ptr(vn), _ptr(gon), _ptr(go),
            _ptr(residual), _ptr(gamma), _ptr(out), _ptr(lse), _ptr(y), _ptr(gq), _ptr(gk),
-           _ptr(gv), _ptr(gpart), _ptr(part), *sizes, ctypes.c_double(scale))
+           _ptr(gv), _ptr(gpart), _ptr(part), *sizes, ctypes.c_double(scale),
+           ctypes.c_longlong(smem_limit))
 
     call(0)
     call(1)
@@ -274,29 +345,36 @@ def _reference_lse(q, k, scale):
     return torch.logsumexp(torch.cat([e_row, e_col], dim=-1), dim=-1)
 
 
+
 CASES = [
-    # cfg, N, Cqk, Cv, H, W, dtype, residual, split part buffer
-    (2, 2, 8, 24, 5, 7, torch.float64, False, False),   # wmma: Cqk padded to 16, two Cv tiles
-    (2, 1, 3, 5, 1, 9, torch.float64, True, True),      # H = 1: the column pass has no keys
-    (2, 1, 4, 6, 9, 1, torch.float32, True, False),     # W = 1
-    (2, 1, 20, 17, 17, 18, torch.float64, True, True),  # two position tiles, two Cqk chunks
-    (3, 1, 8, 40, 35, 6, torch.float32, False, True),   # BL = 32, CT = 32: two tiles along h
-    (3, 1, 33, 16, 3, 33, torch.float64, True, False),  # Cqk tail in the second CT = 32 chunk
-    (0, 2, 5, 33, 17, 21, torch.float64, True, True),   # fma: 2 position tiles, 3 Cv tiles
-    (0, 1, 1, 1, 1, 1, torch.float64, True, False),     # one pixel: a single row key
-    (1, 1, 16, 16, 33, 34, torch.float32, True, True),  # fma, BL = 32: 2 tiles both ways
-    (1, 1, 7, 9, 2, 2, torch.float64, False, False),
-    # rows of a multiple of 16 bytes: the row pass loads operand tiles as 16-byte vectors
-    (0, 2, 12, 20, 6, 20, torch.float32, True, True),   # 5 vectors per row, 2 position tiles
-    (3, 1, 5, 7, 3, 10, torch.float64, True, False),    # wmma, BL = 32: vectors past the line
-    (2, 1, 16, 16, 17, 16, torch.float64, False, True), # wmma: vectors, 2 column tiles
+    # cfg, N, Cqk, Cv, H, W, dtype, residual, smem limit (0: an sm_90's, as the glue; smaller
+    # limits give several Cv groups of 16 at small Cv)
+    # production tiles of fp32/fp64 (FMA, BO = 64, BK = 32, CT = 32)
+    (0, 2, 8, 24, 5, 7, torch.float64, False, 0),     # Cqk padded within one chunk
+    (0, 1, 3, 5, 1, 9, torch.float64, True, 0),       # H = 1: the column pass has no keys
+    (0, 1, 4, 6, 9, 1, torch.float32, True, 0),       # W = 1
+    (0, 1, 72, 40, 70, 3, torch.float32, True, 0),    # 2 own tiles, 3 key tiles, Cqk > 2·CT
+    (0, 1, 16, 300, 3, 4, torch.float64, True, 0),    # Cv = 300: two groups (256 + 44) in fp64
+    (0, 1, 8, 12, 34, 33, torch.float32, False, 0),   # 16-byte channel vectors (cp.async path)
+    # production tiles of fp16/bf16 (wmma, BO = 128, BK = 64, CT = 32), in float / double
+    (1, 1, 64, 32, 6, 97, torch.float32, True, 0),    # CCNet's Cqk, W = 97 in one own tile
+    (1, 1, 20, 17, 17, 18, torch.float64, True, 0),   # scalar loads, tails
+    (1, 1, 8, 300, 3, 5, torch.float32, True, 0),     # Cv = 300 > 288: two Cv groups
+    (1, 1, 70, 9, 130, 2, torch.float64, False, 0),   # H = 130: 2 own tiles, 3 key tiles
+    (1, 2, 5, 7, 1, 3, torch.float64, True, 0),
+    # small test tiles: many tiles and groups on small images
+    (2, 2, 5, 33, 17, 21, torch.float64, True, 21 << 10),  # fma 16/16/16, 3 Cv groups
+    (2, 1, 1, 1, 1, 1, torch.float64, True, 21 << 10),     # one pixel: a single row key
+    (3, 1, 33, 40, 35, 6, torch.float32, False, 18 << 10),  # Cqk > 2·CT: own side reloaded
+    (4, 1, 16, 24, 33, 34, torch.float32, True, 15 << 10),  # BK > BO, 2 Cv groups
+    (4, 1, 7, 9, 2, 2, torch.float64, False, 0),
 ]
 
 
-@pytest.mark.parametrize("cfg,N,D,Cv,H,W,dtype,with_residual,split", CASES)
-def test_cuda_kernels_emulated(emulation, cfg, N, D, Cv, H, W, dtype, with_residual, split):
+@pytest.mark.parametrize("cfg,N,D,Cv,H,W,dtype,with_residual,smem", CASES)
+def test_cuda_kernels_emulated(emulation, cfg, N, D, Cv, H, W, dtype, with_residual, smem):
     torch.manual_seed(1000 * cfg + 10 * H + W)
-    scale = 0.7
+    scale = 0.7 if D < 32 else D ** -0.5
     q = torch.randn(N, D, H, W, dtype=torch.float64)
     k = torch.randn(N, D, H, W, dtype=torch.float64)
     v = torch.randn(N, Cv, H, W, dtype=torch.float64)
@@ -315,10 +393,14 @@ def test_cuda_kernels_emulated(emulation, cfg, N, D, Cv, H, W, dtype, with_resid
     ref_lse = _reference_lse(q, k, scale)
 
     conv = (lambda t: None if t is None else t.to(dtype).contiguous())
+    limit = smem
+    group_fn = emulation.cca_group_f64 if dtype == torch.float64 else emulation.cca_group_f32
+    group = group_fn(cfg, Cv, limit)
+    assert group > 0
     out, lse, y, gq, gk, gv, gpart = _emulate(
         emulation, cfg, conv(q), conv(k), conv(v), conv(grad), conv(residual), conv(gamma), scale,
-        split)
-    what = f"emulated CUDA ({CONFIGS[cfg]}, {dtype})"
+        limit)
+    what = f"emulated CUDA ({CONFIGS[cfg]}, {dtype}, Cv group {group})"
     assert_close(out, ref_out.detach(), what=f"{what} out")
     assert_close(lse, ref_lse, what=f"{what} lse")
     assert_close(gq, qr.grad, what=f"{what} grad q")
@@ -329,13 +411,35 @@ def test_cuda_kernels_emulated(emulation, cfg, N, D, Cv, H, W, dtype, with_resid
         assert_close(gpart.sum().reshape(1), gr.grad, what=f"{what} grad gamma")
 
 
+def test_cv_groups_as_launched(emulation):
+    """The Cv groups the cases rely on: the fp16/bf16 production kernel fits 288 channels per
+    group on an sm_90 (two groups at CCNet's Cv = 512, P computed twice per tile pair), the fp64
+    one 256 (two groups at Cv = 300), and the small limits give several groups."""
+    assert emulation.cca_group_f32(1, 512, 0) == 288
+    assert emulation.cca_group_f32(1, 300, 0) == 288
+    assert emulation.cca_group_f64(0, 300, 0) == 256
+    assert emulation.cca_group_f64(2, 33, 21 << 10) == 16
+
+
+def test_traffic_model_uses_the_launched_tiles(emulation):
+    """benchmarks/traffic.py models the tiles and Cv groups the kernels are launched with."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import traffic
+    assert traffic.TILES[2] == CONFIGS[1][1:]
+    assert traffic.TILES[4] == traffic.TILES[8] == CONFIGS[0][1:]
+    for cv in (1, 33, 300, 512, 1000):
+        assert traffic.pv_group(cv, 2) == emulation.cca_group_f32(1, cv, 0), cv
+        assert traffic.pv_group(cv, 4) == emulation.cca_group_f32(0, cv, 0), cv
+        assert traffic.pv_group(cv, 8) == emulation.cca_group_f64(0, cv, 0), cv
+
+
 def test_backward_is_deterministic(emulation):
     """Two runs give bitwise-equal gradients (a gather formulation, no atomics)."""
     torch.manual_seed(7)
     q, k = torch.randn(1, 5, 6, 9), torch.randn(1, 5, 6, 9)
     v, go = torch.randn(1, 7, 6, 9), torch.randn(1, 7, 6, 9)
-    a = _emulate(emulation, 1, q, k, v, go, None, None, 1.0, False)
-    b = _emulate(emulation, 1, q, k, v, go, None, None, 1.0, False)
+    a = _emulate(emulation, 0, q, k, v, go, None, None, 1.0)
+    b = _emulate(emulation, 0, q, k, v, go, None, None, 1.0)
     for x, y in zip(a, b):
         if x is not None:
             assert torch.equal(x, y)
@@ -373,7 +477,8 @@ def _skip_without_bf16(dtype):
     (1, 8, 24, 97, 97),     # mmcv's published spatial size, Cqk padded to 16
     (2, 5, 7, 1, 70),       # H = 1
     (1, 3, 130, 65, 1),     # W = 1, a Cv tail
-    (1, 16, 16, 64, 64),    # 16-byte row loads (rows of 64 elements)
+    (1, 16, 16, 64, 64),    # 16-byte channel vectors (cp.async) in 16-bit and fp32
+    (1, 64, 300, 130, 9),   # two own tiles along h, Cv = 300: two Cv groups in fp16/bf16
 ])
 def test_cuda_ops_on_gpu(dtype, N, D, Cv, H, W):
     _skip_without_bf16(dtype)
@@ -418,6 +523,25 @@ def test_cuda_ops_on_gpu(dtype, N, D, Cv, H, W):
     gq2, gk2, gv2 = ops.cca_backward(gl * 0.5, ql, kl, vl, out, lse, scale)
     lowp_gv = None if ref_low is None else 0.5 * ref_low[4].double() / 0.6
     assert_close(gv2, 0.5 * ref[4] / 0.6, lowp_gv, f"{what} cca_backward grad v")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_channels_last_inputs(dtype):
+    """channels_last q, k, v (read in place, no transpose) give the very same results as NCHW
+    ones, and the outputs are contiguous NCHW either way."""
+    _skip_without_bf16(dtype)
+    ops = _ops()
+    q, k = (torch.randn(2, 16, 21, 37, device=GPU, dtype=dtype) for _ in range(2))
+    v, g = (torch.randn(2, 40, 21, 37, device=GPU, dtype=dtype) for _ in range(2))
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (q, k, v, g)]
+    out, lse = ops.cca_forward(q, k, v, 1.0)
+    out_cl, lse_cl = ops.cca_forward(*cl[:3], 1.0)
+    assert out_cl.is_contiguous() and torch.equal(out_cl, out) and torch.equal(lse_cl, lse)
+    grads = ops.cca_backward(g, q, k, v, out, lse, 1.0)
+    grads_cl = ops.cca_backward(cl[3], *cl[:3], out, lse, 1.0)
+    for a, b in zip(grads, grads_cl):
+        assert b.is_contiguous() and torch.equal(a, b)
 
 
 @needs_cuda

@@ -2,64 +2,67 @@
 // block with its residual epilogue fused (cca_residual_forward / cca_residual_backward), and
 // CCNet's two-op API (cca_weight / cca_map and their backwards). fp32, fp16, bf16 (and fp64).
 //
-// Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W), contiguous NCHW (the glue calls .contiguous()).
+// Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W). The tiled kernels read them in NHWC memory order
+// (channels_last strides): channels_last inputs are used in place, NCHW inputs go through one
+// transpose each (nhwc() below; benchmarks/traffic.py counts it). Outputs are contiguous NCHW.
 // The H+W-1 keys of pixel (h, w) are its row (h, z), itself included, and its column (j, w),
 // j != h. Nothing of size (N, H+W-1, H, W) is ever materialised.
 //
-// The fused op: line-tiled, as armnet_ops/triton/cca.py. The device code is in cca_kernels.cuh;
-// every kernel runs twice, a row pass (lines = rows, positions along w) and a column pass (lines
-// = columns, positions along h, the pixel itself excluded from its keys). A block owns BL
-// positions of one line and walks the other positions of the line BL at a time; all tile
-// products are 16x16x16 mma on shared-memory operands: nvcuda::wmma tensor cores for fp16/bf16
-// (fp32 accumulators; BL = 64, channel tiles of 64, 4 warps), scalar FMA of the same tiles for
-// fp32/fp64 (BL = 32, channel tiles of 32, 2 warps; no TF32). Cqk and Cv are chunked by the
-// channel tile and zero-padded to it in shared memory, so any Cqk and Cv work.
+// The fused op is line-tiled; the device code is in cca_kernels.cuh, where each kernel's header
+// states the bytes it moves. Every kernel runs twice: a column pass (lines = columns, the pixel
+// itself excluded from its keys), then a row pass, which adds the column pass's result and writes
+// the NCHW outputs along w (coalesced). A block owns BO positions of one line and walks the
+// line's positions BK at a time; operand tiles [positions][channels] are read along channels
+// (coalesced in both passes; 16-byte cp.async, double-buffered over channel chunks of CT, when a
+// pixel's channel vector is a multiple of 16 bytes). All tile products are 16x16x16 mma on
+// shared-memory operands: nvcuda::wmma tensor cores for fp16/bf16 (fp32 accumulators;
+// ProdTiles16: BO = 128, so H, W <= 128 is one own tile, BK = 64, CT = 32, 8 warps), scalar FMA
+// of the same tiles for fp32/fp64 (ProdTilesFma: BO = 64, BK = 32, CT = 32, 4 warps; no TF32,
+// so fp32 stays exact to fp32 rounding).
 //
-//   forward  1. cca_lse_kernel, row pass then column pass: per pixel the log-sum-exp of its
-//               scaled energies by an online softmax over key tiles; the column pass merges its
-//               value into the row pass's by logaddexp. Saved: lse (N, H, W), op-math type.
-//            2. cca_pv_kernel<KEY=false>, grid (image·line·pixel tile, Cv tile): P recomputed
-//               from the final lse, out += P·V by mma (P rounded to the element type, as in
-//               flash-attention). The row pass writes an op-math buffer, the column pass adds it
-//               and rounds once (the buffer is out itself for fp32/fp64); the residual op's
-//               column pass also writes y = gamma·out + residual (gamma read on the device).
-//               Saved: out.
+//   forward  1. cca_lse_kernel, column pass then row pass: per pixel the log-sum-exp of its
+//               scaled energies by an online softmax over key tiles; the row pass merges its
+//               value into the column pass's by logaddexp. Saved: lse (N, H, W), op-math type.
+//            2. cca_pv_kernel<KEY=false>, grid (image·line·pixel tile, Cv group): P recomputed
+//               from the final lse once per (pixel tile, key tile) and used for every Cv chunk
+//               of the group (op-math accumulators in shared memory; the group is the widest
+//               that fits: fp16/bf16 288 channels on an sm_90, so Cv = 512 is two groups; fp32
+//               all of Cv up to 704). The column pass writes an NHWC buffer in the element type,
+//               the row pass adds it in fp32 and rounds once more into out (so fp16/bf16 out
+//               carries two roundings of the column part); the residual op's row pass also
+//               writes y = gamma·out + residual (gamma read on the device). Saved: out.
 //   backward 1. cca_delta_kernel: D_u = gamma·<grad_y_u, out_u> (gamma = 1 for cca_backward),
 //               and for the residual op the per-pixel <grad_y_u, out_u>, summed by at::sum
 //               (a fixed-shape reduction) into grad_gamma.
-//            2. cca_grad_kernel<KEY=false> (dq), grid (pixel tiles, Cqk tiles):
+//            2. cca_grad_kernel<KEY=false> (dq), grid (pixel tiles, Cqk tiles of CT):
 //               dS = P·(gamma·dO·V^T - D)·scale, dq += dS·K; <KEY=true> (dk), grid (key tiles,
 //               Cqk tiles), the transposed tiles, dk += dS^T·Q gathered over the pixels of the
 //               line that see each key.
-//            3. cca_pv_kernel<KEY=true> (dv), grid (key tiles, Cv tiles): dv += gamma·P^T·dO.
-//            Row pass then column pass each, the column pass adding to the row pass's result in
+//            3. cca_pv_kernel<KEY=true> (dv), grid (key tiles, Cv groups): dv += gamma·P^T·dO.
+//            Column pass then row pass each, the row pass adding the column pass's result in
 //            stream order: every element is written by one thread, no atomics, deterministic.
 //
-// Cost and memory. Energies are recomputed: once by the lse pass and once per Cv tile by the
-// output pass (Cv = 512: 8 tiles, so the q·k work is about 9/8 of the p·v work); the backward
-// computes them and dP = dO·V^T (over all of Cv) once per Cqk tile in each of the dq and dk
-// kernels, and the energies once more per Cv tile for dv. Extra memory: lse (and D) (N, H, W) in
-// fp32, and for fp16/bf16 one fp32 buffer of out's size in the forward and of
-// N·max(Cqk, Cv)·H·W in the backward (the row pass's partial sums). Shared memory per block:
-// fp16/bf16 45 KiB (lse, forward, dv) and 62 KiB (dq, dk: opted in above 48 KiB); fp32
-// 20/25 KiB; fp64 40/49 KiB. A row pass reads operand tiles 16 bytes at a time when rows are a
-// multiple of 16 bytes and the tensors 16-byte aligned; a column pass reads positions W apart
-// (sectors shared with the neighbouring columns' blocks through L2). bfloat16 needs sm_80, fp16
-// sm_70: the glue refuses older GPUs with an error (their device code compiles to scalar FMA).
+// Extra memory: lse (and D) (N, H, W) in op-math type; one element-type buffer of out's size in
+// the forward and of N·max(Cqk, Cv)·H·W in the backward (the column pass's results); the NHWC
+// copies of NCHW inputs. Shared memory per block (sm_90 opt-in up to 227 KiB): fp16/bf16 lse
+// 81 KiB, dq/dk 115 KiB, P·V 81 KiB + 512 B per Cv channel of the group (227 KiB at 288).
+// bfloat16 needs sm_80, fp16 sm_70: the glue refuses older GPUs with an error (their device code
+// compiles to scalar FMA). cp.async needs sm_80; older GPUs get plain 16-byte copies.
 //
 // The two-op API (below) is one thread per output element, SIMT, correct and simple: it exists
 // for CCNet compatibility and materialises the energy by definition.
 //
-// What is verified where: the tiled kernels (tiling, masks, the online softmax and the lse merge,
-// the backward gathers, the residual epilogue, the 16-byte loads) run on the host in
-// tests/test_cca_cuda_emulation.py, instantiated with float and double, through both the
-// scalar-FMA policy and a host emulation of nvcuda::wmma. The real fp16/bf16 wmma path, launch
-// configurations, shared-memory sizes and performance are checked only by the needs_cuda tests
-// (the same file, and the cuda backend of tests/test_cca.py).
-// What remains (performance): no cp.async / double buffering of the operand tiles; Q (and dO) are
-// reloaded for every key tile instead of staying resident when Cqk fits one channel tile; fp32
-// runs on scalar FMA from shared memory (no TF32 by contract; 3xTF32 on tensor cores would be
-// the fast exact-enough path); tile sizes are fixed per dtype, not tuned on a GPU.
+// What is verified where: the tiled kernels at the production tiles (ProdTiles16 in float and
+// double through a host nvcuda::wmma, ProdTilesFma) and at small tiles run on the host in
+// tests/test_cca_cuda_emulation.py; tests/test_sass.py checks the sm_90 SASS (no local memory,
+// HMMA in the fp16/bf16 kernels, 16-byte cp.async operand loads). The real fp16/bf16 wmma path,
+// the cp.async instructions' behaviour, launch configurations, shared-memory limits and speed are
+// checked only by the needs_cuda tests (the same file, and the cuda backend of tests/test_cca.py).
+// What remains (performance): wgmma/TMA (sm_90) instead of mma.sync and cp.async; the backward
+// recomputes dP = dO·V^T per Cqk tile (CT = 32: twice at Cqk = 64) and reloads dO per key tile
+// (benchmarks/traffic.py: about 8x its minimum at (2, 64, 512, 97, 97) bf16); a row/column fused
+// forward (one online-softmax state per pixel carried from the column pass into the row pass)
+// would drop the lse kernel; fp32 could use 3xTF32 tensor-core products.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -176,23 +179,24 @@ void check_cuda_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 // Element type, mma policy and tile sizes per dtype.
-template <typename T_, typename acc_t_, template <typename, typename> class Pol_, int BL, int CT>
+template <typename T_, typename acc_t_, template <typename, typename> class Pol_, class Tl_>
 struct KindOf {
   using T = T_;
   using acc_t = acc_t_;
   using Pol = Pol_<T_, acc_t_>;
-  using Tl = cca_cuda::Tiles<BL, CT>;
+  using Tl = Tl_;
 };
 template <typename scalar_t>
 struct Kind;
 template <>
-struct Kind<at::Half> : KindOf<__half, float, cca_cuda::WmmaPolicy, 64, 64> {};
+struct Kind<at::Half> : KindOf<__half, float, cca_cuda::WmmaPolicy, cca_cuda::ProdTiles16> {};
 template <>
-struct Kind<at::BFloat16> : KindOf<__nv_bfloat16, float, cca_cuda::WmmaPolicy, 64, 64> {};
+struct Kind<at::BFloat16>
+    : KindOf<__nv_bfloat16, float, cca_cuda::WmmaPolicy, cca_cuda::ProdTiles16> {};
 template <>
-struct Kind<float> : KindOf<float, float, cca_cuda::FmaPolicy, 32, 32> {};
+struct Kind<float> : KindOf<float, float, cca_cuda::FmaPolicy, cca_cuda::ProdTilesFma> {};
 template <>
-struct Kind<double> : KindOf<double, double, cca_cuda::FmaPolicy, 32, 32> {};
+struct Kind<double> : KindOf<double, double, cca_cuda::FmaPolicy, cca_cuda::ProdTilesFma> {};
 
 // The tensor-core instantiations need sm_70 (fp16) and sm_80 (bf16).
 template <typename scalar_t>
@@ -218,21 +222,25 @@ acc_t* aptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;
 }
 
-// The row pass and the column pass of an (H, W) plane. vec: the row pass may move operand tiles
-// 16 bytes at a time (rows of a multiple of 16 bytes, operands 16-byte aligned).
-template <class Tl, typename T>
+// The column pass (first) and the row pass (final, writes the NCHW outputs along w) of an (H, W)
+// plane. aligned: every NHWC operand starts 16-byte aligned (cp.async of channel vectors).
+template <class Tl>
 std::array<cca_cuda::LinePass, 2> line_passes(int64_t H, int64_t W,
                                               std::initializer_list<at::Tensor> operands) {
   const int64_t HW = H * W;
-  bool vec = (W * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  bool aligned = true;
   for (const auto& t : operands)
-    vec = vec && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  cca_cuda::LinePass row{static_cast<int>(W), static_cast<int>(H),
-                         static_cast<int>((W + Tl::BL - 1) / Tl::BL), W, 1, HW, false, vec};
+    aligned = aligned && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   cca_cuda::LinePass col{static_cast<int>(H), static_cast<int>(W),
-                         static_cast<int>((H + Tl::BL - 1) / Tl::BL), 1, W, HW, true, false};
-  return {row, col};
+                         static_cast<int>((H + Tl::BO - 1) / Tl::BO), 1, W, HW, true, aligned};
+  cca_cuda::LinePass row{static_cast<int>(W), static_cast<int>(H),
+                         static_cast<int>((W + Tl::BO - 1) / Tl::BO), W, 1, HW, false, aligned};
+  return {col, row};
 }
+
+// The operands in NHWC memory order (a (N, C, H, W) tensor with channels-last strides): no copy
+// for channels_last inputs, one transpose for NCHW ones.
+at::Tensor nhwc(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
 
 // Launches kernel(args...) on a grid of (image, line, tile) x channel tiles.
 template <class Tl, typename Kernel, typename... KArgs>
@@ -277,19 +285,32 @@ struct Fused {
     return a;
   }
 
-  // out, lse (and y = gamma·out + residual when residual is defined) for contiguous q, k, v.
+  // out, lse (and y = gamma·out + residual when residual is defined) for NHWC q, k, v; out, y
+  // and residual NCHW.
   static void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& residual, const at::Tensor& gamma, const at::Tensor& out,
                       const at::Tensor& lse, const at::Tensor& y, double scale, const char* op);
 
-  // grad_q, grad_k, grad_v (and the per-pixel partials of grad_gamma when gpart is defined) for
-  // contiguous inputs; go is grad_out, or grad_y with gamma defined.
-  static void backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
-                       const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                       const at::Tensor& gamma, const at::Tensor& gq, const at::Tensor& gk,
-                       const at::Tensor& gv, const at::Tensor& gpart, double scale,
-                       const char* op);
+  // grad_q, grad_k, grad_v (NCHW; and the per-pixel partials of grad_gamma when gpart is
+  // defined) for NHWC q, k, v, go (go_nchw: the same gradient NCHW, and out NCHW, for D); go is
+  // grad_out, or grad_y with gamma defined.
+  static void backward(const at::Tensor& go, const at::Tensor& go_nchw, const at::Tensor& q,
+                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                       const at::Tensor& lse, const at::Tensor& gamma, const at::Tensor& gq,
+                       const at::Tensor& gk, const at::Tensor& gv, const at::Tensor& gpart,
+                       double scale, const char* op);
 };
+
+// The widest Cv group whose P·V accumulators fit in this GPU's shared memory.
+template <class S>
+int pv_group(int64_t Cv, const char* op) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const int group = S::group_width(static_cast<int>(Cv),
+                                   static_cast<int64_t>(prop->sharedMemPerBlockOptin));
+  TORCH_CHECK(group > 0, op, ": the P·V kernel needs ", S::bytes_pv(0),
+              "+ bytes of shared memory, the GPU allows ", prop->sharedMemPerBlockOptin);
+  return group;
+}
 
 template <typename scalar_t>
 void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -297,37 +318,37 @@ void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at
                               const at::Tensor& out, const at::Tensor& lse, const at::Tensor& y,
                               double scale, const char* op) {
   check_arch<scalar_t>(q, op);
-  const int64_t N = q.size(0), D = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
+  const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto a = qkv_args(q, k, v, scale);
   a.lse_out = aptr<acc_t>(lse);
-  const auto passes = line_passes<Tl, T>(H, W, {q, k, v});
-  for (const auto& g : passes) {
-    launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, g, N, 1, S::bytes_forward, op,
-                     a, g);
+  const auto passes = line_passes<Tl>(H, W, {q, k, v});
+  for (int pass = 0; pass < 2; ++pass) {
+    launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, passes[pass], N, 1,
+                     S::bytes_lse, op, a, passes[pass], pass == 1);
   }
   if (Cv == 0) return;
-  // fp16/bf16: the row pass's partial sums stay in an op-math buffer, rounded once at the end.
-  const at::Tensor part = std::is_same_v<T, acc_t>
-                              ? out
-                              : at::empty(out.sizes(), out.options().dtype(lse.scalar_type()));
+  // The column pass's result, NHWC in the element type (read back once by the row pass).
+  const at::Tensor part = at::empty({N * H * W * Cv}, out.options());
   a.lse = aptr<acc_t>(lse);
-  a.part = aptr<acc_t>(part);
+  a.part = dptr<T, scalar_t>(part);
   a.out = dptr<T, scalar_t>(out);
   if (residual.defined()) {
     a.residual = dptr<T, scalar_t>(residual);
     a.gamma = aptr<acc_t>(gamma);
     a.y = dptr<T, scalar_t>(y);
   }
-  const int64_t c_tiles = (Cv + Tl::CT - 1) / Tl::CT;
+  a.group = pv_group<S>(Cv, op);
+  const int64_t groups = (Cv + a.group - 1) / a.group;
   for (int pass = 0; pass < 2; ++pass) {
-    launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, false>, passes[pass], N, c_tiles,
-                     S::bytes_forward, op, a, passes[pass], pass == 1);
+    launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, false>, passes[pass], N, groups,
+                     S::bytes_pv(a.group), op, a, passes[pass], pass == 1);
   }
 }
 
 template <typename scalar_t>
-void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& go_nchw,
+                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, const at::Tensor& lse,
                                const at::Tensor& gamma, const at::Tensor& gq, const at::Tensor& gk,
                                const at::Tensor& gv, const at::Tensor& gpart, double scale,
                                const char* op) {
@@ -341,7 +362,7 @@ void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const 
               op, ": N·H·W = ", total, " is too large for one launch");
   cca_cuda::cca_delta_kernel<T, acc_t>
       <<<static_cast<unsigned>((total + kElementwiseThreads - 1) / kElementwiseThreads),
-         kElementwiseThreads, 0, stream>>>(dptr<T, scalar_t>(go), dptr<T, scalar_t>(out),
+         kElementwiseThreads, 0, stream>>>(dptr<T, scalar_t>(go_nchw), dptr<T, scalar_t>(out),
                                            aptr<acc_t>(gamma), aptr<acc_t>(dd), aptr<acc_t>(gpart),
                                            static_cast<int>(Cv), H * W, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -350,22 +371,17 @@ void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const 
   a.gamma = aptr<acc_t>(gamma);
   a.lse = aptr<acc_t>(lse);
   a.dd = aptr<acc_t>(dd);
-  // fp16/bf16: one op-math buffer serves dq, dk and dv in turn (stream order).
-  at::Tensor buf;
-  if (!std::is_same_v<T, acc_t>) buf = at::empty({N * std::max(D, Cv) * H * W}, lse.options());
-  auto part_of = [&](const at::Tensor& grad) {
-    return std::is_same_v<T, acc_t> ? aptr<acc_t>(grad) : aptr<acc_t>(buf);
-  };
-  const auto passes = line_passes<Tl, T>(H, W, {q, k, v, go});
+  // The column pass's results, NHWC in the element type: one buffer serves dq, dk, dv in turn.
+  const at::Tensor part = at::empty({total * std::max(D, Cv)}, out.options());
+  a.part = dptr<T, scalar_t>(part);
+  const auto passes = line_passes<Tl>(H, W, {q, k, v, go});
   if (D > 0) {
     const int64_t d_tiles = (D + Tl::CT - 1) / Tl::CT;
-    a.part = part_of(gq);
     a.out = dptr<T, scalar_t>(gq);
     for (int pass = 0; pass < 2; ++pass) {
       launch_lines<Tl>(cca_cuda::cca_grad_kernel<Pol, Tl, T, acc_t, false>, passes[pass], N,
                        d_tiles, S::bytes_grad, op, a, passes[pass], pass == 1);
     }
-    a.part = part_of(gk);
     a.out = dptr<T, scalar_t>(gk);
     for (int pass = 0; pass < 2; ++pass) {
       launch_lines<Tl>(cca_cuda::cca_grad_kernel<Pol, Tl, T, acc_t, true>, passes[pass], N,
@@ -373,12 +389,12 @@ void Fused<scalar_t>::backward(const at::Tensor& go, const at::Tensor& q, const 
     }
   }
   if (Cv > 0) {
-    a.part = part_of(gv);
     a.out = dptr<T, scalar_t>(gv);
-    const int64_t c_tiles = (Cv + Tl::CT - 1) / Tl::CT;
+    a.group = pv_group<S>(Cv, op);
+    const int64_t groups = (Cv + a.group - 1) / a.group;
     for (int pass = 0; pass < 2; ++pass) {
-      launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, true>, passes[pass], N, c_tiles,
-                       S::bytes_forward, op, a, passes[pass], pass == 1);
+      launch_lines<Tl>(cca_cuda::cca_pv_kernel<Pol, Tl, T, acc_t, true>, passes[pass], N, groups,
+                       S::bytes_pv(a.group), op, a, passes[pass], pass == 1);
     }
   }
 }
@@ -387,9 +403,9 @@ std::tuple<at::Tensor, at::Tensor> cca_forward_cuda(const at::Tensor& q_, const 
                                                     const at::Tensor& v_, double scale) {
   check_cuda_inputs(q_, k_, v_, "cca_forward");
   c10::cuda::CUDAGuard guard(q_.device());
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  auto q = nhwc(q_), k = nhwc(k_), v = nhwc(v_);
   const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  auto out = at::empty({N, Cv, H, W}, v.options());
+  auto out = at::empty({N, Cv, H, W}, v.options());  // NCHW (options carry no memory format)
   auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (N * H * W == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cca_forward_cuda", [&] {
@@ -407,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_residual_forward_cuda(
   cca_checks::check_residual(residual_, v_, op);
   cca_checks::check_gamma(gamma_, v_, op);
   c10::cuda::CUDAGuard guard(q_.device());
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  auto q = nhwc(q_), k = nhwc(k_), v = nhwc(v_);
   auto residual = residual_.contiguous(), gamma = gamma_.contiguous();
   const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto out = at::empty({N, Cv, H, W}, v.options());
@@ -420,10 +436,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_residual_forward_cuda(
   return {y, out, lse};
 }
 
-// The saved tensors and the gradient in the layouts and dtypes the kernels read.
+// The saved tensors and the gradient in the layouts and dtypes the kernels read: go, q, k, v
+// NHWC for the tiled kernels, go_nchw and out NCHW for the delta kernel.
 struct Saved {
-  at::Tensor go, q, k, v, out, lse;
+  at::Tensor go, go_nchw, q, k, v, out, lse;
 };
+
+// A gradient: NCHW like the op's outputs (every element is written by the row pass).
+at::Tensor nchw_empty(const at::Tensor& like) { return at::empty(like.sizes(), like.options()); }
 
 Saved prepare_backward(const at::Tensor& grad, const at::Tensor& q_, const at::Tensor& k_,
                        const at::Tensor& v_, const at::Tensor& out_, const at::Tensor& lse_,
@@ -435,9 +455,9 @@ Saved prepare_backward(const at::Tensor& grad, const at::Tensor& q_, const at::T
               op, ": grad, out and lse must be on ", q_.device(), ", got ", grad.device(), ", ",
               out_.device(), ", ", lse_.device());
   const auto st = v_.scalar_type();
-  return {grad.to(st).contiguous(), q_.contiguous(),        k_.contiguous(),
-          v_.contiguous(),          out_.to(st).contiguous(),
-          lse_.to(at::toOpMathType(q_.scalar_type())).contiguous()};
+  const at::Tensor go = grad.to(st);
+  return {nhwc(go),     go.contiguous(),          nhwc(q_), nhwc(k_), nhwc(v_),
+          out_.to(st).contiguous(), lse_.to(at::toOpMathType(q_.scalar_type())).contiguous()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
@@ -445,11 +465,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_backward_cuda(
     const at::Tensor& out_, const at::Tensor& lse_, double scale) {
   c10::cuda::CUDAGuard guard(q_.device());
   const Saved s = prepare_backward(grad_out, q_, k_, v_, out_, lse_, "cca_backward", "grad_out");
-  auto gq = at::zeros_like(s.q), gk = at::zeros_like(s.k), gv = at::zeros_like(s.v);
+  auto gq = nchw_empty(s.q), gk = nchw_empty(s.k), gv = nchw_empty(s.v);
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_backward_cuda", [&] {
-    Fused<scalar_t>::backward(s.go, s.q, s.k, s.v, s.out, s.lse, at::Tensor(), gq, gk, gv,
-                            at::Tensor(), scale, "cca_backward");
+    Fused<scalar_t>::backward(s.go, s.go_nchw, s.q, s.k, s.v, s.out, s.lse, at::Tensor(), gq,
+                              gk, gv, at::Tensor(), scale, "cca_backward");
   });
   return {gq, gk, gv};
 }
@@ -462,12 +482,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cca_residual_backward
   const Saved s = prepare_backward(grad_y, q_, k_, v_, out_, lse_, op, "grad_y");
   cca_checks::check_gamma(gamma_, v_, op);
   auto gamma = gamma_.contiguous();
-  auto gq = at::zeros_like(s.q), gk = at::zeros_like(s.k), gv = at::zeros_like(s.v);
+  auto gq = nchw_empty(s.q), gk = nchw_empty(s.k), gv = nchw_empty(s.v);
   if (s.q.size(0) * s.q.size(2) * s.q.size(3) == 0) return {gq, gk, gv, at::zeros_like(gamma_)};
   auto gpart = at::empty({s.q.size(0), s.q.size(2), s.q.size(3)}, s.lse.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.q.scalar_type(), "cca_residual_backward_cuda", [&] {
-    Fused<scalar_t>::backward(s.go, s.q, s.k, s.v, s.out, s.lse, gamma, gq, gk, gv, gpart, scale,
-                            op);
+    Fused<scalar_t>::backward(s.go, s.go_nchw, s.q, s.k, s.v, s.out, s.lse, gamma, gq, gk, gv,
+                              gpart, scale, op);
   });
   // grad_gamma = sum over pixels of <grad_y_u, out_u>: per-pixel partials, then one fixed-shape
   // reduction (deterministic).
