@@ -43,23 +43,28 @@ Backward (recomputes P from lse; deterministic, no atomics):
   multiplied by gamma once before it is stored (GAMMA); grad_gamma = sum_u D_u (a float64 sum of
   the (N, H, W) partials, deterministic).
 
-Traffic model (bytes to and from global memory; benchmarks/traffic_triton.py computes it). With
-s the input itemsize, a the op-math itemsize (4; 8 for float64), P = N·H·W pixels, Lr = W,
-Lc = H, tiles per line t_r = ceil(W / BT_r), t_c = ceil(H / BT_c), and T = 2·s·P·(2·Cqk + Cv)
-the NCHW -> NHWC transposes of q, k, v (0 for channels_last inputs):
-  forward  = T + s·P·Cqk·(2 + t_c + t_r)              q once per pass, k once per tile
-           + s·P·Cv·(t_c + t_r)                        v: the whole line per tile
-           + 2·a·P·Cv                                  partial: written, read once
-           + s·P·Cv                                    out
-           + 3·4·P                                     lse: written, read, rewritten
-  (+ 2·s·P·Cv for the residual: x read, y written.)
-  backward = T + 2·s·P·Cv (grad_out transpose) + 2·s·P·Cv + 4·P (D)
-           + per pass p in (c, r), tiles t_p: query kernel: s·P·(2·Cqk + Cv) + s·P·(Cqk + Cv)·t_p
-             + key kernel: s·P·(Cqk + Cv) + s·P·(Cqk + Cv)·t_p + 2·4·P·t_p
-           + 2·a·P·(2·Cqk + Cv) (partials written, read) + s·P·(2·Cqk + Cv) (gradients)
-At (N, Cqk, Cv, H, W) = (2, 64, 512, 97, 97) in bf16 (t = 1) the forward moves 3.3× the minimum
-with channels_last inputs and 4.4× with NCHW ones (the transposes), the minimum being q, k, v
-read and out written once (see the report in benchmarks/traffic_triton.py).
+Traffic model: every load and store the kernels issue, nothing assumed served from a cache
+(benchmarks/traffic_triton.py computes it). With s the input itemsize, a the op-math itemsize
+(4; 8 for float64), P = N·H·W pixels, t_c = ceil(H / BT) and t_r = ceil(W / BT) tiles per column
+and per row (`_tiles`; 1 for lines up to 128 in 16 bits, 64 in 32 bits), and
+X = 0 for channels_last inputs, 1 for NCHW ones (the transposes to NHWC):
+  forward  = X·2·s·P·(2·Cqk + Cv)                       transposes of q, k, v
+           + 2·s·P·Cqk + s·P·(Cqk + Cv)·(t_c + t_r)      q tiles; the line's k and v per tile
+           + 2·a·P·Cv + s·P·Cv + 3·a·P                   partial written and read; out; lse
+           (+ 2·s·P·Cv with the residual: x read, y written)
+  backward = X·2·s·P·(2·Cqk + 2·Cv)                     transposes of q, k, v, grad_out
+           + 2·s·P·Cv + a·P                               D = <grad_out, out>
+           + sum over the two passes (t = t_c, t_r):
+               s·P·(Cqk + Cv) + s·P·(2·Cqk + Cv)·t + 2·a·P            dq kernel
+             + s·P·(2·Cqk + Cv) + s·P·(3·Cqk + Cv)·t + 3·a·P·t        dk/dv kernel
+           + 2·a·P·(2·Cqk + Cv) + s·P·(2·Cqk + Cv)      partials; dq, dk, dv
+The minimum is the inputs read once and the outputs written once. At (N, Cqk, Cv, H, W) =
+(2, 64, 512, 97, 97) in bf16 the forward is 144.7 MB against 43.4 MB (3.33x) with channels_last
+inputs and 192.9 MB (4.44x) with NCHW ones; the backward 352.5 MB / 439.2 MB against 67.5 MB
+(5.2x / 6.5x). The float32 partial is 38.5 MB of the forward (rounding it to bf16 would give
+2.9x / 4.0x, at the cost of a second rounding). The two-op kernels move: _line_pair the inputs
+per tile like the forward plus the energy written once; _line_aggregate the energy once, the
+line of y per tile, the partial and the output.
 
 Accumulation is float32 (float64 for float64 inputs). float64 tl.dot runs in the interpreter; on
 GPUs Triton lowers it to FMA (or DMMA), not verified here.
@@ -84,6 +89,7 @@ MAX_TILE = 128
 TILE_BUDGET = 16384
 NUM_WARPS = 8
 STAGES = 2  # software pipelining of the Cv-chunk loops
+INT32_MAX = 2**31 - 1
 
 
 # ---- shared pieces of the line kernels ----------------------------------------------------------
@@ -159,6 +165,17 @@ def _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale
     kt = _load_tile(k_base, d, dmask, skc, s, smask, sk_pos)
     e = tl.dot(q_tile, kt, input_precision=PREC, out_dtype=ACC) * scale
     return tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), tl.exp(e - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos, scale,
+             EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """The weights transposed, [BS, BP] (keys x pixels), recomputed from the loaded K and Q^T."""
+    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
+    qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
+    et = tl.dot(k_tile, qt, input_precision=PREC, out_dtype=ACC) * scale
+    valid = tl.trans(_valid(p, pmask, s, smask, EXCLUDE_SELF))
+    return tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
 
 
 # ---- the fused op's kernels ---------------------------------------------------------------------
@@ -291,13 +308,11 @@ def _bwd_key_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr,
     s, smask = _tile(BS, L)
     p, pmask = _span(0, BL, L)
     d, dmask = _span(0, BD, D)
-    qt = _load_tile(q_ptr + n * sqn + line * sq_line, d, dmask, sqc, p, pmask, sq_pos)
-    k_tile = _load_tile(k_ptr + n * skn + line * sk_line, s, smask, sk_pos, d, dmask, skc)
+    q_base = q_ptr + n * sqn + line * sq_line
+    k_base = k_ptr + n * skn + line * sk_line
     lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-    valid = tl.trans(_valid(p, pmask, s, smask, EXCLUDE_SELF))
-    et = tl.dot(k_tile, qt, input_precision=PREC, out_dtype=ACC) * scale
-    pt = tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
-    pt_lo = pt.to(go_ptr.dtype.element_ty)
+    pt_lo = _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos,
+                     scale, EXCLUDE_SELF, ACC, PREC).to(go_ptr.dtype.element_ty)
     v_base = v_ptr + n * svn + line * sv_line
     go_base = go_ptr + n * sgn + line * sg_line
     dpt = tl.zeros([BS, BL], ACC)
@@ -310,9 +325,13 @@ def _bwd_key_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr,
                           GAMMA, ACC)
         _store_pass(dv, s, smask, c, cmask, dv_part_ptr + n * spvn + line * spv_line, spv_pos,
                     spvc, dv_ptr + n * sovn + line * sov_line, sov_pos, sovc, 1.0, FINAL, ACC)
+    # P^T again in float32 for dS^T (cheap: Cqk channels), rather than kept through the loop.
+    pt = _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos,
+                  scale, EXCLUDE_SELF, ACC, PREC)
     dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     dst = pt * (dpt - dd[None, :]) * scale
-    dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PREC, out_dtype=ACC)
+    q_tile = _load_tile(q_base, p, pmask, sq_pos, d, dmask, sqc)
+    dk = tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=PREC, out_dtype=ACC)
     dk = _times_gamma(dk, gamma_ptr, GAMMA, ACC)
     _store_pass(dk, s, smask, d, dmask, dk_part_ptr + n * spkn + line * spk_line, spk_pos, spkc,
                 dk_ptr + n * sokn + line * sok_line, sok_pos, sokc, 1.0, FINAL, ACC)
@@ -336,7 +355,8 @@ def _bwd_key_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr,
 
 @triton.jit
 def _energy_channel(p, s, CH0, EXCLUDE_SELF: tl.constexpr):
-    """[BP, BS] channel of key s of pixel p in the energy layout, int64.
+    """[BP, BS] channel of key s of pixel p in the energy layout, int32: offsets inside one
+    image's energy are int32 (`_check_energy`), half the registers of an int64 tile.
 
     One return statement: Triton 3.6 type-checks the statements after a return inside a taken
     constexpr branch too, and with p and s of different integer types two returns had different
@@ -345,7 +365,7 @@ def _energy_channel(p, s, CH0, EXCLUDE_SELF: tl.constexpr):
         ch = CH0 + s[None, :] - (s[None, :] > p[:, None]).to(s.dtype)
     else:
         ch = CH0 + s[None, :] + 0 * p[:, None]
-    return ch.to(tl.int64)
+    return ch.to(tl.int32)
 
 
 @triton.jit
@@ -365,7 +385,7 @@ def _line_pair(x_ptr, y_ptr, e_ptr, L, n_lines, C, CH0,
         yt = _load_tile(y_base, c, cmask, syc, s, smask, sy_pos)
         acc += tl.dot(x, yt, input_precision=PREC, out_dtype=ACC)
     ch = _energy_channel(p, s, CH0, EXCLUDE_SELF)
-    off = e_ptr + n * sen + line * se_line + p[:, None] * se_pos + ch * sec
+    off = e_ptr + n * sen + line * se_line + (p.to(tl.int32)[:, None] * se_pos + ch * sec)
     tl.store(off, acc.to(e_ptr.dtype.element_ty), mask=_valid(p, pmask, s, smask, EXCLUDE_SELF))
 
 
@@ -385,11 +405,11 @@ def _line_aggregate(m_ptr, y_ptr, part_ptr, o_ptr, L, n_lines, C, CH0,
     if TRANSPOSED:
         valid = tl.trans(_valid(j, jmask, i, imask, EXCLUDE_SELF))   # [BI, BL]
         ch = tl.trans(_energy_channel(j, i, CH0, EXCLUDE_SELF))
-        m_off = m_base + j[None, :] * sm_pos + ch * smc
+        m_off = m_base + (j[None, :] * sm_pos + ch * smc)
     else:
         valid = _valid(i, imask, j, jmask, EXCLUDE_SELF)
         ch = _energy_channel(i, j, CH0, EXCLUDE_SELF)
-        m_off = m_base + i[:, None] * sm_pos + ch * smc
+        m_off = m_base + (i.to(tl.int32)[:, None] * sm_pos + ch * smc)
     y_base = y_ptr + n * syn + line * sy_line
     m = tl.load(m_off, mask=valid, other=0.0).to(y_ptr.dtype.element_ty)
     part_base = part_ptr + n * spn + line * sp_line
@@ -529,6 +549,9 @@ def _backward(grad, q, k, v, out, lse, scale, gamma=None):
     g = gamma if has_gamma else lse  # never read without GAMMA
     BD = max(16, triton.next_power_of_2(D))
     BC = _chunk(CV)
+    # The key kernel holds P^T, dP^T and a dv chunk: quarter-width chunks (16 channels at Cv >= 64)
+    # keep it in registers (sm_90, BL = 128, bf16: 255 registers and no spill; 32 spilled).
+    BC_KEY = max(16, BC // 4)
     with _device_guard(q):
         if CV > 0:
             BP, _ = _tiles(W, q.dtype)
@@ -540,17 +563,17 @@ def _backward(grad, q, k, v, out, lse, scale, gamma=None):
                             _partial(v, CV, acc_torch))
         for final, (row, L, n_lines, excl) in zip((False, True), _passes(q)):
             BT, BL = _tiles(L, q.dtype)
-            common = dict(FINAL=final, EXCLUDE_SELF=excl, GAMMA=has_gamma, BL=BL, BD=BD, BC=BC,
+            common = dict(FINAL=final, EXCLUDE_SELF=excl, GAMMA=has_gamma, BL=BL, BD=BD,
                           STAGES=STAGES, ACC=acc_tl, PREC=prec, num_warps=NUM_WARPS)
             inputs = (*_line_strides(qn, row), *_line_strides(kn, row), *_line_strides(vn, row),
                       *_line_strides(gn, row), *_map_strides(lse, row))
             _bwd_query_line[_grid(N, n_lines, L, BT)](
                 qn, kn, vn, gn, lse, dd, g, dq_p, dq, L, n_lines, D, CV, float(scale), *inputs,
-                *_line_strides(dq_p, row), *_line_strides(dq, row), BP=BT, **common)
+                *_line_strides(dq_p, row), *_line_strides(dq, row), BP=BT, BC=BC, **common)
             _bwd_key_line[_grid(N, n_lines, L, BT)](
                 qn, kn, vn, gn, lse, dd, g, dk_p, dk, dv_p, dv, L, n_lines, D, CV, float(scale),
                 *inputs, *_line_strides(dk_p, row), *_line_strides(dk, row),
-                *_line_strides(dv_p, row), *_line_strides(dv, row), BS=BT, **common)
+                *_line_strides(dv_p, row), *_line_strides(dv, row), BS=BT, BC=BC_KEY, **common)
     return dq, dk, dv, dd
 
 
@@ -574,9 +597,19 @@ def cca_residual_backward_triton(
     return dq, dk, dv, grad_gamma
 
 
+def _check_energy(op: str, e: torch.Tensor):
+    """The energy kernels index inside one image's (H+W-1, H, W) energy with int32 offsets."""
+    reach = sum((size - 1) * abs(stride) for size, stride in zip(e.shape[1:], e.stride()[1:]))
+    if reach > INT32_MAX:
+        raise ValueError(f"{op}: one image's energy spans {reach + 1} elements (shape "
+                         f"{tuple(e.shape)}, strides {e.stride()}); the Triton kernels index it "
+                         f"with int32, at most {INT32_MAX + 1}")
+
+
 def _pair(x, y, e):
     """e (energy layout) = <x_p, y_s> for the keys of every pixel, column then row pass."""
     N, C, H, W = x.shape
+    _check_energy("cca_weight_triton", e)
     acc_tl, _ = _acc_dtype(x.dtype)
     xn, yn = _nhwc(x), _nhwc(y)
     with _device_guard(x):
@@ -596,6 +629,7 @@ def _aggregate(m, y, transposed: bool, out_dtype: torch.dtype):
     out = torch.empty((N, C, H, W), dtype=out_dtype, device=y.device)
     if out.numel() == 0:
         return out.zero_()
+    _check_energy("cca_map_triton", m)
     part = _partial(y, C, acc_torch)
     yn = _nhwc(y)
     with _device_guard(y):
