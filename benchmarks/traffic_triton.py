@@ -27,7 +27,7 @@ _DTYPES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
 
 def _tiles_per_line(L: int, itemsize: int) -> int:
     from armnet_ops.triton.cca import _tiles
-    bt, _ = _tiles(L, _DTYPES[itemsize])
+    bt, _ = _tiles(L, _DTYPES[itemsize], compiled=True)
     return math.ceil(L / bt)
 
 

@@ -132,7 +132,8 @@ def inspect_kernel(kernel, args, kwargs) -> dict:
 
 
 def launches(shape=(2, 64, 512, 97, 97), dtype=torch.bfloat16, backward=True, two_op=False):
-    """The captured launches of the fused forward (and backward), or of the two-op API."""
+    """The captured launches of the fused forward (and backward), plain and residual, or of the
+    two-op API."""
     from armnet_ops.triton import cca
     N, D, CV, H, W = shape
     meta = dict(device="meta", dtype=dtype)
@@ -146,9 +147,12 @@ def launches(shape=(2, 64, 512, 97, 97), dtype=torch.bfloat16, backward=True, tw
         found += capture(cca._aggregate, energy, v, False, dtype)    # cca_map
         found += capture(cca._aggregate, energy, out, True, dtype)   # its grad v (transposed)
         return found
+    gamma = torch.empty(1, device="meta", dtype=torch.float32)
     found = capture(cca._forward, q, k, v, 1.0)
+    found += capture(cca._forward, q, k, v, 1.0, out, gamma)      # the residual block
     if backward:
         found += capture(cca._backward, out, q, k, v, out, lse, 1.0)
+        found += capture(cca._backward, out, q, k, v, out, lse, 1.0, gamma)
     return found
 
 

@@ -18,8 +18,12 @@ its probability tile P [BT, BL] once and reuses it for all of Cv, which it walks
 chunks in a software-pipelined loop (tl.range(num_stages=STAGES)). The other axis is tiled by BT
 pixels (or keys), chosen so that BT·BL fits the register budget (`_tiles`); at L ≤ 128 in 16 bits
 one tile covers the line (BT = BL), so v is read once per pass. Products are tl.dot (wgmma/mma
-on sm_90 for fp16/bf16, fp32 accumulation; fp32 inputs use input_precision="ieee", no TF32).
-Lines longer than the budget allows still run (BT = 16), with a larger register footprint.
+on sm_90 for fp16/bf16, fp32 accumulation; fp32 inputs use input_precision="ieee", no TF32, and
+smaller tiles). 8 warps. Lines longer than the budget allows still run (BT = 16), with a larger
+register footprint. The dk/dv kernel walks Cv in 16-channel chunks (BC_KEY), the others in 64.
+Grid: (N·lines, tiles per line). sm_90 build at (2, 64, 512, 97, 97) in bf16 (tests/triton_aot.py,
+Triton 3.8 and 3.6): every kernel wgmma (HGMMA), cp.async pipelined loads, no spill; 144-246
+registers (dk/dv: 255).
 
 Forward, two launches of `_fwd_line` (never materialises the energy):
   1. column pass: per pixel the column log-sum-exp lse_c and the column output normalised by it,
@@ -46,7 +50,7 @@ Backward (recomputes P from lse; deterministic, no atomics):
 Traffic model: every load and store the kernels issue, nothing assumed served from a cache
 (benchmarks/traffic_triton.py computes it). With s the input itemsize, a the op-math itemsize
 (4; 8 for float64), P = N·H·W pixels, t_c = ceil(H / BT) and t_r = ceil(W / BT) tiles per column
-and per row (`_tiles`; 1 for lines up to 128 in 16 bits, 64 in 32 bits), and
+and per row (`_tiles`: 1 for lines up to 128 in 16 bits; BT = 16 at L = 128 in 32 bits), and
 X = 0 for channels_last inputs, 1 for NCHW ones (the transposes to NHWC):
   forward  = X·2·s·P·(2·Cqk + Cv)                       transposes of q, k, v
            + 2·s·P·Cqk + s·P·(Cqk + Cv)·(t_c + t_r)      q tiles; the line's k and v per tile
@@ -84,9 +88,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Largest tile along the tiled axis of a line (pixels or keys); the other axis holds the whole
 # line. Tests lower it to 16 to run several tiles per line, and their masks, on small images.
 MAX_TILE = 128
-# Elements of a [BT, BL] float32 tile a program may hold per warp pair (8 warps: 64 registers
-# a thread for each such tile). 32-bit inputs get half: their operands take twice the registers.
+# Elements of a [BT, BL] float32 tile a program may hold (8 warps: 64 registers a thread for
+# each such tile), for 16-bit inputs; 32- and 64-bit ones get 1/WIDE_BUDGET_DIVISOR of it.
 TILE_BUDGET = 16384
+WIDE_BUDGET_DIVISOR = 8
 NUM_WARPS = 8
 STAGES = 2  # software pipelining of the Cv-chunk loops
 INT32_MAX = 2**31 - 1
@@ -458,11 +463,15 @@ def _partial(like: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Ten
                        memory_format=torch.channels_last)
 
 
-def _tiles(L: int, dtype: torch.dtype):
+def _tiles(L: int, dtype: torch.dtype, compiled: bool = not _INTERPRET):
     """(BT, BL): BL = the whole line (tl.dot needs every dimension >= 16), BT the tiled axis,
-    as large as the register budget allows (one tile per line up to L = 128 in 16 bits)."""
+    as large as the register budget allows (one tile per line up to L = 128 in 16 bits). The
+    interpreter (compiled=False) has no registers to spare: it takes the 16-bit tiles."""
     BL = max(16, triton.next_power_of_2(L))
-    budget = TILE_BUDGET if dtype.itemsize <= 2 else TILE_BUDGET // 2
+    budget = TILE_BUDGET
+    if dtype.itemsize > 2 and compiled:
+        # 32/64-bit products run on FMA (no TF32), whose operands sit in registers too.
+        budget //= WIDE_BUDGET_DIVISOR
     return max(16, min(MAX_TILE, BL, budget // BL)), BL
 
 
