@@ -183,6 +183,55 @@ def _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc
     return tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
 
 
+@triton.jit
+def _weights_times(prob, v_base, s, smask, sv_pos, svc, CV, p, pmask, part_base, sp_pos, spc,
+                   o_base, so_pos, soc, carry, x_base, sx_pos, sxc, y_base, gamma_ptr,
+                   FINAL: tl.constexpr, EPILOGUE: tl.constexpr, BC: tl.constexpr,
+                   STAGES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """out[p, c] = sum_s prob[p, s]·v[s, c] for every BC-chunk of the CV channels (pipelined),
+    prob kept in registers, each chunk ended by _store_pass; with EPILOGUE also
+    y = gamma·out + x (y shares o's strides)."""
+    for c0 in tl.range(0, CV, BC, num_stages=STAGES):
+        c, cmask = _span(c0, BC, CV)
+        v_tile = _load_tile(v_base, s, smask, sv_pos, c, cmask, svc)
+        acc = tl.dot(prob, v_tile, input_precision=PREC, out_dtype=ACC)
+        acc = _store_pass(acc, p, pmask, c, cmask, part_base, sp_pos, spc, o_base, so_pos, soc,
+                          carry, FINAL, ACC)
+        if EPILOGUE:
+            gamma = tl.load(gamma_ptr).to(ACC)
+            x = _load_tile(x_base, p, pmask, sx_pos, c, cmask, sxc)
+            tl.store(y_base + p[:, None] * so_pos + c[None, :] * soc,
+                     (gamma * acc + x.to(ACC)).to(y_base.dtype.element_ty),
+                     mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _contract(a_base, r, rmask, sa_r, sa_c, b_base, s, smask, sb_c, sb_s, C,
+              BR: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr,
+              ACC: tl.constexpr, PREC: tl.constexpr):
+    """[BR, BS] = sum_c A[r, c]·B[c, s] over C channels, BC at a time, pipelined (dP = dO·V^T,
+    the energy pair)."""
+    acc = tl.zeros([BR, BS], ACC)
+    for c0 in tl.range(0, C, BC, num_stages=STAGES):
+        c, cmask = _span(c0, BC, C)
+        a = _load_tile(a_base, r, rmask, sa_r, c, cmask, sa_c)
+        b = _load_tile(b_base, c, cmask, sb_c, s, smask, sb_s)
+        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _ds_product(prob, dp, dd, scale, x_tile, gamma_ptr, r, rmask, c, cmask,
+                part_ptr, sp_r, sp_c, o_ptr, so_r, so_c, FINAL: tl.constexpr, GAMMA: tl.constexpr,
+                ACC: tl.constexpr, PREC: tl.constexpr):
+    """Ends dq (or dk, transposed): dS = P (dP - D) scale, with D broadcast as given, times the
+    K (or Q) tile, times gamma, stored for this pass."""
+    ds = prob * (dp - dd) * scale
+    acc = tl.dot(ds.to(x_tile.dtype), x_tile, input_precision=PREC, out_dtype=ACC)
+    acc = _times_gamma(acc, gamma_ptr, GAMMA, ACC)
+    _store_pass(acc, r, rmask, c, cmask, part_ptr, sp_r, sp_c, o_ptr, so_r, so_c, 1.0, FINAL, ACC)
+
+
 # ---- the fused op's kernels ---------------------------------------------------------------------
 
 @triton.jit
@@ -223,21 +272,12 @@ def _fwd_line(q_ptr, k_ptr, v_ptr, lse_ptr, part_ptr, o_ptr, x_ptr, y_ptr, gamma
         carry = tl.exp(lse_c - lse)[:, None]
     tl.store(lse_off, lse, mask=pmask)
     prob = tl.where(valid, tl.exp(e - lse[:, None]), 0.0).to(v_ptr.dtype.element_ty)
-    v_base = v_ptr + n * svn + line * sv_line
-    part_base = part_ptr + n * spn + line * sp_line
-    o_base = o_ptr + n * son + line * so_line
-    for c0 in tl.range(0, CV, BC, num_stages=STAGES):
-        c, cmask = _span(c0, BC, CV)
-        v_tile = _load_tile(v_base, s, smask, sv_pos, c, cmask, svc)
-        acc = tl.dot(prob, v_tile, input_precision=PREC, out_dtype=ACC)
-        acc = _store_pass(acc, p, pmask, c, cmask, part_base, sp_pos, spc, o_base, so_pos, soc,
-                          carry, FINAL, ACC)
-        if EPILOGUE:
-            gamma = tl.load(gamma_ptr).to(ACC)
-            x = _load_tile(x_ptr + n * sxn + line * sx_line, p, pmask, sx_pos, c, cmask, sxc)
-            tl.store(y_ptr + n * son + line * so_line + p[:, None] * so_pos + c[None, :] * soc,
-                     (gamma * acc + x.to(ACC)).to(y_ptr.dtype.element_ty),
-                     mask=pmask[:, None] & cmask[None, :])
+    _weights_times(prob, v_ptr + n * svn + line * sv_line, s, smask, sv_pos, svc, CV, p, pmask,
+                   part_ptr + n * spn + line * sp_line, sp_pos, spc,
+                   o_ptr + n * son + line * so_line, so_pos, soc, carry,
+                   x_ptr + n * sxn + line * sx_line, sx_pos, sxc,
+                   y_ptr + n * son + line * so_line, gamma_ptr, FINAL, EPILOGUE, BC, STAGES, ACC,
+                   PREC)
 
 
 @triton.jit
@@ -274,26 +314,19 @@ def _bwd_query_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr, par
     p, pmask = _tile(BP, L)
     s, smask = _span(0, BL, L)
     d, dmask = _span(0, BD, D)
-    v_base = v_ptr + n * svn + line * sv_line
-    go_base = go_ptr + n * sgn + line * sg_line
-    dp = tl.zeros([BP, BL], ACC)
-    for c0 in tl.range(0, CV, BC, num_stages=STAGES):
-        c, cmask = _span(c0, BC, CV)
-        go = _load_tile(go_base, p, pmask, sg_pos, c, cmask, sgc)
-        vt = _load_tile(v_base, c, cmask, svc, s, smask, sv_pos)
-        dp += tl.dot(go, vt, input_precision=PREC, out_dtype=ACC)
+    dp = _contract(go_ptr + n * sgn + line * sg_line, p, pmask, sg_pos, sgc,
+                   v_ptr + n * svn + line * sv_line, s, smask, svc, sv_pos, CV,
+                   BP, BL, BC, STAGES, ACC, PREC)
     k_base = k_ptr + n * skn + line * sk_line
     q_tile = _load_tile(q_ptr + n * sqn + line * sq_line, p, pmask, sq_pos, d, dmask, sqc)
     lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     prob = _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
                   EXCLUDE_SELF, ACC, PREC)
-    ds = prob * (dp - dd[:, None]) * scale
     k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
-    acc = tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PREC, out_dtype=ACC)
-    acc = _times_gamma(acc, gamma_ptr, GAMMA, ACC)
-    _store_pass(acc, p, pmask, d, dmask, part_ptr + n * spn + line * sp_line, sp_pos, spc,
-                dq_ptr + n * son + line * so_line, so_pos, soc, 1.0, FINAL, ACC)
+    _ds_product(prob, dp, dd[:, None], scale, k_tile, gamma_ptr, p, pmask, d, dmask,
+                part_ptr + n * spn + line * sp_line, sp_pos, spc,
+                dq_ptr + n * son + line * so_line, so_pos, soc, FINAL, GAMMA, ACC, PREC)
 
 
 @triton.jit
@@ -334,12 +367,10 @@ def _bwd_key_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr,
     pt = _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos,
                   scale, EXCLUDE_SELF, ACC, PREC)
     dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-    dst = pt * (dpt - dd[None, :]) * scale
     q_tile = _load_tile(q_base, p, pmask, sq_pos, d, dmask, sqc)
-    dk = tl.dot(dst.to(q_tile.dtype), q_tile, input_precision=PREC, out_dtype=ACC)
-    dk = _times_gamma(dk, gamma_ptr, GAMMA, ACC)
-    _store_pass(dk, s, smask, d, dmask, dk_part_ptr + n * spkn + line * spk_line, spk_pos, spkc,
-                dk_ptr + n * sokn + line * sok_line, sok_pos, sokc, 1.0, FINAL, ACC)
+    _ds_product(pt, dpt, dd[None, :], scale, q_tile, gamma_ptr, s, smask, d, dmask,
+                dk_part_ptr + n * spkn + line * spk_line, spk_pos, spkc,
+                dk_ptr + n * sokn + line * sok_line, sok_pos, sokc, FINAL, GAMMA, ACC, PREC)
 
 
 # ---- the two-op API (CCNet's ca_weight / ca_map) ------------------------------------------
@@ -381,14 +412,9 @@ def _line_pair(x_ptr, y_ptr, e_ptr, L, n_lines, C, CH0,
     n, line = _line_of(n_lines)
     p, pmask = _tile(BP, L)
     s, smask = _span(0, BL, L)
-    x_base = x_ptr + n * sxn + line * sx_line
-    y_base = y_ptr + n * syn + line * sy_line
-    acc = tl.zeros([BP, BL], ACC)
-    for c0 in tl.range(0, C, BC, num_stages=STAGES):
-        c, cmask = _span(c0, BC, C)
-        x = _load_tile(x_base, p, pmask, sx_pos, c, cmask, sxc)
-        yt = _load_tile(y_base, c, cmask, syc, s, smask, sy_pos)
-        acc += tl.dot(x, yt, input_precision=PREC, out_dtype=ACC)
+    acc = _contract(x_ptr + n * sxn + line * sx_line, p, pmask, sx_pos, sxc,
+                    y_ptr + n * syn + line * sy_line, s, smask, syc, sy_pos, C,
+                    BP, BL, BC, STAGES, ACC, PREC)
     ch = _energy_channel(p, s, CH0, EXCLUDE_SELF)
     off = e_ptr + n * sen + line * se_line + (p.to(tl.int32)[:, None] * se_pos + ch * sec)
     tl.store(off, acc.to(e_ptr.dtype.element_ty), mask=_valid(p, pmask, s, smask, EXCLUDE_SELF))
@@ -415,16 +441,12 @@ def _line_aggregate(m_ptr, y_ptr, part_ptr, o_ptr, L, n_lines, C, CH0,
         valid = _valid(i, imask, j, jmask, EXCLUDE_SELF)
         ch = _energy_channel(i, j, CH0, EXCLUDE_SELF)
         m_off = m_base + (i.to(tl.int32)[:, None] * sm_pos + ch * smc)
-    y_base = y_ptr + n * syn + line * sy_line
     m = tl.load(m_off, mask=valid, other=0.0).to(y_ptr.dtype.element_ty)
-    part_base = part_ptr + n * spn + line * sp_line
     o_base = o_ptr + n * son + line * so_line
-    for c0 in tl.range(0, C, BC, num_stages=STAGES):
-        c, cmask = _span(c0, BC, C)
-        y = _load_tile(y_base, j, jmask, sy_pos, c, cmask, syc)
-        acc = tl.dot(m, y, input_precision=PREC, out_dtype=ACC)
-        _store_pass(acc, i, imask, c, cmask, part_base, sp_pos, spc, o_base, so_pos, soc, 1.0,
-                    FINAL, ACC)
+    # No epilogue: the x, y and gamma pointers are never read.
+    _weights_times(m, y_ptr + n * syn + line * sy_line, j, jmask, sy_pos, syc, C, i, imask,
+                   part_ptr + n * spn + line * sp_line, sp_pos, spc, o_base, so_pos, soc, 1.0,
+                   o_base, so_pos, soc, o_base, o_ptr, FINAL, False, BC, STAGES, ACC, PREC)
 
 
 # ---- launch helpers -------------------------------------------------------------------------
