@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DTYPES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
 
 
-def _tiles_per_line(L: int, itemsize: int) -> int:
+def _tiles_per_line(L: int, itemsize: int, backward: bool) -> int:
     from armnet_ops.triton.cca import _tiles
-    bt, _ = _tiles(L, _DTYPES[itemsize], compiled=True)
+    bt, _ = _tiles(L, _DTYPES[itemsize], compiled=True, backward=backward)
     return math.ceil(L / bt)
 
 
@@ -37,13 +37,15 @@ def cca_triton_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
     """{"bytes": modelled traffic, "min_bytes": inputs read once + outputs written once,
     "ratio": bytes / min_bytes, "parts": {what: bytes}} of the fused op's forward or backward."""
     if pass_ not in ("forward", "backward"):
-        raise ValueError(f"cca_triton_traffic: pass_ must be 'forward' or 'backward', got {pass_!r}")
+        raise ValueError(f"cca_triton_traffic: pass_ must be 'forward' or 'backward', "
+                         f"got {pass_!r}")
     if itemsize not in _DTYPES:
         raise ValueError(f"cca_triton_traffic: itemsize must be 2, 4 or 8, got {itemsize}")
     s = itemsize
     a = 8 if s == 8 else 4          # op-math type: partials, lse, D
     P = N * H * W                   # pixels
-    passes = [_tiles_per_line(H, s), _tiles_per_line(W, s)]   # column pass, row pass
+    backward = pass_ == "backward"
+    passes = [_tiles_per_line(L, s, backward) for L in (H, W)]   # column pass, row pass
     parts: dict[str, int] = {}
     transposed = 0 if channels_last else 1
     if pass_ == "forward":

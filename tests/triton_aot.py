@@ -179,5 +179,5 @@ def main(argv):
 
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("triton_aot.py: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)")
+        sys.exit("triton_aot.py: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
     main(sys.argv[1:])

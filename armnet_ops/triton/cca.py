@@ -21,6 +21,8 @@ one tile covers the line (BT = BL), so v is read once per pass. Products are tl.
 on sm_90 for fp16/bf16, fp32 accumulation; fp32 inputs use input_precision="ieee", no TF32, and
 smaller tiles). 8 warps. Lines longer than the budget allows still run (BT = 16), with a larger
 register footprint. The dk/dv kernel walks Cv in 16-channel chunks (BC_KEY), the others in 64.
+The backward halves its budget past 128 (BL = 256: BT = 32, mma.sync instead of wgmma, which
+spills at BT = 64).
 Grid: (N·lines, tiles per line). sm_90 build at (2, 64, 512, 97, 97) in bf16 (tests/triton_aot.py,
 Triton 3.8 and 3.6): every kernel wgmma (HGMMA), cp.async pipelined loads, no spill; 144-246
 registers (dk/dv: 255).
@@ -50,7 +52,8 @@ Backward (recomputes P from lse; deterministic, no atomics):
 Traffic model: every load and store the kernels issue, nothing assumed served from a cache
 (benchmarks/traffic_triton.py computes it). With s the input itemsize, a the op-math itemsize
 (4; 8 for float64), P = N·H·W pixels, t_c = ceil(H / BT) and t_r = ceil(W / BT) tiles per column
-and per row (`_tiles`: 1 for lines up to 128 in 16 bits; BT = 16 at L = 128 in 32 bits), and
+and per row (`_tiles`: 1 for lines up to 128 in 16 bits; BT = 16 at L = 128 in 32 bits; the
+backward's BT = 32 at 128 < L <= 256 in 16 bits), and
 X = 0 for channels_last inputs, 1 for NCHW ones (the transposes to NHWC):
   forward  = X·2·s·P·(2·Cqk + Cv)                       transposes of q, k, v
            + 2·s·P·Cqk + s·P·(Cqk + Cv)·(t_c + t_r)      q tiles; the line's k and v per tile
@@ -485,7 +488,7 @@ def _partial(like: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Ten
                        memory_format=torch.channels_last)
 
 
-def _tiles(L: int, dtype: torch.dtype, compiled: bool = not _INTERPRET):
+def _tiles(L: int, dtype: torch.dtype, compiled: bool = not _INTERPRET, backward: bool = False):
     """(BT, BL): BL = the whole line (tl.dot needs every dimension >= 16), BT the tiled axis,
     as large as the register budget allows (one tile per line up to L = 128 in 16 bits). The
     interpreter (compiled=False) has no registers to spare: it takes the 16-bit tiles."""
@@ -494,6 +497,10 @@ def _tiles(L: int, dtype: torch.dtype, compiled: bool = not _INTERPRET):
     if dtype.itemsize > 2 and compiled:
         # 32/64-bit products run on FMA (no TF32), whose operands sit in registers too.
         budget //= WIDE_BUDGET_DIVISOR
+    if backward and compiled and BL > 128:
+        # The backward kernels hold two [BT, BL] tiles (P and dP); past 128 keys the 16-bit
+        # budget spills (sm_90, BL = 256: 100-700 bytes at BT = 64, 0-8 at BT = 32).
+        budget //= 2
     return max(16, min(MAX_TILE, BL, budget // BL)), BL
 
 
@@ -593,7 +600,7 @@ def _backward(grad, q, k, v, out, lse, scale, gamma=None):
         dq_p, dk_p, dv_p = (_partial(q, D, acc_torch), _partial(k, D, acc_torch),
                             _partial(v, CV, acc_torch))
         for final, (row, L, n_lines, excl) in zip((False, True), _passes(q)):
-            BT, BL = _tiles(L, q.dtype)
+            BT, BL = _tiles(L, q.dtype, backward=True)
             common = dict(FINAL=final, EXCLUDE_SELF=excl, GAMMA=has_gamma, BL=BL, BD=BD,
                           STAGES=STAGES, ACC=acc_tl, PREC=prec, num_warps=NUM_WARPS)
             inputs = (*_line_strides(qn, row), *_line_strides(kn, row), *_line_strides(vn, row),
