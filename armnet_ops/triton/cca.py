@@ -1,42 +1,80 @@
-"""Criss-cross attention in Triton: the fused forward and its deterministic backward, and CCNet's
-two-op API (cca_weight / cca_map, at the end of the file).
+"""Criss-cross attention in Triton: the fused forward and its deterministic backward, the
+residual block (y = gamma·out + x), and CCNet's two-op API (cca_weight / cca_map, at the end).
 
 What it computes: out_u = sum_s softmax_s(scale·<q_u, k_s>)·v_s over the H+W-1 keys of pixel u,
 its row (itself included) and its column (itself excluded), SPEC §3.1.
 
-Design: every kernel is written once for a *line*, a row or a column, and launched twice. A row
-pass sees the line h, its W positions along w and its keys (h, z), z in [0, W); a column pass sees
-the line w, its H positions along h and its keys (j, w) with j != h (EXCLUDE_SELF). Only the
-(line, position) strides differ, so channels_last and other strides need no copy.
+Layout. The kernels read q, k, v (and grad_out) in NHWC, channels_last: every pixel's channel
+vector is contiguous, so a [pixels, channels] tile is read with whole 32-byte sectors in the row
+pass *and* in the column pass. channels_last inputs are used without a copy; NCHW inputs go
+through one transpose each (`_nhwc`), whose cost the traffic model counts. Outputs are contiguous
+NCHW; they are written by the row pass, whose pixels are adjacent in NCHW. The column pass's
+results go to an op-math (float32; float64 for float64) NHWC buffer, the partial, which the row
+pass reads and adds.
 
-Forward (never materialises the (N, H+W-1, H, W) energy):
-  1. `_line_lse`, row and column pass: per pixel the log-sum-exp of its row energies and of its
-     column energies, by an online softmax over key tiles; merged with logaddexp into lse.
-  2. `_line_out`, row pass then column pass: out = sum_s exp(scale·<q,k_s> - lse)·v_s, tiled
-     over Cv (grid axis 2), the q·k and p·v products with tl.dot (tensor cores on GPU; P is cast
-     to v's dtype for the second product as in flash-attention). The column pass adds to what the
-     row pass wrote (two launches in stream order, so no atomics) and writes the final out; for
-     the residual op (cca_residual_forward) it also writes y = gamma·out + residual from the same
-     float32 accumulator, gamma read from its pointer.
-Saved for the backward: out and lse (N, H, W) in the op-math type (float32; float64 for float64).
+Tiles. Every kernel works on a *line*, a row or a column, and holds the whole line along one
+axis: BL = next_pow2(L) ≥ 16 keys (the forward, dq) or pixels (dk, dv), so each program computes
+its probability tile P [BT, BL] once and reuses it for all of Cv, which it walks in BC-channel
+chunks in a software-pipelined loop (tl.range(num_stages=STAGES)). The other axis is tiled by BT
+pixels (or keys), chosen so that BT·BL fits the register budget (`_tiles`); at L ≤ 128 in 16 bits
+one tile covers the line (BT = BL), so v is read once per pass. Products are tl.dot (wgmma/mma
+on sm_90 for fp16/bf16, fp32 accumulation; fp32 inputs use input_precision="ieee", no TF32, and
+smaller tiles). 8 warps. Lines longer than the budget allows still run (BT = 16), with a larger
+register footprint. The dk/dv kernel walks Cv in 16-channel chunks (BC_KEY), the others in 64.
+The backward halves its budget past 128 (BL = 256: BT = 32, mma.sync instead of wgmma, which
+spills at BT = 64).
+Grid: (N·lines, tiles per line). sm_90 build at (2, 64, 512, 97, 97) in bf16 (tests/triton_aot.py,
+Triton 3.8 and 3.6): every kernel wgmma (HGMMA), cp.async pipelined loads, no spill; 144-246
+registers (dk/dv: 255).
 
-Backward (recomputes the weights from lse):
-  `_line_dot`: D_u = <dO_u, O_u> per pixel, over Cv in tiles.
-  dS = P (dP - D) scale with dP = <dO_u, v_s>.
-  For the residual op the kernels read grad_y, and dO = gamma·grad_y: every gradient is linear
-  in dO, so D, dP and the sums run on grad_y and each dq, dk, dv tile is multiplied by gamma
-  once before it is stored (GAMMA); grad_gamma = sum_u D_u (a float64 sum of the (N, H, W)
-  partials, deterministic).
-  * `_line_dq`: per pixel tile, dq = sum_s dS k_s; dP by tl.dot tiled over Cv.
-  * `_line_dk`: per key tile, dk = sum_u dS q_u over the pixels u of the line that see the key.
-  * `_line_dv`: per key tile and Cv tile, dv = sum_u P dO_u.
-  The key tiles gather over the pixels that attend to them (the row of a key in the row pass, its
-  column in the column pass), and the column pass adds to the row pass's result: deterministic.
+Forward, two launches of `_fwd_line` (never materialises the energy):
+  1. column pass: per pixel the column log-sum-exp lse_c and the column output normalised by it,
+     O_c = sum_s exp(e_s - lse_c) v_s, into the partial; lse_c into lse.
+  2. row pass: the row log-sum-exp lse_r, merged with lse_c: lse = logaddexp(lse_r, lse_c) is the
+     softmax state of the pixel over all H+W-1 keys. out = sum_row exp(e_s - lse) v_s
+     + exp(lse_c - lse)·O_c, rounded once; lse overwritten with the merged value; with the
+     residual epilogue also y = gamma·out + x from the same accumulator, gamma read on the device.
+Saved for the backward: out and lse (N, H, W) in the op-math type.
 
-Accumulation is float32 (float64 for float64 inputs). Low-precision results of the two passes are
-summed in a float32 buffer and rounded once. fp32 products use input_precision="ieee" (no TF32:
-the fp32 contract is 1e-4). float64 tl.dot runs in the interpreter; on GPUs Triton lowers it to
-FMA (or DMMA), not verified here.
+Backward (recomputes P from lse; deterministic, no atomics):
+  `_line_dot`: D_u = <dO_u, O_u> per pixel (reads grad and out along rows, NCHW).
+  dP_us = <dO_u, v_s>, dS = P (dP - D) scale.
+  * `_bwd_query_line` (pixel tile × the whole line of keys): dP over all Cv chunks, then
+    dq = dS·K.
+  * `_bwd_key_line` (key tile × the whole line of pixels): per Cv chunk dP^T += V·dO^T and
+    dv = P^T·dO (P^T computed once, reused for every chunk), then dk = dS^T·Q.
+  Each launched for the column then the row pass; the column pass writes the partial, the row
+  pass adds it and writes the result in the input dtype. For the residual op the kernels read
+  grad_y, and dO = gamma·grad_y: every gradient is linear in dO, so each dq, dk, dv tile is
+  multiplied by gamma once before it is stored (GAMMA); grad_gamma = sum_u D_u (a float64 sum of
+  the (N, H, W) partials, deterministic).
+
+Traffic model: every load and store the kernels issue, nothing assumed served from a cache
+(benchmarks/traffic_triton.py computes it). With s the input itemsize, a the op-math itemsize
+(4; 8 for float64), P = N·H·W pixels, t_c = ceil(H / BT) and t_r = ceil(W / BT) tiles per column
+and per row (`_tiles`: 1 for lines up to 128 in 16 bits; BT = 16 at L = 128 in 32 bits; the
+backward's BT = 32 at 128 < L <= 256 in 16 bits), and
+X = 0 for channels_last inputs, 1 for NCHW ones (the transposes to NHWC):
+  forward  = X·2·s·P·(2·Cqk + Cv)                       transposes of q, k, v
+           + 2·s·P·Cqk + s·P·(Cqk + Cv)·(t_c + t_r)      q tiles; the line's k and v per tile
+           + 2·a·P·Cv + s·P·Cv + 3·a·P                   partial written and read; out; lse
+           (+ 2·s·P·Cv with the residual: x read, y written)
+  backward = X·2·s·P·(2·Cqk + 2·Cv)                     transposes of q, k, v, grad_out
+           + 2·s·P·Cv + a·P                               D = <grad_out, out>
+           + sum over the two passes (t = t_c, t_r):
+               s·P·(Cqk + Cv) + s·P·(2·Cqk + Cv)·t + 2·a·P            dq kernel
+             + s·P·(2·Cqk + Cv) + s·P·(3·Cqk + Cv)·t + 3·a·P·t        dk/dv kernel
+           + 2·a·P·(2·Cqk + Cv) + s·P·(2·Cqk + Cv)      partials; dq, dk, dv
+The minimum is the inputs read once and the outputs written once. At (N, Cqk, Cv, H, W) =
+(2, 64, 512, 97, 97) in bf16 the forward is 144.7 MB against 43.4 MB (3.33x) with channels_last
+inputs and 192.9 MB (4.44x) with NCHW ones; the backward 352.5 MB / 439.2 MB against 67.5 MB
+(5.2x / 6.5x). The float32 partial is 38.5 MB of the forward (rounding it to bf16 would give
+2.9x / 4.0x, at the cost of a second rounding). The two-op kernels move: _line_pair the inputs
+per tile like the forward plus the energy written once; _line_aggregate the energy once, the
+line of y per tile, the partial and the output.
+
+Accumulation is float32 (float64 for float64 inputs). float64 tl.dot runs in the interpreter; on
+GPUs Triton lowers it to FMA (or DMMA), not verified here.
 """
 from __future__ import annotations
 
@@ -47,11 +85,19 @@ import triton
 import triton.language as tl
 
 from .. import cca as _cca
+from .carafe import _device_guard
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Largest tile along a line (pixels and keys). Tests lower it to 16 to run the multi-tile loops
-# and their masks on small images.
-MAX_TILE = 128 if _INTERPRET else 64
+# Largest tile along the tiled axis of a line (pixels or keys); the other axis holds the whole
+# line. Tests lower it to 16 to run several tiles per line, and their masks, on small images.
+MAX_TILE = 128
+# Elements of a [BT, BL] float32 tile a program may hold (8 warps: 64 registers a thread for
+# each such tile), for 16-bit inputs; 32- and 64-bit ones get 1/WIDE_BUDGET_DIVISOR of it.
+TILE_BUDGET = 16384
+WIDE_BUDGET_DIVISOR = 8
+NUM_WARPS = 8
+STAGES = 2  # software pipelining of the Cv-chunk loops
+INT32_MAX = 2**31 - 1
 
 
 # ---- shared pieces of the line kernels ----------------------------------------------------------
@@ -71,9 +117,9 @@ def _span(start, B: tl.constexpr, L):
 
 
 @triton.jit
-def _tile(AXIS: tl.constexpr, B: tl.constexpr, L):
-    """This program's tile of B indices along grid axis AXIS (int64), and its mask."""
-    return _span(tl.program_id(AXIS).to(tl.int64) * B, B, L)
+def _tile(B: tl.constexpr, L):
+    """This program's tile of B indices along the line (grid axis 1, int64), and its mask."""
+    return _span(tl.program_id(1).to(tl.int64) * B, B, L)
 
 
 @triton.jit
@@ -81,39 +127,6 @@ def _load_tile(base, r, rmask, sr, c, cmask, sc):
     """[R, C] tile base[r·sr + c·sc], zero where a row or a column is masked."""
     return tl.load(base + r[:, None] * sr + c[None, :] * sc, mask=rmask[:, None] & cmask[None, :],
                    other=0.0)
-
-
-@triton.jit
-def _store_tile(base, r, rmask, sr, c, cmask, sc, acc, ACCUMULATE: tl.constexpr,
-                ACC: tl.constexpr):
-    """Writes acc to the [R, C] tile; the second pass (ACCUMULATE) adds what the first wrote."""
-    off = base + r[:, None] * sr + c[None, :] * sc
-    omask = rmask[:, None] & cmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(off, mask=omask, other=0.0).to(ACC)
-    tl.store(off, acc.to(base.dtype.element_ty), mask=omask)
-
-
-@triton.jit
-def _contract(a_base, r, rmask, sa_r, sa_c, b_base, s, smask, sb_c, sb_s, C,
-              BR: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
-              PREC: tl.constexpr):
-    """[BR, BS] = sum_c A[r, c]·B[c, s] over C channels, BC at a time (tiles read with strides)."""
-    acc = tl.zeros([BR, BS], ACC)
-    for c0 in range(0, C, BC):
-        c, cmask = _span(c0, BC, C)
-        a = _load_tile(a_base, r, rmask, sa_r, c, cmask, sa_c)
-        b = _load_tile(b_base, c, cmask, sb_c, s, smask, sb_s)
-        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-    return acc
-
-
-@triton.jit
-def _energy(q_tile, k_base, s, smask, d, dmask, skc, sk_pos, scale,
-            ACC: tl.constexpr, PREC: tl.constexpr):
-    """scale·Q·K^T for one key tile: Q [BP, BD] (pixels x channels), keys s [BS] -> [BP, BS]."""
-    kt = _load_tile(k_base, d, dmask, skc, s, smask, sk_pos)
-    return tl.dot(q_tile, kt, input_precision=PREC, out_dtype=ACC) * scale
 
 
 @triton.jit
@@ -127,48 +140,20 @@ def _valid(p, pmask, s, smask, EXCLUDE_SELF: tl.constexpr):
 
 
 @triton.jit
-def _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
-           EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """[BP, BS] attention weights exp(scale·<q_p, k_s> - lse_p), recomputed; 0 off the key set."""
-    e = _energy(q_tile, k_base, s, smask, d, dmask, skc, sk_pos, scale, ACC, PREC)
-    return tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), tl.exp(e - lse[:, None]), 0.0)
-
-
-@triton.jit
-def _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF: tl.constexpr,
-             ACC: tl.constexpr, PREC: tl.constexpr):
-    """The weights transposed, [BS, BP] (keys x pixels), from a key tile and a transposed Q tile."""
-    et = tl.dot(k_tile, qt, input_precision=PREC, out_dtype=ACC) * scale
-    valid = tl.trans(_valid(p, pmask, s, smask, EXCLUDE_SELF))
-    return tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
-
-
-# ---- the fused op's kernels ---------------------------------------------------------------------
-
-@triton.jit
-def _line_lse(q_ptr, k_ptr, lse_ptr, L, n_lines, D, scale,
-              sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, sln, sl_line, sl_pos,
-              EXCLUDE_SELF: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-              ACC: tl.constexpr, PREC: tl.constexpr):
-    n, line = _line_of(n_lines)
-    p, pmask = _tile(1, BP, L)
-    d, dmask = _span(0, BD, D)
-    k_base = k_ptr + n * skn + line * sk_line
-    q_tile = _load_tile(q_ptr + n * sqn + line * sq_line, p, pmask, sq_pos, d, dmask, sqc)
-    # A finite start for the running max: a fully masked tile (H = 1 in a column pass) then gives
-    # exp(-inf - m) = 0 rather than NaN, and the lse of an empty key set is -inf.
-    m = tl.full([BP], -1.0e30, ACC)
-    acc_l = tl.zeros([BP], ACC)
-    for s0 in range(0, L, BS):
-        s, smask = _span(s0, BS, L)
-        e = _energy(q_tile, k_base, s, smask, d, dmask, skc, sk_pos, scale, ACC, PREC)
-        e = tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), e, float("-inf"))
-        m_new = tl.maximum(m, tl.max(e, 1))
-        acc_l = acc_l * tl.exp(m - m_new) + tl.sum(tl.exp(e - m_new[:, None]), 1)
-        m = m_new
-    # log of a clamped sum: no log(0) is evaluated, the empty key set still gets -inf.
-    lse = tl.where(acc_l > 0, m + tl.log(tl.maximum(acc_l, 1.0e-30)), float("-inf"))
-    tl.store(lse_ptr + n * sln + line * sl_line + p * sl_pos, lse, mask=pmask)
+def _store_pass(acc, r, rmask, c, cmask, part_ptr, sp_r, sp_c, o_ptr, so_r, so_c, carry,
+                FINAL: tl.constexpr, ACC: tl.constexpr):
+    """Ends a [R, C] result tile of one pass. The column pass (not FINAL) writes it to the
+    op-math partial (NHWC); the row pass (FINAL) adds carry·partial and writes the result to o
+    in o's dtype, rounded once. Returns the full op-math tile."""
+    m = rmask[:, None] & cmask[None, :]
+    part = part_ptr + r[:, None] * sp_r + c[None, :] * sp_c
+    if FINAL:
+        acc += carry * tl.load(part, mask=m, other=0.0).to(ACC)
+        tl.store(o_ptr + r[:, None] * so_r + c[None, :] * so_c,
+                 acc.to(o_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(part, acc.to(part_ptr.dtype.element_ty), mask=m)
+    return acc
 
 
 @triton.jit
@@ -182,42 +167,120 @@ def _times_gamma(acc, gamma_ptr, GAMMA: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _line_out(q_ptr, k_ptr, v_ptr, lse_ptr, prior_ptr, o_ptr, x_ptr, y_ptr, gamma_ptr,
+def _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
+           EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """[BP, BS] attention weights exp(scale·<q_p, k_s> - lse_p), recomputed; 0 off the key set."""
+    kt = _load_tile(k_base, d, dmask, skc, s, smask, sk_pos)
+    e = tl.dot(q_tile, kt, input_precision=PREC, out_dtype=ACC) * scale
+    return tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), tl.exp(e - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos, scale,
+             EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """The weights transposed, [BS, BP] (keys x pixels), recomputed from the loaded K and Q^T."""
+    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
+    qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
+    et = tl.dot(k_tile, qt, input_precision=PREC, out_dtype=ACC) * scale
+    valid = tl.trans(_valid(p, pmask, s, smask, EXCLUDE_SELF))
+    return tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
+
+
+@triton.jit
+def _weights_times(prob, v_base, s, smask, sv_pos, svc, CV, p, pmask, part_base, sp_pos, spc,
+                   o_base, so_pos, soc, carry, x_base, sx_pos, sxc, y_base, gamma_ptr,
+                   FINAL: tl.constexpr, EPILOGUE: tl.constexpr, BC: tl.constexpr,
+                   STAGES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """out[p, c] = sum_s prob[p, s]·v[s, c] for every BC-chunk of the CV channels (pipelined),
+    prob kept in registers, each chunk ended by _store_pass; with EPILOGUE also
+    y = gamma·out + x (y shares o's strides)."""
+    for c0 in tl.range(0, CV, BC, num_stages=STAGES):
+        c, cmask = _span(c0, BC, CV)
+        v_tile = _load_tile(v_base, s, smask, sv_pos, c, cmask, svc)
+        acc = tl.dot(prob, v_tile, input_precision=PREC, out_dtype=ACC)
+        acc = _store_pass(acc, p, pmask, c, cmask, part_base, sp_pos, spc, o_base, so_pos, soc,
+                          carry, FINAL, ACC)
+        if EPILOGUE:
+            gamma = tl.load(gamma_ptr).to(ACC)
+            x = _load_tile(x_base, p, pmask, sx_pos, c, cmask, sxc)
+            tl.store(y_base + p[:, None] * so_pos + c[None, :] * soc,
+                     (gamma * acc + x.to(ACC)).to(y_base.dtype.element_ty),
+                     mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _contract(a_base, r, rmask, sa_r, sa_c, b_base, s, smask, sb_c, sb_s, C,
+              BR: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr,
+              ACC: tl.constexpr, PREC: tl.constexpr):
+    """[BR, BS] = sum_c A[r, c]·B[c, s] over C channels, BC at a time, pipelined (dP = dO·V^T,
+    the energy pair)."""
+    acc = tl.zeros([BR, BS], ACC)
+    for c0 in tl.range(0, C, BC, num_stages=STAGES):
+        c, cmask = _span(c0, BC, C)
+        a = _load_tile(a_base, r, rmask, sa_r, c, cmask, sa_c)
+        b = _load_tile(b_base, c, cmask, sb_c, s, smask, sb_s)
+        acc += tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _ds_product(prob, dp, dd, scale, x_tile, gamma_ptr, r, rmask, c, cmask,
+                part_ptr, sp_r, sp_c, o_ptr, so_r, so_c, FINAL: tl.constexpr, GAMMA: tl.constexpr,
+                ACC: tl.constexpr, PREC: tl.constexpr):
+    """Ends dq (or dk, transposed): dS = P (dP - D) scale, with D broadcast as given, times the
+    K (or Q) tile, times gamma, stored for this pass."""
+    ds = prob * (dp - dd) * scale
+    acc = tl.dot(ds.to(x_tile.dtype), x_tile, input_precision=PREC, out_dtype=ACC)
+    acc = _times_gamma(acc, gamma_ptr, GAMMA, ACC)
+    _store_pass(acc, r, rmask, c, cmask, part_ptr, sp_r, sp_c, o_ptr, so_r, so_c, 1.0, FINAL, ACC)
+
+
+# ---- the fused op's kernels ---------------------------------------------------------------------
+
+@triton.jit
+def _fwd_line(q_ptr, k_ptr, v_ptr, lse_ptr, part_ptr, o_ptr, x_ptr, y_ptr, gamma_ptr,
               L, n_lines, D, CV, scale,
               sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, svn, svc, sv_line, sv_pos,
-              sln, sl_line, sl_pos, son, soc, so_line, so_pos, sxn, sxc, sx_line, sx_pos,
-              EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, EPILOGUE: tl.constexpr,
-              BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-              ACC: tl.constexpr, PREC: tl.constexpr):
-    """out for a tile of pixels and a tile of Cv. The row pass writes its partial sum to o (an
-    op-math buffer for 16-bit inputs); the column pass (ACCUMULATE) adds the row pass's partial
-    from prior, writes the final out to o and, with EPILOGUE, y = gamma·out + x from the same
-    op-math accumulator (one rounding). prior, o and y share the so* strides (contiguous NCHW);
-    the residual x has its own (sx*)."""
+              sln, sl_line, sl_pos, spn, spc, sp_line, sp_pos, son, soc, so_line, so_pos,
+              sxn, sxc, sx_line, sx_pos,
+              FINAL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, EPILOGUE: tl.constexpr,
+              BP: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+              STAGES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One pass of the forward for a tile of BP pixels of a line and all its BL keys: P [BP, BL]
+    once, then out (or the partial) for every Cv chunk. The column pass writes the partial and
+    its lse; the row pass (FINAL) merges its state with them and writes out (y, lse)."""
     n, line = _line_of(n_lines)
-    p, pmask = _tile(1, BP, L)
-    c, cmask = _tile(2, BC, CV)
+    p, pmask = _tile(BP, L)
+    s, smask = _span(0, BL, L)
     d, dmask = _span(0, BD, D)
-    k_base = k_ptr + n * skn + line * sk_line
-    v_base = v_ptr + n * svn + line * sv_line
     q_tile = _load_tile(q_ptr + n * sqn + line * sq_line, p, pmask, sq_pos, d, dmask, sqc)
-    lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-    acc = tl.zeros([BP, BC], ACC)
-    for s0 in range(0, L, BS):
-        s, smask = _span(s0, BS, L)
-        prob = _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
-                      EXCLUDE_SELF, ACC, PREC)
-        v_tile = _load_tile(v_base, s, smask, sv_pos, c, cmask, svc)
-        acc += tl.dot(prob.to(v_tile.dtype), v_tile, input_precision=PREC, out_dtype=ACC)
-    off = n * son + line * so_line + p[:, None] * so_pos + c[None, :] * soc
-    omask = pmask[:, None] & cmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(prior_ptr + off, mask=omask, other=0.0).to(ACC)
-    tl.store(o_ptr + off, acc.to(o_ptr.dtype.element_ty), mask=omask)
-    if EPILOGUE:
-        gamma = tl.load(gamma_ptr).to(ACC)
-        x = _load_tile(x_ptr + n * sxn + line * sx_line, p, pmask, sx_pos, c, cmask, sxc)
-        tl.store(y_ptr + off, (gamma * acc + x.to(ACC)).to(y_ptr.dtype.element_ty), mask=omask)
+    kt = _load_tile(k_ptr + n * skn + line * sk_line, d, dmask, skc, s, smask, sk_pos)
+    valid = _valid(p, pmask, s, smask, EXCLUDE_SELF)
+    e = tl.where(valid, tl.dot(q_tile, kt, input_precision=PREC, out_dtype=ACC) * scale,
+                 float("-inf"))
+    # A finite floor for the max: an empty key set (H = 1 in a column pass, or a padded pixel)
+    # gives exp(-inf - m) = 0 rather than NaN, and its lse is -inf.
+    m = tl.maximum(tl.max(e, 1), -1.0e30)
+    total = tl.sum(tl.exp(e - m[:, None]), 1)
+    lse = tl.where(total > 0, m + tl.log(tl.maximum(total, 1.0e-30)), float("-inf"))
+    lse_off = lse_ptr + n * sln + line * sl_line + p * sl_pos
+    carry = 0.0
+    if FINAL:
+        # Merge with the column pass's state: lse = logaddexp(lse_row, lse_col); its normalised
+        # output enters with weight exp(lse_col - lse). lse_row is finite for every real pixel.
+        lse_c = tl.load(lse_off, mask=pmask, other=float("-inf")).to(ACC)
+        top = tl.maximum(lse, lse_c)
+        top = tl.where(top > -1.0e30, top, 0.0)
+        lse = top + tl.log(tl.exp(lse - top) + tl.exp(lse_c - top))
+        carry = tl.exp(lse_c - lse)[:, None]
+    tl.store(lse_off, lse, mask=pmask)
+    prob = tl.where(valid, tl.exp(e - lse[:, None]), 0.0).to(v_ptr.dtype.element_ty)
+    _weights_times(prob, v_ptr + n * svn + line * sv_line, s, smask, sv_pos, svc, CV, p, pmask,
+                   part_ptr + n * spn + line * sp_line, sp_pos, spc,
+                   o_ptr + n * son + line * so_line, so_pos, soc, carry,
+                   x_ptr + n * sxn + line * sx_line, sx_pos, sxc,
+                   y_ptr + n * son + line * so_line, gamma_ptr, FINAL, EPILOGUE, BC, STAGES, ACC,
+                   PREC)
 
 
 @triton.jit
@@ -227,7 +290,7 @@ def _line_dot(a_ptr, b_ptr, d_ptr, L, n_lines, C, san, sac, sa_line, sa_pos,
     """d_u = <a_u, b_u> over the C channels, for a tile of pixels of a row: the backward's
     D_u = <grad_u, out_u>, without a (N, C, H, W) product in memory."""
     n, line = _line_of(n_lines)
-    p, pmask = _tile(1, BP, L)
+    p, pmask = _tile(BP, L)
     a_base = a_ptr + n * san + line * sa_line
     b_base = b_ptr + n * sbn + line * sb_line
     acc = tl.zeros([BP], ACC)
@@ -240,97 +303,153 @@ def _line_dot(a_ptr, b_ptr, d_ptr, L, n_lines, C, san, sac, sa_line, sa_pos,
 
 
 @triton.jit
-def _line_dq(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr, dq_ptr, L, n_lines, D, CV,
-             scale, sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, svn, svc, sv_line, sv_pos,
-             sgn, sgc, sg_line, sg_pos, sln, sl_line, sl_pos, son, soc, so_line, so_pos,
-             EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, GAMMA: tl.constexpr,
-             BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-             ACC: tl.constexpr, PREC: tl.constexpr):
-    """dq for a tile of pixels (so* are the strides of the dq buffer)."""
+def _bwd_query_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr, part_ptr, dq_ptr,
+                    L, n_lines, D, CV, scale,
+                    sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos,
+                    svn, svc, sv_line, sv_pos, sgn, sgc, sg_line, sg_pos, sln, sl_line, sl_pos,
+                    spn, spc, sp_line, sp_pos, son, soc, so_line, so_pos,
+                    FINAL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, GAMMA: tl.constexpr,
+                    BP: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+                    STAGES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """dq for a tile of BP pixels and all BL keys of the line: dP = dO·V^T over the Cv chunks
+    (pipelined), then P recomputed (cheap: Cqk channels), dS and dq = dS·K."""
     n, line = _line_of(n_lines)
-    p, pmask = _tile(1, BP, L)
+    p, pmask = _tile(BP, L)
+    s, smask = _span(0, BL, L)
     d, dmask = _span(0, BD, D)
+    dp = _contract(go_ptr + n * sgn + line * sg_line, p, pmask, sg_pos, sgc,
+                   v_ptr + n * svn + line * sv_line, s, smask, svc, sv_pos, CV,
+                   BP, BL, BC, STAGES, ACC, PREC)
     k_base = k_ptr + n * skn + line * sk_line
-    v_base = v_ptr + n * svn + line * sv_line
-    go_base = go_ptr + n * sgn + line * sg_line
     q_tile = _load_tile(q_ptr + n * sqn + line * sq_line, p, pmask, sq_pos, d, dmask, sqc)
     lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-    acc = tl.zeros([BP, BD], ACC)
-    for s0 in range(0, L, BS):
-        s, smask = _span(s0, BS, L)
-        prob = _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
-                      EXCLUDE_SELF, ACC, PREC)
-        # dP = dO·V^T over all Cv, tile by tile.
-        dp = _contract(go_base, p, pmask, sg_pos, sgc, v_base, s, smask, svc, sv_pos, CV,
-                       BP, BS, BC, ACC, PREC)
-        ds = prob * (dp - dd[:, None]) * scale
-        k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
-        acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PREC, out_dtype=ACC)
-    acc = _times_gamma(acc, gamma_ptr, GAMMA, ACC)
-    _store_tile(dq_ptr + n * son + line * so_line, p, pmask, so_pos, d, dmask, soc, acc,
-                ACCUMULATE, ACC)
+    prob = _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
+                  EXCLUDE_SELF, ACC, PREC)
+    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
+    _ds_product(prob, dp, dd[:, None], scale, k_tile, gamma_ptr, p, pmask, d, dmask,
+                part_ptr + n * spn + line * sp_line, sp_pos, spc,
+                dq_ptr + n * son + line * so_line, so_pos, soc, FINAL, GAMMA, ACC, PREC)
 
 
 @triton.jit
-def _line_dk(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr, dk_ptr, L, n_lines, D, CV,
-             scale, sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, svn, svc, sv_line, sv_pos,
-             sgn, sgc, sg_line, sg_pos, sln, sl_line, sl_pos, son, soc, so_line, so_pos,
-             EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, GAMMA: tl.constexpr,
-             BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-             ACC: tl.constexpr, PREC: tl.constexpr):
-    """dk for a tile of keys, gathered over the pixels of the line (transposed tiles: keys are
-    the rows, pixels the columns; so* are the strides of the dk buffer)."""
+def _bwd_key_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr,
+                  dk_part_ptr, dk_ptr, dv_part_ptr, dv_ptr, L, n_lines, D, CV, scale,
+                  sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos,
+                  svn, svc, sv_line, sv_pos, sgn, sgc, sg_line, sg_pos, sln, sl_line, sl_pos,
+                  spkn, spkc, spk_line, spk_pos, sokn, sokc, sok_line, sok_pos,
+                  spvn, spvc, spv_line, spv_pos, sovn, sovc, sov_line, sov_pos,
+                  FINAL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, GAMMA: tl.constexpr,
+                  BS: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+                  STAGES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """dk and dv for a tile of BS keys and all BL pixels of the line that see them (transposed
+    tiles: keys are the rows). P^T [BS, BL] once; per Cv chunk dv = P^T·dO and dP^T += V·dO^T;
+    then dS^T and dk = dS^T·Q."""
     n, line = _line_of(n_lines)
-    s, smask = _tile(1, BS, L)
+    s, smask = _tile(BS, L)
+    p, pmask = _span(0, BL, L)
     d, dmask = _span(0, BD, D)
     q_base = q_ptr + n * sqn + line * sq_line
+    k_base = k_ptr + n * skn + line * sk_line
+    lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
+    pt_lo = _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos,
+                     scale, EXCLUDE_SELF, ACC, PREC).to(go_ptr.dtype.element_ty)
     v_base = v_ptr + n * svn + line * sv_line
     go_base = go_ptr + n * sgn + line * sg_line
-    k_tile = _load_tile(k_ptr + n * skn + line * sk_line, s, smask, sk_pos, d, dmask, skc)
-    acc = tl.zeros([BS, BD], ACC)
-    for p0 in range(0, L, BP):
-        p, pmask = _span(p0, BP, L)
-        qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
-        lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-        dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-        prob = _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC, PREC)
-        # dP^T = V·dO^T over all Cv.
-        dp = _contract(v_base, s, smask, sv_pos, svc, go_base, p, pmask, sgc, sg_pos, CV,
-                       BS, BP, BC, ACC, PREC)
-        ds = prob * (dp - dd[None, :]) * scale
-        acc += tl.dot(ds.to(qt.dtype), tl.trans(qt), input_precision=PREC, out_dtype=ACC)
-    acc = _times_gamma(acc, gamma_ptr, GAMMA, ACC)
-    _store_tile(dk_ptr + n * son + line * so_line, s, smask, so_pos, d, dmask, soc, acc,
-                ACCUMULATE, ACC)
+    dpt = tl.zeros([BS, BL], ACC)
+    for c0 in tl.range(0, CV, BC, num_stages=STAGES):
+        c, cmask = _span(c0, BC, CV)
+        go = _load_tile(go_base, p, pmask, sg_pos, c, cmask, sgc)
+        v_tile = _load_tile(v_base, s, smask, sv_pos, c, cmask, svc)
+        dpt += tl.dot(v_tile, tl.trans(go), input_precision=PREC, out_dtype=ACC)
+        dv = _times_gamma(tl.dot(pt_lo, go, input_precision=PREC, out_dtype=ACC), gamma_ptr,
+                          GAMMA, ACC)
+        _store_pass(dv, s, smask, c, cmask, dv_part_ptr + n * spvn + line * spv_line, spv_pos,
+                    spvc, dv_ptr + n * sovn + line * sov_line, sov_pos, sovc, 1.0, FINAL, ACC)
+    # P^T again in float32 for dS^T (cheap: Cqk channels), rather than kept through the loop.
+    pt = _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos,
+                  scale, EXCLUDE_SELF, ACC, PREC)
+    dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
+    q_tile = _load_tile(q_base, p, pmask, sq_pos, d, dmask, sqc)
+    _ds_product(pt, dpt, dd[None, :], scale, q_tile, gamma_ptr, s, smask, d, dmask,
+                dk_part_ptr + n * spkn + line * spk_line, spk_pos, spkc,
+                dk_ptr + n * sokn + line * sok_line, sok_pos, sokc, FINAL, GAMMA, ACC, PREC)
+
+
+# ---- the two-op API (CCNet's ca_weight / ca_map) ------------------------------------------
+# energy (N, H+W-1, H, W): channel z < W is the row key (h, z), channel W + i the column key (j, w)
+# with j = i if i < h else i + 1. In line terms: a row pass stores key s of pixel p in channel s;
+# a column pass (EXCLUDE_SELF) in channel W + s - (s > p), and never s = p. Two generic kernels
+# cover the four ops and their backwards, each launched for the column and the row pass, on the
+# same tiles as the fused op (a BT tile of the line against the whole line, BL):
+#   _line_pair:      E[p, s] = sum_c X[p, c] Y[s, c]       (cca_weight: q, k; grad attn: dO, v)
+#                    Cv-chunked, pipelined; E written once (the two passes own disjoint channels).
+#   _line_aggregate: out[i, c] = sum_j M'[i, j] Y[j, c] with M' = M, or M^T (TRANSPOSED):
+#                    (cca_map: attn, v; grad q: gE, k; grad k: gE^T, q; grad v: attn^T, dO).
+#                    The M' tile is read once and reused for every chunk of C; the column pass
+#                    writes the op-math partial, the row pass adds it and writes out.
+# Every output element is written by one program: deterministic, no atomics. X and Y are read in
+# NHWC like the fused op; the energy's layout is the API's, so its column-pass accesses are
+# strided (one element per sector in the worst case): the two-op API moves the energy anyway.
+
+@triton.jit
+def _energy_channel(p, s, CH0, EXCLUDE_SELF: tl.constexpr):
+    """[BP, BS] channel of key s of pixel p in the energy layout, int32: offsets inside one
+    image's energy are int32 (`_check_energy`), half the registers of an int64 tile.
+
+    One return statement: Triton 3.6 type-checks the statements after a return inside a taken
+    constexpr branch too, and with p and s of different integer types two returns had different
+    types ("Inconsistent return types")."""
+    if EXCLUDE_SELF:
+        ch = CH0 + s[None, :] - (s[None, :] > p[:, None]).to(s.dtype)
+    else:
+        ch = CH0 + s[None, :] + 0 * p[:, None]
+    return ch.to(tl.int32)
 
 
 @triton.jit
-def _line_dv(q_ptr, k_ptr, go_ptr, lse_ptr, gamma_ptr, dv_ptr, L, n_lines, D, CV, scale,
-             sqn, sqc, sq_line, sq_pos, skn, skc, sk_line, sk_pos, sgn, sgc, sg_line, sg_pos,
-             sln, sl_line, sl_pos, svn, svc, sv_line, sv_pos,
-             EXCLUDE_SELF: tl.constexpr, ACCUMULATE: tl.constexpr, GAMMA: tl.constexpr,
-             BP: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-             ACC: tl.constexpr, PREC: tl.constexpr):
-    """dv for a tile of keys and a tile of Cv: sum over the pixels of the line of P^T·dO."""
+def _line_pair(x_ptr, y_ptr, e_ptr, L, n_lines, C, CH0,
+               sxn, sxc, sx_line, sx_pos, syn, syc, sy_line, sy_pos, sen, sec, se_line, se_pos,
+               EXCLUDE_SELF: tl.constexpr, BP: tl.constexpr, BL: tl.constexpr,
+               BC: tl.constexpr, STAGES: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     n, line = _line_of(n_lines)
-    s, smask = _tile(1, BS, L)
-    c, cmask = _tile(2, BC, CV)
-    d, dmask = _span(0, BD, D)
-    q_base = q_ptr + n * sqn + line * sq_line
-    go_base = go_ptr + n * sgn + line * sg_line
-    k_tile = _load_tile(k_ptr + n * skn + line * sk_line, s, smask, sk_pos, d, dmask, skc)
-    acc = tl.zeros([BS, BC], ACC)
-    for p0 in range(0, L, BP):
-        p, pmask = _span(p0, BP, L)
-        qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
-        lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-        prob = _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC, PREC)
-        go = _load_tile(go_base, p, pmask, sg_pos, c, cmask, sgc)
-        acc += tl.dot(prob.to(go.dtype), go, input_precision=PREC, out_dtype=ACC)
-    acc = _times_gamma(acc, gamma_ptr, GAMMA, ACC)
-    _store_tile(dv_ptr + n * svn + line * sv_line, s, smask, sv_pos, c, cmask, svc, acc,
-                ACCUMULATE, ACC)
+    p, pmask = _tile(BP, L)
+    s, smask = _span(0, BL, L)
+    acc = _contract(x_ptr + n * sxn + line * sx_line, p, pmask, sx_pos, sxc,
+                    y_ptr + n * syn + line * sy_line, s, smask, syc, sy_pos, C,
+                    BP, BL, BC, STAGES, ACC, PREC)
+    ch = _energy_channel(p, s, CH0, EXCLUDE_SELF)
+    off = e_ptr + n * sen + line * se_line + (p.to(tl.int32)[:, None] * se_pos + ch * sec)
+    tl.store(off, acc.to(e_ptr.dtype.element_ty), mask=_valid(p, pmask, s, smask, EXCLUDE_SELF))
+
+
+@triton.jit
+def _line_aggregate(m_ptr, y_ptr, part_ptr, o_ptr, L, n_lines, C, CH0,
+                    smn, smc, sm_line, sm_pos, syn, syc, sy_line, sy_pos,
+                    spn, spc, sp_line, sp_pos, son, soc, so_line, so_pos,
+                    FINAL: tl.constexpr, EXCLUDE_SELF: tl.constexpr, TRANSPOSED: tl.constexpr,
+                    BI: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr,
+                    ACC: tl.constexpr, PREC: tl.constexpr):
+    """out[i, c] = sum_j M'[i, j] Y[j, c] over the positions j of the line; M is read from the
+    energy layout as M[p = i, s = j], or transposed as M[p = j, s = i]."""
+    n, line = _line_of(n_lines)
+    i, imask = _tile(BI, L)
+    j, jmask = _span(0, BL, L)
+    m_base = m_ptr + n * smn + line * sm_line
+    if TRANSPOSED:
+        valid = tl.trans(_valid(j, jmask, i, imask, EXCLUDE_SELF))   # [BI, BL]
+        ch = tl.trans(_energy_channel(j, i, CH0, EXCLUDE_SELF))
+        m_off = m_base + (j[None, :] * sm_pos + ch * smc)
+    else:
+        valid = _valid(i, imask, j, jmask, EXCLUDE_SELF)
+        ch = _energy_channel(i, j, CH0, EXCLUDE_SELF)
+        m_off = m_base + (i.to(tl.int32)[:, None] * sm_pos + ch * smc)
+    m = tl.load(m_off, mask=valid, other=0.0).to(y_ptr.dtype.element_ty)
+    o_base = o_ptr + n * son + line * so_line
+    # No epilogue: the x, y and gamma pointers are never read.
+    _weights_times(m, y_ptr + n * syn + line * sy_line, j, jmask, sy_pos, syc, C, i, imask,
+                   part_ptr + n * spn + line * sp_line, sp_pos, spc, o_base, so_pos, soc, 1.0,
+                   o_base, so_pos, soc, o_base, o_ptr, FINAL, False, BC, STAGES, ACC, PREC)
 
 
 # ---- launch helpers -------------------------------------------------------------------------
@@ -356,29 +475,54 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def _blocks(q: torch.Tensor, v: torch.Tensor, L: int):
-    """Tile sizes: tl.dot needs every dimension >= 16. Under the interpreter one tile per line
-    where it fits (fewer, larger programs run faster there)."""
-    BD = max(16, triton.next_power_of_2(q.shape[1]))
-    BC = max(16, min(64, triton.next_power_of_2(v.shape[1])))
-    BL = max(16, min(MAX_TILE, triton.next_power_of_2(L)))
-    if not _INTERPRET and q.dtype in (torch.float32, torch.float64):
-        BL = min(BL, 32)  # 32-bit tiles need twice the registers
-    return BL, BD, BC
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """t with contiguous per-pixel channel vectors: itself when it is channels_last already,
+    else one transpose."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _partial(like: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """The column pass's (N, channels, H, W) op-math result, NHWC: read back by the row pass."""
+    N, _, H, W = like.shape
+    return torch.empty((N, channels, H, W), dtype=dtype, device=like.device,
+                       memory_format=torch.channels_last)
+
+
+def _tiles(L: int, dtype: torch.dtype, compiled: bool = not _INTERPRET, backward: bool = False):
+    """(BT, BL): BL = the whole line (tl.dot needs every dimension >= 16), BT the tiled axis,
+    as large as the register budget allows (one tile per line up to L = 128 in 16 bits). The
+    interpreter (compiled=False) has no registers to spare: it takes the 16-bit tiles."""
+    BL = max(16, triton.next_power_of_2(L))
+    budget = TILE_BUDGET
+    if dtype.itemsize > 2 and compiled:
+        # 32/64-bit products run on FMA (no TF32), whose operands sit in registers too.
+        budget //= WIDE_BUDGET_DIVISOR
+    if backward and compiled and BL > 128:
+        # The backward kernels hold two [BT, BL] tiles (P and dP); past 128 keys the 16-bit
+        # budget spills (sm_90, BL = 256: 100-700 bytes at BT = 64, 0-8 at BT = 32).
+        budget //= 2
+    return max(16, min(MAX_TILE, BL, budget // BL)), BL
+
+
+def _chunk(C: int) -> int:
+    """Channels per step of a channel loop (Cv for the products with v, Cqk for cca_weight)."""
+    return max(16, min(64, triton.next_power_of_2(C)))
 
 
 def _passes(q):
-    """(row?, line length L, number of lines, EXCLUDE_SELF) for the row then the column pass."""
+    """(row?, line length L, number of lines, EXCLUDE_SELF) for the column then the row pass:
+    the row pass is the last, it writes the NCHW outputs along their contiguous w."""
     _, _, H, W = q.shape
-    return ((True, W, H, False), (False, H, W, True))
+    return ((False, H, W, True), (True, W, H, False))
 
 
-def _num_warps():
-    return 4
+def _grid(N, n_lines, L, BT):
+    # Lines on axis 0 (up to 2^31 - 1 programs), tiles of a line on axis 1 (L / 16 at most).
+    return (N * n_lines, triton.cdiv(L, BT))
 
 
 def _forward(q, k, v, scale, residual=None, gamma=None):
-    """(y, out, lse); y = gamma·out + residual is written by the column pass of _line_out when
+    """(y, out, lse); y = gamma·out + residual is written by the row pass of _fwd_line when
     residual is given, else y is None."""
     N, D, H, W = q.shape
     CV = v.shape[1]
@@ -389,34 +533,21 @@ def _forward(q, k, v, scale, residual=None, gamma=None):
     y = torch.empty_like(out) if epilogue else None
     if N * H * W == 0:
         return y, out.zero_(), lse
-    prec = _prec(q.dtype)
-    # Row and column log-sum-exp, then merged.
-    parts = []
-    for row, L, n_lines, excl in _passes(q):
-        BL, BD, _ = _blocks(q, v, L)
-        part = torch.empty((N, H, W), dtype=acc_torch, device=q.device)
-        _line_lse[(N * n_lines, triton.cdiv(L, BL))](
-            q, k, part, L, n_lines, D, float(scale),
-            *_line_strides(q, row), *_line_strides(k, row), *_map_strides(part, row),
-            EXCLUDE_SELF=excl, BP=BL, BS=BL, BD=BD, ACC=acc_tl, PREC=prec, num_warps=_num_warps())
-        parts.append(part)
-    torch.logaddexp(parts[0], parts[1], out=lse)
-    if CV == 0:
-        return y, out, lse
-    # Low-precision outputs: the row pass writes its partial to a float32 buffer, the column pass
-    # adds it and rounds once into out (and y). For fp32/fp64 the buffer is out itself.
-    buf = out if out.dtype == acc_torch else torch.empty(out.shape, dtype=acc_torch, device=out.device)
+    qn, kn, vn = _nhwc(q), _nhwc(k), _nhwc(v)
+    part = _partial(v, CV, acc_torch)
     # Unused pointers (no epilogue) point at out; EPILOGUE=False never reads them.
     x, yy, g = (residual, y, gamma) if epilogue else (out, out, out)
-    for i, (row, L, n_lines, excl) in enumerate(_passes(q)):
-        BL, BD, BC = _blocks(q, v, L)
-        last = i == 1
-        _line_out[(N * n_lines, triton.cdiv(L, BL), triton.cdiv(CV, BC))](
-            q, k, v, lse, buf, out if last else buf, x, yy, g, L, n_lines, D, CV, float(scale),
-            *_line_strides(q, row), *_line_strides(k, row), *_line_strides(v, row),
-            *_map_strides(lse, row), *_line_strides(buf, row), *_line_strides(x, row),
-            EXCLUDE_SELF=excl, ACCUMULATE=last, EPILOGUE=epilogue and last, BP=BL, BS=BL, BD=BD,
-            BC=BC, ACC=acc_tl, PREC=prec, num_warps=_num_warps())
+    BD = max(16, triton.next_power_of_2(D))
+    with _device_guard(q):
+        for final, (row, L, n_lines, excl) in zip((False, True), _passes(q)):
+            BT, BL = _tiles(L, q.dtype)
+            _fwd_line[_grid(N, n_lines, L, BT)](
+                qn, kn, vn, lse, part, out, x, yy, g, L, n_lines, D, CV, float(scale),
+                *_line_strides(qn, row), *_line_strides(kn, row), *_line_strides(vn, row),
+                *_map_strides(lse, row), *_line_strides(part, row), *_line_strides(out, row),
+                *_line_strides(x, row), FINAL=final, EXCLUDE_SELF=excl,
+                EPILOGUE=epilogue and final, BP=BT, BL=BL, BD=BD, BC=_chunk(CV), STAGES=STAGES,
+                ACC=acc_tl, PREC=_prec(q.dtype), num_warps=NUM_WARPS)
     return y, out, lse
 
 
@@ -443,41 +574,45 @@ def _backward(grad, q, k, v, out, lse, scale, gamma=None):
     CV = v.shape[1]
     acc_tl, acc_torch = _acc_dtype(q.dtype)
     dd = torch.zeros((N, H, W), dtype=acc_torch, device=q.device)
+    # Contiguous gradients, whatever the input strides (the fake kernels say so).
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     if N * H * W == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dd
+        return dq, dk, dv, dd
     prec = _prec(q.dtype)
     grad = grad.to(v.dtype)
     lse = lse.to(acc_torch).contiguous()
-    if CV > 0:
-        BL, _, BC = _blocks(q, v, W)
-        _line_dot[(N * H, triton.cdiv(W, BL))](
-            grad, out, dd, W, H, CV, *_line_strides(grad, True), *_line_strides(out, True),
-            *_map_strides(dd, True), BP=BL, BC=BC, ACC=acc_tl, num_warps=_num_warps())
     has_gamma = gamma is not None
     g = gamma if has_gamma else lse  # never read without GAMMA
-    # Gradients accumulate over the two passes in op-math buffers (contiguous NCHW).
-    dq = torch.empty((N, D, H, W), dtype=acc_torch, device=q.device)
-    dk = torch.empty((N, D, H, W), dtype=acc_torch, device=q.device)
-    dv = torch.empty((N, CV, H, W), dtype=acc_torch, device=q.device)
-    for i, (row, L, n_lines, excl) in enumerate(_passes(q)):
-        BL, BD, BC = _blocks(q, v, L)
-        common = dict(EXCLUDE_SELF=excl, ACCUMULATE=i > 0, GAMMA=has_gamma, BP=BL, BS=BL, BD=BD,
-                      BC=BC, ACC=acc_tl, PREC=prec, num_warps=_num_warps())
-        strides = (*_line_strides(q, row), *_line_strides(k, row), *_line_strides(v, row),
-                   *_line_strides(grad, row), *_map_strides(lse, row))
-        if D > 0:
-            _line_dq[(N * n_lines, triton.cdiv(L, BL))](
-                q, k, v, grad, lse, dd, g, dq, L, n_lines, D, CV, float(scale), *strides,
-                *_line_strides(dq, row), **common)
-            _line_dk[(N * n_lines, triton.cdiv(L, BL))](
-                q, k, v, grad, lse, dd, g, dk, L, n_lines, D, CV, float(scale), *strides,
-                *_line_strides(dk, row), **common)
+    BD = max(16, triton.next_power_of_2(D))
+    BC = _chunk(CV)
+    # The key kernel holds P^T, dP^T and a dv chunk: quarter-width chunks (16 channels at Cv >= 64)
+    # keep it in registers (sm_90, BL = 128, bf16: 255 registers and no spill; 32 spilled).
+    BC_KEY = max(16, BC // 4)
+    with _device_guard(q):
         if CV > 0:
-            _line_dv[(N * n_lines, triton.cdiv(L, BL), triton.cdiv(CV, BC))](
-                q, k, grad, lse, g, dv, L, n_lines, D, CV, float(scale),
-                *_line_strides(q, row), *_line_strides(k, row), *_line_strides(grad, row),
-                *_map_strides(lse, row), *_line_strides(dv, row), **common)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dd
+            BP, _ = _tiles(W, q.dtype)
+            _line_dot[_grid(N, H, W, BP)](
+                grad, out, dd, W, H, CV, *_line_strides(grad, True), *_line_strides(out, True),
+                *_map_strides(dd, True), BP=BP, BC=BC, ACC=acc_tl, num_warps=4)
+        qn, kn, vn, gn = _nhwc(q), _nhwc(k), _nhwc(v), _nhwc(grad)
+        dq_p, dk_p, dv_p = (_partial(q, D, acc_torch), _partial(k, D, acc_torch),
+                            _partial(v, CV, acc_torch))
+        for final, (row, L, n_lines, excl) in zip((False, True), _passes(q)):
+            BT, BL = _tiles(L, q.dtype, backward=True)
+            common = dict(FINAL=final, EXCLUDE_SELF=excl, GAMMA=has_gamma, BL=BL, BD=BD,
+                          STAGES=STAGES, ACC=acc_tl, PREC=prec, num_warps=NUM_WARPS)
+            inputs = (*_line_strides(qn, row), *_line_strides(kn, row), *_line_strides(vn, row),
+                      *_line_strides(gn, row), *_map_strides(lse, row))
+            _bwd_query_line[_grid(N, n_lines, L, BT)](
+                qn, kn, vn, gn, lse, dd, g, dq_p, dq, L, n_lines, D, CV, float(scale), *inputs,
+                *_line_strides(dq_p, row), *_line_strides(dq, row), BP=BT, BC=BC, **common)
+            _bwd_key_line[_grid(N, n_lines, L, BT)](
+                qn, kn, vn, gn, lse, dd, g, dk_p, dk, dv_p, dv, L, n_lines, D, CV, float(scale),
+                *inputs, *_line_strides(dk_p, row), *_line_strides(dk, row),
+                *_line_strides(dv_p, row), *_line_strides(dv, row), BS=BT, BC=BC_KEY, **common)
+    return dq, dk, dv, dd
 
 
 @torch.library.custom_op("armnet_ops::cca_backward_triton", mutates_args=())
@@ -500,94 +635,29 @@ def cca_residual_backward_triton(
     return dq, dk, dv, grad_gamma
 
 
-# ---- the two-op API (CCNet's ca_weight / ca_map) ------------------------------------------
-# energy (N, H+W-1, H, W): channel z < W is the row key (h, z), channel W + i the column key (j, w)
-# with j = i if i < h else i + 1. In line terms: a row pass stores key s of pixel p in channel s;
-# a column pass (EXCLUDE_SELF) in channel W + s - (s > p), and never s = p. Two generic kernels
-# cover the four ops and their backwards, each launched for the row and the column pass:
-#   _line_pair:      E[p, s] = sum_c X[p, c] Y[s, c]       (cca_weight: q, k; grad attn: dO, v)
-#   _line_aggregate: out[i, c] (+)= sum_j M'[i, j] Y[j, c] (cca_map: attn, v; grad q: gE, k;
-#                    with M' = M^T, TRANSPOSED: grad k: gE, q; grad v: attn, dO)
-# Every output element is written by one program (the column pass adds to the row pass's result
-# in stream order): deterministic, no atomics.
-
-@triton.jit
-def _energy_channel(p, s, CH0, EXCLUDE_SELF: tl.constexpr):
-    """[BP, BS] channel of key s of pixel p in the energy layout, int64.
-
-    One return statement: Triton 3.6 type-checks the statements after a return inside a taken
-    constexpr branch too, and with p int64 and s int32 (_line_aggregate) the two returns had
-    different types ("Inconsistent return types")."""
-    if EXCLUDE_SELF:
-        ch = CH0 + s[None, :] - (s[None, :] > p[:, None]).to(s.dtype)
-    else:
-        ch = CH0 + s[None, :] + 0 * p[:, None]
-    return ch.to(tl.int64)
-
-
-@triton.jit
-def _line_pair(x_ptr, y_ptr, e_ptr, L, n_lines, C, CH0,
-               sxn, sxc, sx_line, sx_pos, syn, syc, sy_line, sy_pos, sen, sec, se_line, se_pos,
-               EXCLUDE_SELF: tl.constexpr, BP: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
-               ACC: tl.constexpr, PREC: tl.constexpr):
-    n, line = _line_of(n_lines)
-    p, pmask = _tile(1, BP, L)
-    s, smask = _tile(2, BS, L)
-    x_base = x_ptr + n * sxn + line * sx_line
-    y_base = y_ptr + n * syn + line * sy_line
-    acc = _contract(x_base, p, pmask, sx_pos, sxc, y_base, s, smask, syc, sy_pos, C, BP, BS, BC,
-                    ACC, PREC)
-    ch = _energy_channel(p, s, CH0, EXCLUDE_SELF)
-    off = e_ptr + n * sen + line * se_line + p[:, None] * se_pos + ch.to(tl.int64) * sec
-    tl.store(off, acc.to(e_ptr.dtype.element_ty), mask=_valid(p, pmask, s, smask, EXCLUDE_SELF))
-
-
-@triton.jit
-def _line_aggregate(m_ptr, y_ptr, o_ptr, L, n_lines, C, CH0,
-                    smn, smc, sm_line, sm_pos, syn, syc, sy_line, sy_pos, son, soc, so_line, so_pos,
-                    EXCLUDE_SELF: tl.constexpr, TRANSPOSED: tl.constexpr, ACCUMULATE: tl.constexpr,
-                    BI: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
-                    PREC: tl.constexpr):
-    """out[i, c] (+)= sum_j M'[i, j] Y[j, c] over the positions j of the line; M is read from
-    the energy layout as M[p = i, s = j], or transposed as M[p = j, s = i]."""
-    n, line = _line_of(n_lines)
-    i, imask = _tile(1, BI, L)
-    c, cmask = _tile(2, BC, C)
-    y_base = y_ptr + n * syn + line * sy_line
-    acc = tl.zeros([BI, BC], ACC)
-    for j0 in range(0, L, BJ):
-        j, jmask = _span(j0, BJ, L)
-        if TRANSPOSED:
-            valid = tl.trans(_valid(j, jmask, i, imask, EXCLUDE_SELF))   # [BI, BJ]
-            ch = tl.trans(_energy_channel(j, i, CH0, EXCLUDE_SELF))
-            m_off = m_ptr + n * smn + line * sm_line + j[None, :] * sm_pos + ch.to(tl.int64) * smc
-        else:
-            valid = _valid(i, imask, j, jmask, EXCLUDE_SELF)
-            ch = _energy_channel(i, j, CH0, EXCLUDE_SELF)
-            m_off = m_ptr + n * smn + line * sm_line + i[:, None] * sm_pos + ch.to(tl.int64) * smc
-        m = tl.load(m_off, mask=valid, other=0.0)
-        y = _load_tile(y_base, j, jmask, sy_pos, c, cmask, syc)
-        acc += tl.dot(m.to(y.dtype), y, input_precision=PREC, out_dtype=ACC)
-    _store_tile(o_ptr + n * son + line * so_line, i, imask, so_pos, c, cmask, soc, acc,
-                ACCUMULATE, ACC)
-
-
-def _energy_strides(e: torch.Tensor, row: bool):
-    """(n, channel, line, position) strides of an (N, H+W-1, H, W) energy."""
-    return _line_strides(e, row)
+def _check_energy(op: str, e: torch.Tensor):
+    """The energy kernels index inside one image's (H+W-1, H, W) energy with int32 offsets."""
+    reach = sum((size - 1) * abs(stride) for size, stride in zip(e.shape[1:], e.stride()[1:]))
+    if reach > INT32_MAX:
+        raise ValueError(f"{op}: one image's energy spans {reach + 1} elements (shape "
+                         f"{tuple(e.shape)}, strides {e.stride()}); the Triton kernels index it "
+                         f"with int32, at most {INT32_MAX + 1}")
 
 
 def _pair(x, y, e):
-    """e (energy layout) = <x_p, y_s> for the keys of every pixel, row then column pass."""
+    """e (energy layout) = <x_p, y_s> for the keys of every pixel, column then row pass."""
     N, C, H, W = x.shape
+    _check_energy("cca_weight_triton", e)
     acc_tl, _ = _acc_dtype(x.dtype)
-    for row, L, n_lines, excl in _passes(x):
-        BL, _, BC = _blocks(x, x, L)
-        _line_pair[(N * n_lines, triton.cdiv(L, BL), triton.cdiv(L, BL))](
-            x, y, e, L, n_lines, C, 0 if row else W,
-            *_line_strides(x, row), *_line_strides(y, row), *_energy_strides(e, row),
-            EXCLUDE_SELF=excl, BP=BL, BS=BL, BC=BC, ACC=acc_tl, PREC=_prec(x.dtype),
-            num_warps=_num_warps())
+    xn, yn = _nhwc(x), _nhwc(y)
+    with _device_guard(x):
+        for row, L, n_lines, excl in _passes(x):
+            BT, BL = _tiles(L, x.dtype)
+            _line_pair[_grid(N, n_lines, L, BT)](
+                xn, yn, e, L, n_lines, C, 0 if row else W,
+                *_line_strides(xn, row), *_line_strides(yn, row), *_line_strides(e, row),
+                EXCLUDE_SELF=excl, BP=BT, BL=BL, BC=_chunk(C), STAGES=STAGES, ACC=acc_tl,
+                PREC=_prec(x.dtype), num_warps=NUM_WARPS)
 
 
 def _aggregate(m, y, transposed: bool, out_dtype: torch.dtype):
@@ -597,16 +667,18 @@ def _aggregate(m, y, transposed: bool, out_dtype: torch.dtype):
     out = torch.empty((N, C, H, W), dtype=out_dtype, device=y.device)
     if out.numel() == 0:
         return out.zero_()
-    buf = out if out_dtype == acc_torch else torch.empty(out.shape, dtype=acc_torch, device=y.device)
-    for k, (row, L, n_lines, excl) in enumerate(_passes(y)):
-        BL, _, BC = _blocks(y, y, L)
-        _line_aggregate[(N * n_lines, triton.cdiv(L, BL), triton.cdiv(C, BC))](
-            m, y, buf, L, n_lines, C, 0 if row else W,
-            *_energy_strides(m, row), *_line_strides(y, row), *_line_strides(buf, row),
-            EXCLUDE_SELF=excl, TRANSPOSED=transposed, ACCUMULATE=k > 0, BI=BL, BJ=BL, BC=BC,
-            ACC=acc_tl, PREC=_prec(y.dtype), num_warps=_num_warps())
-    if buf is not out:
-        out.copy_(buf)
+    _check_energy("cca_map_triton", m)
+    part = _partial(y, C, acc_torch)
+    yn = _nhwc(y)
+    with _device_guard(y):
+        for final, (row, L, n_lines, excl) in zip((False, True), _passes(y)):
+            BT, BL = _tiles(L, y.dtype)
+            _line_aggregate[_grid(N, n_lines, L, BT)](
+                m, yn, part, out, L, n_lines, C, 0 if row else W,
+                *_line_strides(m, row), *_line_strides(yn, row), *_line_strides(part, row),
+                *_line_strides(out, row), FINAL=final, EXCLUDE_SELF=excl, TRANSPOSED=transposed,
+                BI=BT, BL=BL, BC=_chunk(C), STAGES=STAGES, ACC=acc_tl, PREC=_prec(y.dtype),
+                num_warps=NUM_WARPS)
     return out
 
 
