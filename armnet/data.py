@@ -40,11 +40,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .imaging import IMAGENET_MEAN, IMAGENET_STD, load_image  # noqa: F401 - re-exported
 from .synth import render_sample
 
 IGNORE = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -96,18 +95,6 @@ def polygon_gaussian_map(shape, polygons) -> np.ndarray:
 
 
 # ---- image I/O ----------------------------------------------------------------------------------
-
-def load_image(path: str, mode: str = "RGB") -> Image.Image:
-    """Opens an image fully (decoding now, so a truncated file fails here with its name)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise RuntimeError(f"cannot read image {path!r} (corrupt or not an image): {e}") from e
-
 
 def load_label(path: str) -> np.ndarray:
     """A label image as a 2-D array of its stored values.

@@ -21,14 +21,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from armnet_ops.info import environment
 
 from .checkpoint import load_model
-from .data import build_dataset, collate, load_image, normalize
+from .data import build_dataset, collate
+from .imaging import fit_max_side, load_image, normalize_array, write_prediction
 from .metrics import TextSegMetrics, format_table
 from .train import amp_dtype
 
@@ -111,18 +111,6 @@ def evaluate(args) -> dict:
     return report
 
 
-def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    """The image with text pixels tinted red and their outline drawn in yellow."""
-    rgb = np.asarray(image.convert("RGB"), np.float32)
-    m = mask.astype(bool)
-    out = rgb.copy()
-    out[m] = (1 - alpha) * rgb[m] + alpha * np.array([255, 0, 0], np.float32)
-    pil_mask = Image.fromarray(np.uint8(m) * 255)
-    edge = (np.asarray(pil_mask.filter(ImageFilter.MaxFilter(3))) > 0) & ~m
-    out[edge] = (255, 230, 0)
-    return Image.fromarray(np.uint8(out))
-
-
 def predict(args) -> list[str]:
     device = _device(args.device)
     scales = check_scales(args.scales)
@@ -133,20 +121,8 @@ def predict(args) -> list[str]:
     written = []
     for path in args.images:
         img = load_image(path)
-        if args.max_side and max(img.size) > args.max_side:
-            s = args.max_side / max(img.size)
-            work = img.resize((max(round(img.width * s), 1), max(round(img.height * s), 1)),
-                              Image.BILINEAR)
-        else:
-            work = img
-        x = normalize(torch.from_numpy(np.asarray(work, np.uint8).copy()).permute(2, 0, 1).float())
+        x = torch.from_numpy(normalize_array(fit_max_side(img, args.max_side)))
         probs = predict_probs(model, x[None].to(device), dtype, scales, (img.height, img.width))
         mask = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        mpath = os.path.join(args.out, f"{stem}_mask.png")
-        opath = os.path.join(args.out, f"{stem}_overlay.png")
-        Image.fromarray(mask * 255).save(mpath)
-        overlay(img, mask).save(opath)
-        written += [mpath, opath]
-        print(f"{path}: {100 * mask.mean():.1f}% text -> {mpath}, {opath}")
+        written += write_prediction(path, img, mask, args.out)
     return written

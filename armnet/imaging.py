@@ -1,0 +1,86 @@
+"""The torch-free half of `predict`: reading images, the input normalisation, bilinear resizing as
+PyTorch does it, and writing the mask and the overlay. numpy and Pillow only, so that the ONNX
+Runtime path (armnet/onnx_infer.py) runs without torch and gives what `predict` gives.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageFilter, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_image(path: str, mode: str = "RGB") -> Image.Image:
+    """Opens an image fully (decoding now, so a truncated file fails here with its name)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise RuntimeError(f"cannot read image {path!r} (corrupt or not an image): {e}") from e
+
+
+def fit_max_side(img: Image.Image, max_side: int) -> Image.Image:
+    """`predict --max-side`: the image downscaled (bilinear) so its longer side is max_side."""
+    if not max_side or max(img.size) <= max_side:
+        return img
+    s = max_side / max(img.size)
+    return img.resize((max(round(img.width * s), 1), max(round(img.height * s), 1)), Image.BILINEAR)
+
+
+def normalize_array(img: Image.Image) -> np.ndarray:
+    """RGB image -> float32 (3, H, W), ImageNet-normalised (the model's input)."""
+    x = np.asarray(img.convert("RGB"), np.float32).transpose(2, 0, 1) / 255.0
+    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def _linear_taps(n_in: int, n_out: int):
+    """Source indices and weights of F.interpolate(mode="bilinear", align_corners=False) along
+    one axis: src = (o + 0.5)·n_in/n_out - 0.5, clamped at 0."""
+    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(..., H, W) -> (..., *size), as F.interpolate(x, size, mode="bilinear",
+    align_corners=False) computes it."""
+    H, W = x.shape[-2:]
+    if (H, W) == tuple(size):
+        return x
+    r0, r1, wr = _linear_taps(H, size[0])
+    c0, c1, wc = _linear_taps(W, size[1])
+    rows = x[..., r0, :] * (1 - wr)[:, None] + x[..., r1, :] * wr[:, None]
+    return (rows[..., c0] * (1 - wc) + rows[..., c1] * wc).astype(x.dtype)
+
+
+def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.55) -> Image.Image:
+    """The image with text pixels tinted red and their outline drawn in yellow."""
+    rgb = np.asarray(image.convert("RGB"), np.float32)
+    m = mask.astype(bool)
+    out = rgb.copy()
+    out[m] = (1 - alpha) * rgb[m] + alpha * np.array([255, 0, 0], np.float32)
+    pil_mask = Image.fromarray(np.uint8(m) * 255)
+    edge = (np.asarray(pil_mask.filter(ImageFilter.MaxFilter(3))) > 0) & ~m
+    out[edge] = (255, 230, 0)
+    return Image.fromarray(np.uint8(out))
+
+
+def write_prediction(path: str, img: Image.Image, mask: np.ndarray, out_dir: str) -> list[str]:
+    """Writes <out_dir>/<stem>_mask.png (0 / 255) and <stem>_overlay.png; prints and returns
+    their paths."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    mpath = os.path.join(out_dir, f"{stem}_mask.png")
+    opath = os.path.join(out_dir, f"{stem}_overlay.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(mpath)
+    overlay(img, mask).save(opath)
+    print(f"{path}: {100 * mask.mean():.1f}% text -> {mpath}, {opath}")
+    return [mpath, opath]
