@@ -53,6 +53,24 @@ def test_export_onnx_checks_and_reports(onnx_model, capsys):
     assert all(d.dim_param for i, d in enumerate(dims) if i != 1), "batch, H, W must be symbolic"
 
 
+def test_onnx_logits_match_eager(onnx_model, checkpoint):
+    """The exported armnet_tiny (dynamic shapes, traced at 40x48) against eager in fp32 at three
+    sizes, one not a multiple of 8 and one smaller than the trace: logits within 1e-4."""
+    import onnxruntime as ort
+    from armnet.checkpoint import load_model
+    from armnet.export import LogitsOnly
+    model = LogitsOnly(load_model(str(checkpoint))[0].eval())
+    sess = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3, 64, 64), (2, 3, 48, 80), (1, 3, 37, 21)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        (got,) = sess.run(None, {"image": x.numpy()})
+        assert got.shape == ref.shape
+        err = np.abs(got - ref).max()
+        assert err <= 1e-4, f"logits at {shape}: max |onnx - eager| = {err:.3e}"
+
+
 def test_predict_onnx_without_torch_matches_predict(onnx_model, checkpoint, tmp_path):
     """`python -m armnet predict --onnx` in a process where torch cannot be imported writes the
     masks that `predict --checkpoint` writes (not a multiple of 8, and two scales)."""
@@ -79,12 +97,13 @@ def test_predict_onnx_without_torch_matches_predict(onnx_model, checkpoint, tmp_
 def test_export_errors(checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
+    (tmp_path / "folder.onnx").mkdir()
     assert main(["export", "--checkpoint", str(bad), "--format", "onnx", "--out",
                  str(tmp_path / "m.onnx")]) == 2
     assert "cannot read" in capsys.readouterr().err
     for out, what in [(tmp_path / "no" / "such" / "m.onnx", "does not exist"),
                       (tmp_path / "m.pt2", "must end with '.onnx'"),
-                      (tmp_path, "is a folder")]:
+                      (tmp_path / "folder.onnx", "is a folder")]:
         assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx",
                      "--out", str(out)]) == 2
         assert what in capsys.readouterr().err
