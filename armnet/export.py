@@ -10,6 +10,11 @@ output) as
   calls the armnet_ops kernels through the dispatcher, so `import armnet_ops` before
   `torch._inductor.aoti_load_package(F)`.
 
+--fp16 on a machine without CUDA traces the ops' reference backend (the C++ CPU kernels are
+fp32/fp64 only), so that graph holds the reference's ATen ops, whose criss-cross mask is -inf,
+rather than our translations; ONNX Runtime runs it correctly, but export fp16 on a GPU machine for
+TensorRT.
+
 Then it reloads what it wrote and checks it against eager PyTorch on a random input and on a
 synthetic text image (armnet.synth), at the export size and, with --dynamic, at another batch
 size and a size that is not a multiple of 8. Success is reported only when every check is within
