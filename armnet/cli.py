@@ -1,4 +1,5 @@
-"""Command line: `python -m armnet {train,eval,predict,export,synth}`; see `--help` of each.
+"""Command line: `python -m armnet {train,eval,predict,export,check-data,synth}`; see `--help`
+of each.
 
 `predict --onnx MODEL` runs on ONNX Runtime without torch (armnet/onnx_infer.py): main()
 hands it over before anything imports torch.
@@ -12,9 +13,18 @@ import argparse
 import sys
 
 
+# Synthetic eval's default seed: not training's default (0), so that eval is held out by default.
+EVAL_SYNTH_SEED = 12345
+
+
 def _scales(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="test scales: average the softmax over the image resized by each")
+    p.add_argument("--protocol", default="scales", choices=["scales", "texrnet"],
+                   help="texrnet: TexRNet's published test (8 sizes of area (int(512f)+1)^2, "
+                        "f = 0.75..2.5, sides 32k+1, probabilities averaged, no flip)")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="downscale images whose longer side exceeds this (0: never)")
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -86,6 +96,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out-json", default=None, help="write the metrics here")
     e.add_argument("--batch-size", type=int, default=1, help="synthetic only (same-size images)")
     e.add_argument("--max-images", type=int, default=0)
+    e.set_defaults(synth_seed=EVAL_SYNTH_SEED)
     _scales(e)
 
     p = sub.add_parser("predict", help="write <stem>_mask.png and <stem>_overlay.png per image")
@@ -98,8 +109,6 @@ def parser() -> argparse.ArgumentParser:
                                  "(options: IMAGE, --out, --max-side, --scales, --threads)")
     p.add_argument("--model", default=None, choices=sorted(MODELS))
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--max-side", type=int, default=0,
-                   help="downscale images whose longer side exceeds this (0: never)")
     _scales(p)
 
     x = sub.add_parser("export", help="export a checkpoint to ONNX or an AOTInductor package, "
@@ -113,6 +122,14 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
                    help="the example input's size (the only size without --dynamic)")
     x.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: the exporter's)")
+
+    c = sub.add_parser("check-data",
+                       help="validate a dataset tree: counts per split, every problem found")
+    c.add_argument("--dataset", required=True, choices=["textseg", "totaltext", "icdar13"])
+    c.add_argument("--data-root", required=True, help="dataset folder")
+    c.add_argument("--quick", action="store_true",
+                   help="only the file headers (what a dataset checks when it is built), "
+                        "not a full read of every sample")
 
     s = sub.add_parser("synth", help="write a synthetic set to disk in the TextSeg layout")
     s.add_argument("--out", required=True)
@@ -144,6 +161,9 @@ def main(argv=None) -> int:
         elif args.command == "export":
             from .export import export
             export(args)
+        elif args.command == "check-data":
+            from .data import check_data
+            return 0 if check_data(args.dataset, args.data_root, deep=not args.quick) else 1
         elif args.command == "synth":
             from .data import write_synthetic
             write_synthetic(args.out, args.n, args.seed, tuple(args.size), args.split)

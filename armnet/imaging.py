@@ -4,6 +4,7 @@ Runtime path (armnet/onnx_infer.py) runs without torch and gives what `predict` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -13,24 +14,46 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_image(path: str, mode: str = "RGB") -> Image.Image:
-    """Opens an image fully (decoding now, so a truncated file fails here with its name)."""
+@contextlib.contextmanager
+def _opened(path: str, what: str):
+    """Image.open with errors that name the file: FileNotFoundError, or RuntimeError when it is
+    corrupt or not an image (decoding inside the `with` is covered too)."""
     try:
         with Image.open(path) as im:
-            im.load()
-            return im.convert(mode)
+            yield im
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
+        raise FileNotFoundError(f"{what} file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise RuntimeError(f"cannot read image {path!r} (corrupt or not an image): {e}") from e
+        raise RuntimeError(f"cannot read {what} {path!r} (corrupt or not an image): {e}") from e
 
 
-def fit_max_side(img: Image.Image, max_side: int) -> Image.Image:
-    """`predict --max-side`: the image downscaled (bilinear) so its longer side is max_side."""
-    if not max_side or max(img.size) <= max_side:
-        return img
-    s = max_side / max(img.size)
-    return img.resize((max(round(img.width * s), 1), max(round(img.height * s), 1)), Image.BILINEAR)
+def image_size(path: str, what: str = "image") -> tuple[int, int]:
+    """(height, width) from the file's header, without decoding it."""
+    with _opened(path, what) as im:
+        return im.height, im.width
+
+
+def load_image(path: str, mode: str = "RGB", what: str = "image") -> Image.Image:
+    """Opens an image fully (decoding now, so a truncated file fails here with its name)."""
+    with _opened(path, what) as im:
+        im.load()
+        return im.convert(mode)
+
+
+def limit_side(x: np.ndarray, max_side: int) -> np.ndarray:
+    """`predict --max-side` in numpy: x (..., C, H, W) float32 downscaled so its longer side is at
+    most max_side, bilinear with antialiasing (Pillow's float resize, which PyTorch's
+    antialiased bilinear interpolation, used by predict, was built to match)."""
+    if max_side < 0:
+        raise ValueError(f"max_side must be >= 0 (0: no limit), got {max_side}")
+    h, w = x.shape[-2:]
+    if not max_side or max(h, w) <= max_side:
+        return x
+    s = max_side / max(h, w)
+    size = (max(round(w * s), 1), max(round(h * s), 1))
+    flat = x.reshape(-1, h, w)
+    out = [np.asarray(Image.fromarray(c, mode="F").resize(size, Image.BILINEAR)) for c in flat]
+    return np.stack(out).reshape(*x.shape[:-2], size[1], size[0]).astype(np.float32)
 
 
 def normalize_array(img: Image.Image) -> np.ndarray:
@@ -74,13 +97,15 @@ def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.55) -> Image.
     return Image.fromarray(np.uint8(out))
 
 
-def write_prediction(path: str, img: Image.Image, mask: np.ndarray, out_dir: str) -> list[str]:
-    """Writes <out_dir>/<stem>_mask.png (0 / 255) and <stem>_overlay.png; prints and returns
-    their paths."""
+def write_prediction(path: str, img: Image.Image, mask: np.ndarray, out_dir: str,
+                     quiet: bool = False) -> list[str]:
+    """Writes <out_dir>/<stem>_mask.png (0 / 255) and <stem>_overlay.png; prints (unless quiet)
+    and returns their paths."""
     stem = os.path.splitext(os.path.basename(path))[0]
     mpath = os.path.join(out_dir, f"{stem}_mask.png")
     opath = os.path.join(out_dir, f"{stem}_overlay.png")
     Image.fromarray(mask.astype(np.uint8) * 255).save(mpath)
     overlay(img, mask).save(opath)
-    print(f"{path}: {100 * mask.mean():.1f}% text -> {mpath}, {opath}")
+    if not quiet:
+        print(f"{path}: {100 * mask.mean():.1f}% text -> {mpath}, {opath}")
     return [mpath, opath]

@@ -2,11 +2,12 @@
 with numpy, Pillow and onnxruntime only (no torch is imported on this path).
 
 The pre- and post-processing are predict's (armnet/imaging.py holds the shared parts): the image
-downscaled to --max-side, ImageNet-normalised; for each test scale the input resized bilinearly,
+ImageNet-normalised, downscaled to --max-side; for each test scale the input resized bilinearly,
 the logits resized back to the image's size, softmax, averaged; argmax; the mask and the overlay
 written. The model is what `python -m armnet export --format onnx` writes: input "image"
 (N, 3, H, W) float32 (or float16 with --fp16), output "logits" (N, 2, H, W). A model exported
-without --dynamic runs only at its export size, which is checked.
+without --dynamic runs only at its export size, which is checked. predict's `--protocol texrnet`
+is not offered here.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 
 import numpy as np
 
-from .imaging import fit_max_side, load_image, normalize_array, resize_bilinear, write_prediction
+from .imaging import limit_side, load_image, normalize_array, resize_bilinear, write_prediction
 
 _ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -83,7 +84,7 @@ def predict_onnx(model: str, images, out: str, max_side: int = 0, scales=(1.0,),
     written = []
     for path in images:
         img = load_image(path)
-        x = normalize_array(fit_max_side(img, max_side))[None]
+        x = limit_side(normalize_array(img)[None], max_side)
         mask = seg.probs(x, scales, (img.height, img.width)).argmax(1)[0].astype(np.uint8)
         written += write_prediction(path, img, mask, out)
     return written

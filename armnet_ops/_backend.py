@@ -2,8 +2,8 @@
 
 Every public op takes `backend=` with one of BACKENDS or "auto". The rules (SPEC §2):
 
-* "auto" on CUDA tensors: the first GPU backend in the op's `gpu_order` that is built and supports
-  the dtype, else the reference.
+* "auto" on CUDA tensors: the first GPU backend in the op's `gpu_order` (or its per-dtype
+  `gpu_order_by_dtype`) that is built and supports the dtype, else the reference.
 * "auto" on CPU tensors: the C++ CPU kernel when it is built and supports the dtype, else the
   reference.
 * A backend asked for by name that cannot run raises a RuntimeError that says why and how to
@@ -82,6 +82,9 @@ class OpSpec:
         "reference": FLOATS, "cpu": (torch.float32, torch.float64), "cuda": FLOATS,
         "triton": FLOATS})
     gpu_order: tuple = ("cuda", "triton")
+    # dtype -> the GPU order for that dtype where it differs from gpu_order; an empty tuple makes
+    # "auto" take the reference (the library's own conv, e.g. cuDNN) on a GPU.
+    gpu_order_by_dtype: dict = field(default_factory=dict)
 
     def __post_init__(self):
         SPECS[self.name] = self
@@ -135,7 +138,8 @@ def resolve(spec: OpSpec, backend: str, device: torch.device, dtype: torch.dtype
         raise ValueError(f"{spec.name}: backend must be one of {BACKENDS + ('auto',)}, "
                          f"got {backend!r}")
     if backend == "auto":
-        order = spec.gpu_order if device.type == "cuda" else ("cpu",)
+        order = (spec.gpu_order_by_dtype.get(dtype, spec.gpu_order) if device.type == "cuda"
+                 else ("cpu",))
         for candidate in order:
             if dtype in spec.dtypes[candidate] and availability(spec, candidate, device)[0]:
                 return candidate

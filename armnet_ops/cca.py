@@ -31,8 +31,11 @@ SPEC = OpSpec("criss_cross_attention", "cca_forward", "armnet_ops.triton.cca",
 # one-element gamma. Its backends are those with a cca_residual_forward kernel.
 RESIDUAL_SPEC = OpSpec("criss_cross_attention_residual", "cca_residual_forward",
                        "armnet_ops.triton.cca", gpu_order=("triton", "cuda"))
-WEIGHT_SPEC = OpSpec("cca_weight", "cca_weight", "armnet_ops.triton.cca")
-MAP_SPEC = OpSpec("cca_map", "cca_map", "armnet_ops.triton.cca")
+# The two-op API (the energy is materialised by design): Triton first on a GPU, as for the fused
+# op, until benchmarks/ops.py has measured both on a GPU.
+WEIGHT_SPEC = OpSpec("cca_weight", "cca_weight", "armnet_ops.triton.cca",
+                     gpu_order=("triton", "cuda"))
+MAP_SPEC = OpSpec("cca_map", "cca_map", "armnet_ops.triton.cca", gpu_order=("triton", "cuda"))
 
 
 def _check_qk(op, q, k):
@@ -250,8 +253,10 @@ class CrissCrossAttention(nn.Module):
     """CCNet's criss-cross attention block: gamma · CCA(q, k, v) + x with 1×1 projections
     q, k: C -> C/8 and v: C -> C, and gamma initialised to 0.
 
-    The parameter names are mmcv's (query_conv, key_conv, value_conv, gamma), so mmcv
-    checkpoints load. A recurrence (CCNet's R = 2) is the caller's: apply the module R times.
+    Checkpoints of both layouts load strictly: mmcv's (query_conv, key_conv, value_conv and
+    the gate as an mmcv `Scale` module, key "gamma.scale", a 0-dim tensor, in every mmcv release
+    since the op was added) and CCNet's ("gamma" of shape (1,), which is also what this module
+    saves). A recurrence (CCNet's R = 2) is the caller's: apply the module R times.
 
     The epilogue `gamma · out + x` runs inside the attention kernels on every kernel backend
     (cca_residual_forward: one pass writes the output, the backward gives d(gamma) and d(x)); the
@@ -269,6 +274,18 @@ class CrissCrossAttention(nn.Module):
         self.value_conv = nn.Conv2d(in_channels, in_channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
         self.backend = backend
+        self._register_load_state_dict_pre_hook(self._gate_from_mmcv)
+
+    @staticmethod
+    def _gate_from_mmcv(state_dict, prefix, *_):
+        """mmcv's "gamma.scale" (0-dim) becomes our "gamma" (1,), before the strict key check."""
+        key = prefix + "gamma.scale"
+        if key in state_dict:
+            scale = state_dict.pop(key)
+            if scale.numel() != 1:
+                raise RuntimeError(f"CrissCrossAttention: checkpoint entry {key!r} must hold one "
+                                   f"element (mmcv's Scale), got shape {tuple(scale.shape)}")
+            state_dict[prefix + "gamma"] = scale.reshape(1)
 
     def forward(self, x):
         return criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x),

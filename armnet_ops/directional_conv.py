@@ -22,7 +22,7 @@ permutations) are copied once into their suggested format.
 
 Backends per op: reference (F.conv2d + epilogue), cpu (ATen's convolution + epilogue; fp32,
 fp64), cuda (hand-written forward, tensor cores for fp16/bf16; the backward is ATen's
-convolutions on cuDNN with `deterministic` requested), triton (forward, input and weight
+convolutions on cuDNN, see csrc/cpu/directional_conv.cpp), triton (forward, input and weight
 gradients as implicit GEMMs; the weight gradient reduces per-slice partial sums in a fixed order).
 """
 from __future__ import annotations
@@ -38,10 +38,18 @@ from ._checks import (check_int, check_odd, check_pair, check_same_device_dtype,
 
 # "auto" on a GPU prefers Triton: its kernels are autotuned and software-pipelined and cover
 # the backward too, while the CUDA forward has no asynchronous copies and trains through ATen.
+# fp32 is the exception: "auto" takes the reference, i.e. cuDNN (with TF32 when
+# torch.backends.cudnn.allow_tf32 is set, as it is by default). The hand-written SIMT kernel has
+# no tensor cores and cannot beat it, and no hand-written kernel has been measured faster on a GPU
+# (nothing has run on one yet); change this only with benchmarks/ops.py numbers that show one is.
+# armnet_ops._backend.select(name, "auto", "cuda", dtype) tells what "auto" takes.
+_GPU_ORDER_BY_DTYPE = {torch.float32: ()}
 SPEC = OpSpec("directional_conv2d", "directional_conv2d_forward",
-              "armnet_ops.triton.directional_conv", gpu_order=("triton", "cuda"))
+              "armnet_ops.triton.directional_conv", gpu_order=("triton", "cuda"),
+              gpu_order_by_dtype=_GPU_ORDER_BY_DTYPE)
 PAIR_SPEC = OpSpec("directional_conv2d_pair", "directional_conv2d_pair_forward",
-                   "armnet_ops.triton.directional_conv", gpu_order=("triton", "cuda"))
+                   "armnet_ops.triton.directional_conv", gpu_order=("triton", "cuda"),
+                   gpu_order_by_dtype=_GPU_ORDER_BY_DTYPE)
 ACTIVATIONS = (None, "relu")
 
 

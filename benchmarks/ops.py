@@ -3,13 +3,20 @@
     python benchmarks/ops.py                  # all ops, full grid, on the GPU if there is one
     python benchmarks/ops.py --quick          # a small grid that runs on a CPU in a few minutes
     python benchmarks/ops.py --op cca --dtype bf16
+    python benchmarks/ops.py --smoke --json /tmp/ops.json   # tiny shapes, seconds (dry runs)
+    python benchmarks/ops.py --quick --plot speedups.png      # also a PNG (needs matplotlib)
 
 For each shape, dtype and backend: forward and forward+backward time (median; CUDA events via
 triton.testing.do_bench on a GPU, a wall clock on the CPU) and the peak memory one
 forward+backward adds on top of its inputs (the CUDA allocator's peak on a GPU; on a CPU the
 growth of the peak resident set of a fresh process, measured with the kernel's high-water mark).
-CARAFE rows also give the forward's achieved bandwidth, counting features + logits/masks +
-output once. Prints a table and writes benchmarks/results/ops_<device>[_quick].json.
+
+Criss-cross attention is also timed as `einsum`: our transcription of the formulation mmcv ships
+since 1.3.13 (the peer a user would otherwise run), and every criss-cross row records its ratio
+to the einsum row of the same run (`vs_einsum_*`, > 1 is faster). CARAFE rows give the forward's
+achieved bandwidth, counting features + logits/masks + output once. Directional-conv rows say
+which backend `auto` picks for that dtype and device. Prints a table and writes
+benchmarks/results/ops_<device>[_quick].json (or --json PATH).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import armnet_ops
+from armnet_ops import _backend
 from armnet_ops.info import SPECS
 from common import environment, print_table, time_ms, write_results
 
@@ -87,22 +95,51 @@ def conv_only(x, w, bias, dilation, **_):
                     dilation=dilation)
 
 
+def cca_einsum(q, k, v, scale: float = 1.0):
+    """Criss-cross attention as mmcv (>= 1.3.13) computes it: two einsums for the column and row
+    energies, -inf on the column's diagonal (the pixel itself, already a row key), one softmax
+    over the H + W keys, two einsums for the output. Same semantics as the op (SPEC §3.1)."""
+    H = q.shape[2]
+    self_key = torch.full((H, H), 0.0, dtype=q.dtype, device=q.device).fill_diagonal_(float("-inf"))
+    energy_col = torch.einsum("nchw,nciw->nhwi", q, k) * scale + self_key[:, None, :]
+    energy_row = torch.einsum("nchw,nchj->nhwj", q, k) * scale
+    attn = torch.softmax(torch.cat([energy_col, energy_row], dim=-1), dim=-1)
+    out = torch.einsum("nciw,nhwi->nchw", v, attn[..., :H])
+    return out + torch.einsum("nchj,nhwj->nchw", v, attn[..., H:])
+
+
 def run_backend(case: Case, backend: str, args, kwargs):
     if backend == "conv_only":
         return conv_only(*args, **kwargs)
+    if backend == "einsum":
+        return cca_einsum(*args, **kwargs)
     return getattr(armnet_ops, case.op)(*args, **kwargs, backend=backend)
 
 
-def cases(quick: bool, device: torch.device, only: set[str]) -> list[Case]:
+# (N, Cqk, Cv, H, W) of criss-cross attention (SPEC §5): ARM-Net R50 at 512², CCNet/mmcv's
+# benchmark, CCNet on a 1024x2048 Cityscapes image; the first is a toy shape kept from the
+# first grid.
+CCA_TOY = (1, 8, 64, 64, 64)
+CCA_USERS = [(1, 64, 512, 64, 64), (2, 64, 512, 97, 97)]
+CCA_GPU = [(2, 64, 512, 97, 97), (1, 64, 512, 64, 64), (1, 64, 512, 128, 256)]
+
+
+def cases(grid: str, device: torch.device, only: set[str]) -> list[Case]:
+    """grid: "quick" (a CPU in minutes), "full", or "smoke" (tiny shapes: dry runs)."""
+    smoke, quick = grid == "smoke", grid == "quick"
     out = []
     if "cca" in only:
-        shapes = ([dict(N=1, C=64, Cqk=8, H=64, W=64)] if quick else
-                  [dict(N=2, C=512, Cqk=64, H=97, W=97), dict(N=1, C=512, Cqk=64, H=64, W=64),
-                   dict(N=8, C=512, Cqk=64, H=128, W=128), dict(N=2, C=256, Cqk=32, H=256, W=256)])
-        out += [Case("criss_cross_attention", f"[{s['N']},{s['C']},{s['H']},{s['W']}] Cqk={s['Cqk']}", s)
-                for s in shapes]
+        if smoke:
+            shapes = [(1, 4, 8, 8, 12)]
+        elif device.type == "cuda":
+            shapes = CCA_GPU
+        else:
+            shapes = [CCA_TOY] + CCA_USERS
+        out += [Case("criss_cross_attention", f"[{N},{Cv},{H},{W}] Cqk={Cqk}",
+                     dict(N=N, C=Cv, Cqk=Cqk, H=H, W=W)) for N, Cqk, Cv, H, W in shapes]
     if "carafe" in only:
-        shapes = ([dict(N=1, C=64, H=64, W=64, k=5, G=1, s=2)] if quick else
+        shapes = ([dict(N=1, C=8, H=8, W=8, k=3, G=1, s=2)] if smoke else
+                  [dict(N=1, C=64, H=64, W=64, k=5, G=1, s=2)] if quick else
                   [dict(N=2, C=256, H=64, W=64, k=5, G=1, s=2),
                    dict(N=4, C=128, H=128, W=128, k=5, G=1, s=2),
                    dict(N=2, C=64, H=128, W=128, k=5, G=4, s=4)])
@@ -110,16 +147,18 @@ def cases(quick: bool, device: torch.device, only: set[str]) -> list[Case]:
             out += [Case(op, f"[{s['N']},{s['C']},{s['H']},{s['W']}] k={s['k']} G={s['G']} s={s['s']}", s)
                     for s in shapes]
     if "dconv" in only:
-        if quick:
-            grid = [dict(N=1, C=64, Co=64, H=64, W=64, kh=1, kw=3, dilation=(1, 2)),
-                    dict(N=1, C=64, Co=64, H=64, W=64, kh=3, kw=1, dilation=(6, 1))]
+        if smoke:
+            grid_ = [dict(N=1, C=8, Co=8, H=16, W=16, kh=1, kw=3, dilation=(1, 2))]
+        elif quick:
+            grid_ = [dict(N=1, C=64, Co=64, H=64, W=64, kh=1, kw=3, dilation=(1, 2)),
+                     dict(N=1, C=64, Co=64, H=64, W=64, kh=3, kw=1, dilation=(6, 1))]
         else:
-            grid = [dict(N=N, C=C, Co=C, H=H, W=H, kh=3, kw=3, dilation=dil, channels_last=cl)
-                    for N in (1, 8) for C in (512, 256) for H in (64, 128)
-                    for d in (1, 2, 3, 6) for dil in ((1, d), (d, 1)) for cl in (True, False)]
+            grid_ = [dict(N=N, C=C, Co=C, H=H, W=H, kh=3, kw=3, dilation=dil, channels_last=cl)
+                     for N in (1, 8) for C in (512, 256) for H in (64, 128)
+                     for d in (1, 2, 3, 6) for dil in ((1, d), (d, 1)) for cl in (True, False)]
         out += [Case("directional_conv2d",
                      f"[{s['N']},{s['C']},{s['H']},{s['W']}] {s['kh']}x{s['kw']} d={s['dilation']}"
-                     + (" cl" if s.get("channels_last") else ""), s) for s in grid]
+                     + (" cl" if s.get("channels_last") else ""), s) for s in grid_]
     return out
 
 
@@ -129,6 +168,8 @@ def backends_for(case: Case, device: torch.device, dtype) -> list[str]:
     names = [b for b in armnet_ops.available_backends(case.op, device) if dtype in SPECS[case.op].dtypes[b]]
     if case.op == "directional_conv2d":
         names.insert(1, "conv_only")
+    if case.op == "criss_cross_attention":
+        names.insert(1, "einsum")
     return names
 
 
@@ -178,12 +219,14 @@ def child_memory(spec_json: str) -> None:
     print((_status_kib("VmHWM") - before) / 1024)
 
 
-def measure(case: Case, backend: str, device: torch.device, dtype) -> dict:
+def measure(case: Case, backend: str, device: torch.device, dtype, smoke: bool = False) -> dict:
     args, kwargs = case.inputs(device, dtype)
     leaves = [a for a in args + tuple(kwargs.values()) if isinstance(a, torch.Tensor)]
     # CPU wall clocks are noisy (thread start-up, first-touch of fresh buffers): more runs and a
-    # floor of a second of them, median taken.
+    # floor of a second of them, median taken. A smoke run only checks that everything runs.
     reps, min_seconds = (10, 1.0) if device.type == "cpu" else (20, 0.0)
+    if smoke:
+        reps, min_seconds = 2, 0.0
 
     def forward():
         with torch.no_grad():
@@ -197,8 +240,9 @@ def measure(case: Case, backend: str, device: torch.device, dtype) -> dict:
             t.grad = None
         run_backend(case, backend, args, kwargs).backward(grad)
 
-    fwd = time_ms(forward, device, warmup=3, reps=reps, min_seconds=min_seconds)
-    fwd_bwd = time_ms(forward_backward, device, warmup=3, reps=reps, min_seconds=min_seconds)
+    warmup = 1 if smoke else 3
+    fwd = time_ms(forward, device, warmup=warmup, reps=reps, min_seconds=min_seconds)
+    fwd_bwd = time_ms(forward_backward, device, warmup=warmup, reps=reps, min_seconds=min_seconds)
     row = dict(op=case.op, shape=case.label, dtype=str(dtype).replace("torch.", ""), backend=backend,
                fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwd_bwd, 4),
                peak_extra_mib=None)
@@ -207,7 +251,59 @@ def measure(case: Case, backend: str, device: torch.device, dtype) -> dict:
     nbytes = case.bytes_moved(dtype)
     if nbytes is not None:
         row["fwd_gb_per_s"] = round(nbytes / (fwd * 1e-3) / 1e9, 2)
+    if case.op == "directional_conv2d":
+        row["auto_picks"] = _backend.select(case.op, "auto", device.type, dtype)
     return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-ups of each row against the reference row and, for criss-cross attention, against
+    the einsum row of the same shape and dtype (both measured in this run)."""
+    for peer, suffix in (("reference", "speedup"), ("einsum", "vs_einsum")):
+        base = {(r["op"], r["shape"], r["dtype"]): r for r in rows if r["backend"] == peer}
+        for r in rows:
+            b = base.get((r["op"], r["shape"], r["dtype"]))
+            if b is not None:
+                r[f"fwd_{suffix}"] = round(b["fwd_ms"] / r["fwd_ms"], 2)
+                r[f"fwd_bwd_{suffix}"] = round(b["fwd_bwd_ms"] / r["fwd_bwd_ms"], 2)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """One panel per op: forward and forward+backward speed-up of each backend per shape and
+    dtype, against the einsum for criss-cross attention and the reference otherwise."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib (pip install matplotlib): {e}")
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    fig, axes = plt.subplots(len(ops), 1, figsize=(10, 3.2 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        suffix = "vs_einsum" if op == "criss_cross_attention" else "speedup"
+        peer = "einsum" if op == "criss_cross_attention" else "reference"
+        mine = [r for r in rows if r["op"] == op and f"fwd_{suffix}" in r and r["backend"] != peer]
+        groups = list(dict.fromkeys(f"{r['shape']}\n{r['dtype']}" for r in mine))
+        backends = list(dict.fromkeys(r["backend"] for r in mine))
+        width = 0.8 / max(1, 2 * len(backends))
+        for i, b in enumerate(backends):
+            for j, (key, hatch) in enumerate(((f"fwd_{suffix}", ""), (f"fwd_bwd_{suffix}", "//"))):
+                xs, ys = [], []
+                for r in mine:
+                    if r["backend"] == b:
+                        xs.append(groups.index(f"{r['shape']}\n{r['dtype']}") + (2 * i + j) * width)
+                        ys.append(r[key])
+                ax.bar(xs, ys, width, hatch=hatch, color=f"C{i}",
+                       label=f"{b} {'fwd' if j == 0 else 'fwd+bwd'}")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=7)
+        ax.set_ylabel(f"speed-up vs {peer}")
+        ax.set_title(op)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> None:
@@ -216,8 +312,13 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), action="append",
                    help="repeatable; default fp32 on CPU, fp32/fp16/bf16 on GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="a small grid for CPUs")
+    grid = p.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_true", help="a small grid for CPUs")
+    grid.add_argument("--smoke", action="store_true",
+                      help="tiny shapes and few repetitions: checks that every row runs (dry runs)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", default=None, help="output file (default: benchmarks/results/...)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also write a PNG of the speed-ups")
     p.add_argument("--child-memory", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child_memory:
@@ -229,34 +330,41 @@ def main(argv=None) -> None:
     dtypes = [DTYPES[d] for d in a.dtype] if a.dtype else (
         [torch.float32] if device.type == "cpu" else [torch.float32, torch.float16, torch.bfloat16])
     only = {"cca", "carafe", "dconv"} if a.op == "all" else {a.op}
+    grid = "smoke" if a.smoke else "quick" if a.quick else "full"
     rows = []
     print("  ".join(COLUMNS))
-    for case in cases(a.quick, device, only):
+    for case in cases(grid, device, only):
         for dtype in dtypes:
-            base = None
             for backend in backends_for(case, device, dtype):
-                row = measure(case, backend, device, dtype)
-                if backend == "reference":
-                    base = row
-                if base is not None:
-                    row["fwd_speedup"] = round(base["fwd_ms"] / row["fwd_ms"], 2)
-                    row["fwd_bwd_speedup"] = round(base["fwd_bwd_ms"] / row["fwd_bwd_ms"], 2)
-                rows.append(row)
-                print("  ".join(str(row.get(c, "")) for c in COLUMNS), flush=True)
+                rows.append(measure(case, backend, device, dtype, smoke=a.smoke))
+                add_ratios(rows)
+                print("  ".join(str(rows[-1].get(c, "")) for c in COLUMNS), flush=True)
     env = environment(device)
-    name = f"ops_{device.type}" + ("" if device.type == "cpu" else "_" + env["device"].replace(" ", "-"))
-    name += "_quick" if a.quick else ""
-    if a.op != "all":
-        name += f"_{a.op}"
-    path = write_results(name, dict(environment=env, argv=sys.argv[1:], rows=rows))
+    payload = dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv), rows=rows)
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(payload, f, indent=1)
+            f.write("\n")
+        path = a.json
+    else:
+        name = f"ops_{device.type}" + ("" if device.type == "cpu" else "_" + env["device"].replace(" ", "-"))
+        name += {"quick": "_quick", "smoke": "_smoke", "full": ""}[grid]
+        if a.op != "all":
+            name += f"_{a.op}"
+        path = write_results(name, payload)
     print()
     print_table(rows, COLUMNS)
     print(f"\nwrote {os.path.relpath(path)}")
+    if a.plot:
+        plot(rows, a.plot)
 
 
-# Speedups are against the reference; for the convolution that is conv + epilogue, unfused.
+# Speed-ups are against the reference (for the convolution: conv + epilogue, unfused) and, for
+# criss-cross attention, against the einsum formulation.
 COLUMNS = ["op", "shape", "dtype", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_speedup",
-           "fwd_bwd_speedup", "peak_extra_mib", "fwd_gb_per_s"]
+           "fwd_bwd_speedup", "fwd_vs_einsum", "fwd_bwd_vs_einsum", "peak_extra_mib",
+           "fwd_gb_per_s", "auto_picks"]
 
 if __name__ == "__main__":
     main()

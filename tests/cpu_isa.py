@@ -8,8 +8,12 @@ import sys
 ISAS = ["base", "avx2"]
 
 
-def run_with_cpu_isa(script: str, isa: str) -> None:
-    env = dict(os.environ, ARMNET_OPS_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(sys.path))
+def run_with_cpu_isa(script: str, isa: str | None, **env_vars: str) -> None:
+    """Runs `script` (which prints "ok") in a subprocess with the ISA cap (None: no cap) and the
+    extra environment variables given."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env_vars)
+    if isa is not None:
+        env["ARMNET_OPS_CPU_ISA"] = isa
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]

@@ -13,7 +13,7 @@ from armnet_ops import reference
 from armnet_ops.carafe import CARAFE, CARAFEPack, carafe, carafe_fused
 from conftest import HAS_CUDA
 from cpu_isa import ISAS, run_with_cpu_isa
-from host_emulation import build_harness
+from host_emulation import HOST_HALF, build_harness
 from numerics import KERNEL_BACKENDS, assert_close, needs_cuda, needs_triton_cpu, opcheck
 
 OPS = {"carafe": (carafe, reference.carafe), "carafe_fused": (carafe_fused, reference.carafe_fused)}
@@ -440,19 +440,25 @@ def test_missing_backend_is_an_error():
 
 
 # ---- the CUDA kernels, emulated on the host ------------------------------------------------------
-# csrc/cuda/carafe_kernels.cuh holds the device code alone, so it compiles as C++ with a few shims:
-# one std::thread per CUDA thread, a std::barrier for __syncthreads, blocks run one at a time (one
-# static array is the block's shared memory). This checks the kernels' indexing, tiling, channel
-# splits, tails and generic-s path without a GPU; it cannot check fp16/bf16, vector alignment or
-# launch limits (the needs_cuda tests do).
+# csrc/cuda/carafe_kernels.cuh holds the device code and the glue's launch decisions, so it compiles
+# as C++ with a few shims: one std::thread per CUDA thread, a std::barrier for __syncthreads,
+# blocks run one at a time (one static array is the block's shared memory), and the host __half /
+# __nv_bfloat16 of tests/host_emulation.py (rounding to nearest even, as on the device). The
+# kernels run with the production configuration of csrc/cuda/carafe.cu (forward_cb, mask_tb,
+# kFeatureCB, kWarps and the grid), in fp32, fp64, fp16 and bf16 (fp32 accumulation, as
+# at::opmath_type), with the channel splits given or chosen by the glue's channel_splits heuristic
+# for a given SM count, and with the glue's grad_out copy decision (grad_out_needs_copy), checked
+# against the vector alignment the kernels need. This checks indexing, tiling, channel splits,
+# tails, the generic-s path and fp16/bf16 rounding without a GPU; it cannot check misaligned
+# accesses faulting or the launches themselves (the needs_cuda tests do).
 
 EMULATION_HARNESS = r"""
-// Host emulation of the CARAFE CUDA kernels: one std::thread per CUDA thread, a std::barrier for
-// __syncthreads, blocks run one after another (so one static array is the block's shared memory).
 #include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -473,9 +479,13 @@ using std::min;
 namespace armnet_ops { namespace carafe_cuda {
 alignas(16) unsigned char smem_raw[1 << 22];
 } }
+""" + HOST_HALF + r"""
 #include "cuda/carafe_kernels.cuh"
 
 using namespace armnet_ops::carafe_cuda;
+
+template <typename T> struct Acc { using type = float; };  // at::opmath_type
+template <> struct Acc<double> { using type = double; };
 
 template <typename F>
 static void launch(int64_t blocks, F body) {
@@ -494,96 +504,167 @@ static void launch(int64_t blocks, F body) {
   }
 }
 
-static int64_t tiles(int N, int H, int W, int G) { return int64_t((W + kLanes - 1) / kLanes) * H * N * G; }
+// The channel splits of a launch: `given` when > 0, else the glue's heuristic for `sms` SMs.
+static int splits_of(int given, int64_t tiles, int C, int G, int cb, int sms) {
+  return given > 0 ? given : channel_splits(tiles, C / G, cb, sms);
+}
 
+// report: [0] forward splits, [1] feature-gradient splits, [2] 1 if grad_out was copied,
+// [3] 1 if the pointer handed to the kernels lacked the vector alignment they read it with.
 template <typename T, int S_CT, bool FUSED>
-static void forward(const T* f, const T* m, T* out, int N, int C, int H, int W, int G, int k, int s,
-                    int splits) {
+static void forward(const T* f, const T* m, T* out, int N, int C, int H, int W, int G, int k,
+                    int s, int given, int sms, int* report) {
+  using A = typename Acc<T>::type;
   constexpr int CB = forward_cb<S_CT>();
-  launch(tiles(N, H, W, G) * splits, [&] {
-    carafe_forward_kernel<T, T, S_CT, CB, FUSED>(f, m, out, C, H, W, G, k, s, splits);
+  const int64_t tiles = tile_count(N, H, W, G);
+  const int splits = splits_of(given, tiles, C, G, CB, sms);
+  report[0] = splits;
+  launch(tiles * splits, [&] {
+    carafe_forward_kernel<T, A, S_CT, CB, FUSED>(f, m, out, C, H, W, G, k, s, splits);
   });
 }
 
 template <typename T, int S_CT, bool FUSED>
-static void backward(const T* go, const T* f, const T* m, T* gf, T* gm, T* lse, int N, int C,
-                     int H, int W, int G, int k, int s, int splits) {
+static void backward(const T* go, const T* f, const T* m, T* gf, T* gm,
+                     typename Acc<T>::type* lse, int N, int C, int H, int W, int G, int k, int s,
+                     int given, int sms, int* report) {
+  using A = typename Acc<T>::type;
+  // backward_cuda's copy of a misaligned grad_out (a fresh buffer is 16-byte aligned)
+  T* copy = nullptr;
+  if (grad_out_needs_copy(go)) {
+    const size_t bytes = (size_t(N) * C * s * H * s * W * sizeof(T) + 15) / 16 * 16;
+    copy = static_cast<T*>(std::aligned_alloc(16, std::max<size_t>(bytes, 16)));
+    std::memcpy(copy, go, size_t(N) * C * s * H * s * W * sizeof(T));
+    go = copy;
+    report[2] = 1;
+  }
+  if constexpr (ChildRow<S_CT, T>::kVector)
+    report[3] = reinterpret_cast<uintptr_t>(go) % alignof(Vec<T, S_CT>) != 0;
   constexpr int TB = mask_tb<S_CT>();
-  launch(tiles(N, H, W, G), [&] {
-    carafe_mask_grad_kernel<T, T, S_CT, TB, FUSED>(go, f, m, gm, lse, C, H, W, G, k, s);
+  const int64_t tiles = tile_count(N, H, W, G);
+  launch(tiles, [&] {
+    carafe_mask_grad_kernel<T, A, S_CT, TB, FUSED>(go, f, m, gm, lse, C, H, W, G, k, s);
   });
-  launch(tiles(N, H, W, G) * splits, [&] {
-    carafe_feature_grad_kernel<T, T, S_CT, kFeatureCB, FUSED>(go, m, lse, gf, C, H, W, G, k, s,
+  const int splits = splits_of(given, tiles, C, G, kFeatureCB, sms);
+  report[1] = splits;
+  launch(tiles * splits, [&] {
+    carafe_feature_grad_kernel<T, A, S_CT, kFeatureCB, FUSED>(go, m, lse, gf, C, H, W, G, k, s,
                                                               splits);
   });
-}
-
-template <typename T, bool FUSED, typename Fn>
-static void by_scale(int s, Fn fn) {
-  switch (s) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    default: fn(std::integral_constant<int, 0>{}); break;
-  }
+  std::free(copy);
 }
 
 template <typename T>
-static void run(int fused, int do_backward, const T* go, const T* f, const T* m, T* out, T* gf,
-                T* gm, T* lse, int N, int C, int H, int W, int G, int k, int s, int splits) {
+static void run(int fused, int do_backward, const void* go_, const void* f_, const void* m_,
+                void* out_, void* gf_, void* gm_, void* lse_, int N, int C, int H, int W, int G,
+                int k, int s, int given, int sms, int* report) {
+  using A = typename Acc<T>::type;
+  const T* go = static_cast<const T*>(go_);
+  const T* f = static_cast<const T*>(f_);
+  const T* m = static_cast<const T*>(m_);
+  T* out = static_cast<T*>(out_);
+  T* gf = static_cast<T*>(gf_);
+  T* gm = static_cast<T*>(gm_);
+  A* lse = static_cast<A*>(lse_);
+#define SIZES N, C, H, W, G, k, s, given, sms, report
   auto body = [&](auto s_ct) {
     constexpr int S = decltype(s_ct)::value;
     if (fused) {
-      if (do_backward) backward<T, S, true>(go, f, m, gf, gm, lse, N, C, H, W, G, k, s, splits);
-      else forward<T, S, true>(f, m, out, N, C, H, W, G, k, s, splits);
+      if (do_backward) backward<T, S, true>(go, f, m, gf, gm, lse, SIZES);
+      else forward<T, S, true>(f, m, out, SIZES);
     } else {
-      if (do_backward) backward<T, S, false>(go, f, m, gf, gm, lse, N, C, H, W, G, k, s, splits);
-      else forward<T, S, false>(f, m, out, N, C, H, W, G, k, s, splits);
+      if (do_backward) backward<T, S, false>(go, f, m, gf, gm, lse, SIZES);
+      else forward<T, S, false>(f, m, out, SIZES);
     }
   };
-  by_scale<T, false>(s, body);
+  switch (s) {  // dispatch_scale of carafe.cu
+    case 1: body(std::integral_constant<int, 1>{}); break;
+    case 2: body(std::integral_constant<int, 2>{}); break;
+    case 3: body(std::integral_constant<int, 3>{}); break;
+    case 4: body(std::integral_constant<int, 4>{}); break;
+    default: body(std::integral_constant<int, 0>{}); break;
+  }
+#undef SIZES
 }
 
 extern "C" {
-void carafe_emulate_f32(int fused, int bwd, const float* go, const float* f, const float* m,
-                        float* out, float* gf, float* gm, float* lse, int N, int C, int H, int W,
-                        int G, int k, int s, int splits) {
-  run<float>(fused, bwd, go, f, m, out, gf, gm, lse, N, C, H, W, G, k, s, splits);
+// dtype: 0 fp32, 1 fp64, 2 fp16, 3 bf16.
+void carafe_emulate(int dtype, int fused, int bwd, const void* go, const void* f, const void* m,
+                    void* out, void* gf, void* gm, void* lse, int N, int C, int H, int W, int G,
+                    int k, int s, int splits, int sms, int* report) {
+#define ARGS fused, bwd, go, f, m, out, gf, gm, lse, N, C, H, W, G, k, s, splits, sms, report
+  switch (dtype) {
+    case 0: run<float>(ARGS); break;
+    case 1: run<double>(ARGS); break;
+    case 2: run<__half>(ARGS); break;
+    default: run<__nv_bfloat16>(ARGS); break;
+  }
+#undef ARGS
 }
-void carafe_emulate_f64(int fused, int bwd, const double* go, const double* f, const double* m,
-                        double* out, double* gf, double* gm, double* lse, int N, int C, int H,
-                        int W, int G, int k, int s, int splits) {
-  run<double>(fused, bwd, go, f, m, out, gf, gm, lse, N, C, H, W, G, k, s, splits);
+size_t carafe_staged_mask_bytes(int64_t k, int64_t s, size_t acc_bytes) {
+  return staged_mask_bytes(k, s, acc_bytes);
 }
+size_t carafe_smem_without_optin() { return kSmemWithoutOptin; }
 }
 """
 
+EMULATED_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 @pytest.fixture(scope="module")
 def cuda_emulation(tmp_path_factory):
-    return build_harness(tmp_path_factory.mktemp("carafe_emulation"), "carafe_emulation",
-                         EMULATION_HARNESS)
+    lib = build_harness(tmp_path_factory.mktemp("carafe_emulation"), "carafe_emulation",
+                        EMULATION_HARNESS)
+    lib.carafe_staged_mask_bytes.restype = ctypes.c_size_t
+    lib.carafe_smem_without_optin.restype = ctypes.c_size_t
+    return lib
 
 
-def _emulate(lib, fused, f, m, go, k, G, s, splits):
+def _emulate(lib, fused, f, m, go, k, G, s, splits, sms=0):
+    """Forward then backward through the emulated launches; returns (out, grad features,
+    grad masks, report) with report = (forward splits, feature-gradient splits, grad_out copied,
+    misaligned vector reads). splits = 0: the glue's heuristic for `sms` SMs."""
     N, C, H, W = f.shape
 
     def ptr(t):
         return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else 0)
 
-    fn = lib.carafe_emulate_f64 if f.dtype == torch.float64 else lib.carafe_emulate_f32
-    sizes = [ctypes.c_int(v) for v in (N, C, H, W, G, k, s, splits)]
+    sizes = [ctypes.c_int(v) for v in (N, C, H, W, G, k, s, splits, sms)]
+    report = (ctypes.c_int * 4)()
+    code = ctypes.c_int(EMULATED_DTYPES[f.dtype])
     # NaN-filled outputs: an element a kernel forgets to write shows up
     out = torch.full((N, C, s * H, s * W), float("nan"), dtype=f.dtype)
-    fn(ctypes.c_int(fused), ctypes.c_int(0), ptr(None), ptr(f), ptr(m), ptr(out), ptr(None),
-       ptr(None), ptr(None), *sizes)
+    lib.carafe_emulate(code, ctypes.c_int(fused), ctypes.c_int(0), ptr(None), ptr(f), ptr(m),
+                       ptr(out), ptr(None), ptr(None), ptr(None), *sizes, report)
     gf, gm = torch.full_like(f, float("nan")), torch.full_like(m, float("nan"))
-    lse = torch.full((N, G, s * s, H, W), float("nan"), dtype=f.dtype)
-    fn(ctypes.c_int(fused), ctypes.c_int(1), ptr(go), ptr(f), ptr(m), ptr(None), ptr(gf), ptr(gm),
-       ptr(lse), *sizes)
-    return out, gf, gm
+    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+    lse = torch.full((N, G, s * s, H, W), float("nan"), dtype=acc)
+    lib.carafe_emulate(code, ctypes.c_int(fused), ctypes.c_int(1), ptr(go), ptr(f), ptr(m),
+                       ptr(None), ptr(gf), ptr(gm), ptr(lse), *sizes, report)
+    return out, gf, gm, tuple(report)
+
+
+def _check_emulated(lib, op, N, C, H, W, k, G, s, dtype, splits, sms=0, go_offset=0):
+    fused = op == "carafe_fused"
+    f, m = _inputs(op, N, C, H, W, k, G, s)
+    go = torch.randn(N, C, s * H, s * W, dtype=torch.float64)
+    ref = _run(op, "reference", f, m, k, G, s, go)
+    low = [None] * 3
+    if dtype in (torch.float16, torch.bfloat16):  # the reference on the rounded inputs, in fp32
+        rounded = [t.to(dtype).float() for t in (f, m, go)]
+        low = [t.to(dtype) for t in _run(op, "reference", *rounded[:2], k, G, s, rounded[2])]
+    go_low = go.to(dtype)
+    if go_offset:  # a contiguous view that starts go_offset elements into its storage
+        go_low = torch.empty(go.numel() + go_offset, dtype=dtype)[go_offset:].view(go.shape)
+        go_low.copy_(go)
+    *got, report = _emulate(lib, int(fused), f.to(dtype), m.to(dtype), go_low, k, G, s, splits,
+                            sms)
+    for a, b, lo, what in zip(got, ref, low, ("output", "grad features", "grad masks/logits")):
+        assert a.dtype == dtype
+        assert_close(a, b.detach(), None if lo is None else lo.detach(),
+                     what=f"emulated CUDA {op} {what}")
+    assert report[3] == 0, "the kernels were handed a grad_out misaligned for their vector reads"
+    return report
 
 
 @pytest.mark.parametrize("op", list(OPS))
@@ -595,14 +676,66 @@ def _emulate(lib, fused, f, m, go, k, G, s, splits):
     (3, 1, 5, 3, 2, 33, 8, torch.float64),    # the runtime-s path (s > 4), 3 splits
     (5, 2, 1, 2, 4, 40, 20, torch.float32),
     (3, 1, 2, 1, 1, 1, 1, torch.float64),
+    # fp16 / bf16 through the host types, fp32 accumulation
+    (5, 1, 2, 2, 3, 35, 12, torch.float16),   # ARM-Net's k_u = 5, s = 2
+    (3, 1, 2, 1, 4, 6, 9, torch.bfloat16),    # the small model's k_u = 3
+    (3, 2, 4, 2, 2, 5, 5, torch.float16),     # s = 4: 8-byte child vectors
+    (5, 1, 3, 1, 3, 4, 4, torch.bfloat16),    # s = 3: scalar children
+    (3, 1, 5, 2, 2, 3, 6, torch.float16),     # runtime s
 ])
 def test_cuda_kernels_emulated(cuda_emulation, op, k, G, s, splits, H, W, Cg, dtype):
-    fused = op == "carafe_fused"
-    N, C = 2, Cg * G
-    f, m = _inputs(op, N, C, H, W, k, G, s)
-    go = torch.randn(N, C, s * H, s * W, dtype=torch.float64)
-    ref = _run(op, "reference", f, m, k, G, s, go)
-    got = _emulate(cuda_emulation, int(fused), f.to(dtype), m.to(dtype), go.to(dtype), k, G, s,
-                   splits)
-    for a, b, what in zip(got, ref, ("output", "grad features", "grad masks/logits")):
-        assert_close(a, b.detach(), what=f"emulated CUDA {op} {what}")
+    _check_emulated(cuda_emulation, op, 2, Cg * G, H, W, k, G, s, dtype, splits)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("sms,C,H,W,k,G,s,dtype,want", [
+    # H100/H200 (132 SMs): a small image has few tiles, so the channels are split
+    (132, 64, 3, 5, 5, 1, 2, torch.float32, (2, 2)),
+    (132, 96, 2, 40, 3, 2, 1, torch.bfloat16, (1, 2)),  # s = 1: forward CB 16, feature CB 8
+    (132, 20, 2, 3, 3, 1, 1, torch.float16, (1, 1)),   # 20 channels: one pass of kWarps·CB
+    (1, 64, 8, 40, 5, 1, 2, torch.float32, (1, 1)),    # one SM: 16 tiles are enough
+])
+def test_cuda_channel_splits_heuristic_emulated(cuda_emulation, op, sms, C, H, W, k, G, s, dtype,
+                                                want):
+    """The glue's channel_splits for a given SM count, and the kernels with those splits.
+    want = (forward, feature gradient) splits, worked out from the rule in carafe.cu:
+    min(ceil(4·SMs / tiles), ceil((C/G) / (kWarps·CB))), at least 1."""
+    report = _check_emulated(cuda_emulation, op, 1, C, H, W, k, G, s, dtype, 0, sms)
+    assert report[:2] == want
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("dtype,s,offset,copied", [
+    (torch.float32, 2, 1, 1),   # 8-byte vectors, the view 4 bytes off
+    (torch.float16, 4, 2, 1),   # 8-byte vectors, 4 bytes off
+    (torch.float16, 2, 1, 1),   # 4-byte vectors, 2 bytes off
+    (torch.float64, 2, 1, 1),   # 16-byte vectors, 8 bytes off
+    (torch.float32, 2, 4, 0),   # 16 bytes off: aligned, no copy
+])
+def test_cuda_grad_out_copy_emulated(cuda_emulation, op, dtype, s, offset, copied):
+    """backward_cuda copies a grad_out view that starts off a 16-byte boundary; the buffer the
+    kernels then read is aligned for their child vectors, and the gradients are right."""
+    report = _check_emulated(cuda_emulation, op, 1, 3, 2, 5, 3, 1, s, dtype, 1, go_offset=offset)
+    assert report[2] == copied
+
+
+def test_cuda_shared_memory_limits(cuda_emulation):
+    """The glue's dynamic shared memory request (staged_mask_bytes, as prepare_smem computes it):
+    the production configurations fit the 48 KiB a block gets without opt-in, in every dtype, and
+    carafe.cu's documented limit holds: a (k, s) fits sm_90's 227 KiB opt-in limit exactly when
+    k²·s² <= 1816 with fp32 accumulators (fp32/fp16/bf16), 908 with fp64 ones (beyond, the glue
+    raises its clear error)."""
+    lib = cuda_emulation
+    without_optin = lib.carafe_smem_without_optin()
+    assert without_optin == 48 * 1024
+    sm90_optin = 227 * 1024
+    for k, s in ((5, 2), (3, 2)):  # ARM-Net's CARAFEPack (k_u = 5 and the small model's 3), r = 2
+        for acc_bytes in (4, 8):
+            assert lib.carafe_staged_mask_bytes(k, s, acc_bytes) <= without_optin, (k, s)
+    # k = 7, s = 4 (the largest of the test grid) needs the opt-in in fp32
+    assert without_optin < lib.carafe_staged_mask_bytes(7, 4, 4) <= sm90_optin
+    for acc_bytes, most_taps in ((4, 1816), (8, 908)):
+        for k in range(1, 46, 2):
+            for s in range(1, 9):
+                fits = lib.carafe_staged_mask_bytes(k, s, acc_bytes) <= sm90_optin
+                assert fits == (k * k * s * s <= most_taps), (k, s, acc_bytes)

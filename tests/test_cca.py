@@ -151,6 +151,38 @@ def test_cpu_isa_variants(isa):
     run_with_cpu_isa(_ISA_SCRIPT, isa)
 
 
+def test_cpu_gemm_without_blas():
+    """The C++ kernel's GEMMs go to the BLAS torch links (MKL's sgemm_/dgemm_) when the process
+    has one, else to at::mm on strided views; ARMNET_OPS_CPU_GEMM=aten forces the latter."""
+    run_with_cpu_isa(_ISA_SCRIPT, None, ARMNET_OPS_CPU_GEMM="aten")
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 70, 19, 37), (1, 3, 5, 33, 1), (1, 3, 5, 1, 33)])
+def test_cpu_column_blocks(shape):
+    """The CPU kernel gathers columns in blocks of 16 adjacent ones (csrc/cpu/cca_kernels.h):
+    widths across several blocks with a tail, one-pixel lines, and channel counts that are no
+    multiple of a vector, against the fp64 reference; and the same bits with 1 and 2 threads."""
+    N, Cqk, Cv, H, W = shape
+    q, k, v = _inputs(N, Cqk, Cv, H, W, requires_grad=True)
+    ref = reference.criss_cross_attention(q, k, v, 0.9)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            x = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            out = armnet_ops.criss_cross_attention(*x, scale=0.9, backend="cpu")
+            results.append((out, *torch.autograd.grad(out, x, g.float())))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(results[0], (ref, *want)):
+        assert_close(a, b)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_empty_batch(backend, device):
     q, k, v = _inputs(0, 2, 3, 4, 5, torch.float32, device, requires_grad=True)
@@ -586,11 +618,16 @@ def test_residual_bad_input():
         f(q, k, v, gamma=1.0, residual=1.0)
 
 
-def _mmcv_state_dict(C):
+def _mmcv_state_dict(C, layout="mmcv"):
+    """A state dict in the key layout of mmcv's CrissCrossAttention (mmcv/ops/cc_attention.py
+    in every release since the op was added): the gate is an mmcv `Scale(0.)` module whose one
+    parameter `scale` is a 0-dim tensor, so its key is "gamma.scale". layout="ccnet" is CCNet's
+    own: "gamma" of shape (1,)."""
     g = torch.Generator().manual_seed(3)
     r = lambda *s: torch.randn(*s, generator=g) * 0.3
+    gate = {"gamma.scale": torch.tensor(0.8)} if layout == "mmcv" else {"gamma": torch.tensor([0.8])}
     return {
-        "gamma": torch.tensor([0.8]),
+        **gate,
         "query_conv.weight": r(C // 8, C, 1, 1), "query_conv.bias": r(C // 8),
         "key_conv.weight": r(C // 8, C, 1, 1), "key_conv.bias": r(C // 8),
         "value_conv.weight": r(C, C, 1, 1), "value_conv.bias": r(C),
@@ -598,23 +635,35 @@ def _mmcv_state_dict(C):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS + [pytest.param("reference", "cpu", id="reference")])
-def test_module_loads_mmcv_state_dict(backend, device):
+@pytest.mark.parametrize("layout", ["mmcv", "ccnet"])
+def test_module_loads_mmcv_state_dict(backend, device, layout):
     C = 16
-    sd = _mmcv_state_dict(C)
+    sd = _mmcv_state_dict(C, layout)
     m = CrissCrossAttention(C, backend=backend).to(device)
-    m.load_state_dict(sd)  # strict: the key names are mmcv's
+    m.load_state_dict(sd)  # strict: the key names are mmcv's (or CCNet's)
+    assert m.gamma.shape == (1,) and m.gamma.item() == pytest.approx(0.8)
     x = torch.randn(2, C, 5, 7, generator=torch.Generator().manual_seed(4))
     out = m(x.to(device))
     assert_close(out.cpu(), _mmcv_block64(sd, x))
     assert not torch.allclose(out.double().cpu(), x.double(), atol=1e-3), "gamma != 0 must change the output"
 
 
+def test_module_state_dict_rejects_bad_gate():
+    """A gate of more than one element is no CCNet/mmcv checkpoint: a clear error, not a
+    silent broadcast."""
+    sd = _mmcv_state_dict(16)
+    sd["gamma.scale"] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="gamma"):
+        CrissCrossAttention(16).load_state_dict(sd)
+
+
 def _mmcv_block64(sd, x):
     """mmcv's block written out in fp64 from a state dict: gamma * CCA(q, k, v) + x."""
     conv = lambda name, t: torch.nn.functional.conv2d(t, sd[f"{name}.weight"].double(), sd[f"{name}.bias"].double())
     xd = x.double()
-    return sd["gamma"].double() * reference.criss_cross_attention(conv("query_conv", xd), conv("key_conv", xd),
-                                                                  conv("value_conv", xd)) + xd
+    gamma = sd["gamma.scale"] if "gamma.scale" in sd else sd["gamma"]
+    return gamma.double() * reference.criss_cross_attention(conv("query_conv", xd), conv("key_conv", xd),
+                                                            conv("value_conv", xd)) + xd
 
 
 COMPILE_BACKENDS = [pytest.param("cpu", "cpu", "inductor", id="cpu-inductor"),

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -156,3 +157,96 @@ def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "armnet", "--help"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "train" in proc.stdout and "predict" in proc.stdout
+
+
+# ---- test protocols and small flags ---------------------------------------------------------------
+
+def test_texrnet_sizes_follow_its_eval_config():
+    from armnet.evaluate import TEXRNET_SIDES, texrnet_test_sizes
+    # TexRNet eval_utils.py: int(512 * f) + 1 for f = 0.75 ... 2.50
+    assert TEXRNET_SIDES == (385, 513, 641, 769, 897, 1025, 1153, 1281)
+    # a 480x640 image: ratio = 385 / sqrt(480 * 640) = 0.6945; int(333.4) = 333 -> 321,
+    # int(444.5) = 444 -> 417 (floored to a multiple of 32, plus 1)
+    sizes = texrnet_test_sizes(480, 640)
+    assert sizes[0] == (321, 417)
+    assert sizes[1] == (417, 577)          # 513: 443.3 -> 417, 591.1 -> 577
+    assert sizes[-1] == (1089, 1473)       # 1281: 1109.4 -> 1089, 1479.2 -> 1473
+    assert all((h - 1) % 32 == 0 and (w - 1) % 32 == 0 for h, w in sizes)
+    assert texrnet_test_sizes(512, 512)[1] == (513, 513)
+
+
+def test_texrnet_probs_average_softmax_resized_with_aligned_corners():
+    import torch.nn.functional as F
+    from armnet.evaluate import texrnet_probs, texrnet_test_sizes
+    model, x = _Logits(), torch.randn(1, 3, 30, 40)
+    want = 0
+    for hw in texrnet_test_sizes(30, 40):
+        xi = F.interpolate(x, size=hw, mode="bilinear", align_corners=True)
+        p = torch.softmax(model(xi)["logits"], 1)            # softmax first, then resize
+        want = want + F.interpolate(p, size=(30, 40), mode="bilinear", align_corners=True)
+    got = texrnet_probs(model, x)
+    assert got.shape == (1, 2, 30, 40) and torch.allclose(got, want / 8, atol=1e-5)
+    # not the logit-first order of --scales
+    logit_first = 0
+    for hw in texrnet_test_sizes(30, 40):
+        xi = F.interpolate(x, size=hw, mode="bilinear", align_corners=True)
+        lg = F.interpolate(model(xi)["logits"], size=(30, 40), mode="bilinear", align_corners=True)
+        logit_first = logit_first + torch.softmax(lg, 1)
+    assert not torch.allclose(got, logit_first / 8, atol=1e-4)
+
+
+def test_eval_protocol_texrnet_max_side_and_held_out_seed(checkpoint, tmp_path, capsys):
+    out_json = tmp_path / "t.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), *SYN, "--synth-n", "1",
+                 "--protocol", "texrnet", "--out-json", str(out_json), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "TexRNet protocol" in printed and "seed 12345" in printed and "mIoU" in printed
+    rep = json.loads(out_json.read_text())
+    assert rep["protocol"]["name"] == "texrnet" and rep["protocol"]["flip"] is False
+    assert rep["protocol"]["sides"] == [385, 513, 641, 769, 897, 1025, 1153, 1281]
+    assert "TexRNet" in rep["protocol"]["comparable_with"]
+    assert rep["dataset"]["synth_seed"] == 12345          # not training's default seed 0
+    assert main(["eval", "--checkpoint", str(checkpoint), *SYN, "--synth-n", "1", "--quiet",
+                 "--protocol", "texrnet", "--scales", "1", "1.5"]) == 2
+    assert "cannot be combined with --protocol texrnet" in capsys.readouterr().err
+    # --max-side: the image is run smaller, the metrics stay at the label's size
+    assert main(["eval", "--checkpoint", str(checkpoint), *SYN, "--synth-n", "1", "--max-side",
+                 "24", "--out-json", str(out_json), "--quiet"]) == 0
+    rep = json.loads(out_json.read_text())
+    assert rep["max_side"] == 24 and rep["protocol"]["name"] == "scales"
+    assert rep["metrics"]["tp"] + rep["metrics"]["fp"] + rep["metrics"]["fn"] + \
+        rep["metrics"]["tn"] == 48 * 48
+    assert "longer side <= 24" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(checkpoint), *SYN, "--synth-n", "1", "--max-side",
+                 "-1", "--quiet"]) == 2
+    assert "max_side must be >= 0 (0: no limit), got -1" in capsys.readouterr().err
+    # evaluating on the seed the checkpoint was trained on says so
+    assert main(["eval", "--checkpoint", str(checkpoint), *SYN, "--synth-n", "1",
+                 "--synth-seed", "0", "--quiet"]) == 0
+    assert "not held out" in capsys.readouterr().err
+
+
+def test_limit_side_and_max_side_changes_the_input(monkeypatch):
+    from armnet import evaluate
+    x = torch.randn(1, 3, 30, 60)
+    assert evaluate.limit_side(x, 0) is x and evaluate.limit_side(x, 60) is x
+    assert evaluate.limit_side(x, 20).shape[-2:] == (10, 20)
+    seen = []
+    model = _Logits()
+    monkeypatch.setattr(model, "forward", lambda im: seen.append(im.shape[-2:]) or
+                        {"logits": torch.zeros(im.shape[0], 2, *im.shape[-2:])})
+    args = types.SimpleNamespace(max_side=20, protocol="scales", scales=[1.0])
+    out = evaluate._probs(args, model, x, None, (30, 60))
+    assert seen == [(10, 20)] and out.shape[-2:] == (30, 60)
+
+
+def test_predict_quiet_prints_nothing(checkpoint, tmp_path, capsys):
+    img = tmp_path / "p.png"
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(img)
+    assert main(["predict", str(img), "--checkpoint", str(checkpoint), "--out",
+                 str(tmp_path / "o"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["predict", str(img), "--checkpoint", str(checkpoint), "--out",
+                 str(tmp_path / "o"), "--protocol", "texrnet"]) == 0
+    assert "% text ->" in capsys.readouterr().out
+    assert (tmp_path / "o" / "p_mask.png").exists()

@@ -3,6 +3,7 @@ parity over kernels × dilations × layouts × epilogues, fp64 gradcheck, opchec
 autocast, the DirectionalConv2d module (BatchNorm folding), determinism and bad input.
 
 The Triton interpreter runs a subset of the shapes (it is slow); the C++ CPU backend runs all."""
+import contextlib
 import itertools
 
 import pytest
@@ -431,12 +432,18 @@ def test_autocast(backend, device, dtype):
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_backward_deterministic(backend, device):
+    # The cuda backend's weight gradient is cuDNN's (at::convolution_backward): deterministic
+    # when torch.backends.cudnn.deterministic asks for it, as for F.conv2d. The others always are.
+    flags = (torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                        allow_tf32=False)
+             if backend == "cuda" else contextlib.nullcontext())
     ts = make(N=2, C_in=5, C_out=6, H=9, W=8, device=device, dtype=torch.float32)
     runs = []
-    for _ in range(2):
-        y = armnet_ops.directional_conv2d(*ts[:3], (3, 1), scale=ts[3], shift=ts[4],
-                                          activation="relu", backend=backend)
-        runs.append(torch.autograd.grad(y, ts, torch.ones_like(y)))
+    with flags:
+        for _ in range(2):
+            y = armnet_ops.directional_conv2d(*ts[:3], (3, 1), scale=ts[3], shift=ts[4],
+                                              activation="relu", backend=backend)
+            runs.append(torch.autograd.grad(y, ts, torch.ones_like(y)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -465,6 +472,184 @@ def test_cuda_low_precision(backend, dtype, kernel, dilation, channels_last, C_i
     y64 = reference.directional_conv2d(*args64[:3], dilation, *args64[3:], "relu")
     y_lowp = reference.directional_conv2d(*lowp[:3], dilation, *lowp[3:], "relu")
     assert_close(y, y64, y_lowp)
+
+
+# ---- NaN, weight gradient, autotuning, dispatch (issue 14) ----------------------------------------
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+@pytest.mark.parametrize("pair", [False, True], ids=["single", "pair"])
+def test_relu_keeps_nan(backend, device, pair):
+    """torch.relu keeps NaN, so the fused epilogue must (`x > 0 ? x : 0` and fmax(x, 0) give 0)."""
+    x, w, b, s, t = make(N=1, C_in=3, C_out=4, H=5, W=6, kernel=(1, 3), dtype=torch.float32,
+                         device=device, requires_grad=False)
+    b[1] = float("nan")        # a whole output channel
+    x[0, 2, 3, 4] = float("nan")  # one input pixel: the outputs it reaches
+    if pair:
+        got = armnet_ops.directional_conv2d_pair(x, w, w, b, b, (1, 2), (1, 2), scale_h=s,
+                                                 shift_h=t, scale_v=s, shift_v=t,
+                                                 activation="relu", backend=backend)
+    else:
+        got = (armnet_ops.directional_conv2d(x, w, b, (1, 2), scale=s, shift=t,
+                                             activation="relu", backend=backend),)
+    ref = reference.directional_conv2d(x.double(), w.double(), b.double(), (1, 2), s.double(),
+                                       t.double(), "relu")
+    assert ref.isnan().any() and not ref.isnan().all()
+    for y in got:
+        assert torch.equal(y.isnan(), ref.isnan()), "NaN positions differ from torch.relu's"
+        keep = ~ref.isnan()
+        assert_close(y[keep], ref[keep], what="finite outputs")
+
+
+def _conv_shapes(prof):
+    """(op name, input shapes) of every convolution ATen ran under the profiler."""
+    return [(e.name, e.input_shapes) for e in prof.events()
+            if e.name in ("aten::_convolution", "aten::convolution", "aten::convolution_backward")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_weight_grad_is_a_weight_gradient_algorithm(device):
+    """The C++ backends' backward (csrc/cpu/directional_conv.cpp, shared by CPU and CUDA) takes the
+    weight gradient from at::convolution_backward, never from a forward convolution whose
+    "filter" is the H × W output gradient (cuDNN can be very slow on that). On the CPU this
+    checks the shared code; the CUDA case is the one the old code failed."""
+    backend = "cpu" if device == "cpu" else "cuda"
+    x, w, b, s, t = make(N=2, C_in=4, C_out=5, H=11, W=13, kernel=(1, 3), dtype=torch.float32,
+                         device=device)
+    y = armnet_ops.directional_conv2d(x, w, b, (1, 2), scale=s, shift=t, activation="relu",
+                                      backend=backend)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        torch.autograd.grad(y, (x, w), torch.randn_like(y))
+    convs = _conv_shapes(prof)
+    assert any(name == "aten::convolution_backward" for name, _ in convs), convs
+    for name, shapes in convs:  # a forward convolution's filter is its second input
+        if name != "aten::convolution_backward":
+            assert shapes[1][2:] != [11, 13], f"an H×W filter: {name} {shapes}"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_weight_grad_parity_at_scale(device):
+    """The weight gradient on a shape with many pixels per weight (the reduction the old CUDA
+    formulation ran as an H×W-filter conv), against the fp64 reference, every epilogue term."""
+    backend = "cpu" if device == "cpu" else "cuda"
+    check_parity(backend, *make(N=2, C_in=16, C_out=24, H=33, W=47, kernel=(3, 1),
+                                dtype=torch.float32, device=device), (6, 1), "relu")
+
+
+@needs_triton
+def test_triton_autotune_keys_hold_the_spatial_sizes():
+    from armnet_ops.triton import directional_conv as tdc
+    for kernel in (tdc._dconv_fwd_kernel, tdc._dconv_dgrad_kernel, tdc._dconv_wgrad_kernel):
+        assert {"M", "H", "W"} <= set(kernel.keys), kernel.keys
+        assert kernel.early_config_prune is not None
+
+
+def _cfg(m, n, k, stages=3, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
+    import triton
+    return triton.Config(dict(zip(names, (m, n, k))), num_warps=4, num_stages=stages)
+
+
+@needs_triton
+def test_triton_prune_drops_impossible_and_padded_configs():
+    from armnet_ops.triton.directional_conv import _GEMM_OPERANDS, fit_configs
+    big, mid, small = _cfg(128, 128, 64), _cfg(128, 64, 32, 4), _cfg(64, 64, 32, 4)
+    configs = [big, mid, small]
+    sm90 = 227 * 1024
+    sizes = {"BLOCK_M": 10**6, "BLOCK_N": 256, "BLOCK_K": 256}
+    # fp64: 3 stages × (128·64 + 64·128) × 8 bytes = 384 KiB > 227 KiB; the 128 × 64 × 32 one
+    # with 4 stages needs 4 × (128·32 + 32·64) × 8 = 192 KiB
+    assert fit_configs(configs, sizes, _GEMM_OPERANDS, 8, sm90) == [mid, small]
+    # fp16: everything fits
+    assert fit_configs(configs, sizes, _GEMM_OPERANDS, 2, sm90) == configs
+    # 24 output channels: a 128- or 64-wide N tile would be mostly padding; 64 is the smallest
+    # there is, so it is kept
+    assert fit_configs(configs, {**sizes, "BLOCK_N": 24}, _GEMM_OPERANDS, 2, sm90) == [small]
+    # a 40-pixel problem: no 128-row tile
+    assert fit_configs(configs, {**sizes, "BLOCK_M": 40}, _GEMM_OPERANDS, 2, sm90) == [small]
+    # nothing fits: the one with the least shared memory is left (the compiler names the problem)
+    assert fit_configs(configs, sizes, _GEMM_OPERANDS, 8, 1024) == [small]
+
+
+@needs_triton
+def test_triton_capture_config_heuristic():
+    from armnet_ops.triton.directional_conv import capture_config
+    big, mid, small = _cfg(128, 128, 64), _cfg(128, 64, 32, 4), _cfg(64, 64, 32, 4)
+
+    def programs(pixels, channels):
+        return lambda c: -(-pixels // c.kwargs["BLOCK_M"]) * -(-channels // c.kwargs["BLOCK_N"])
+
+    # a large problem: the largest tile already gives 132 SMs two programs each
+    assert capture_config([small, big, mid], programs(512 * 512, 256), 132) is big
+    # 128 × 64 tiles give 2·132 programs, 128 × 128 do not
+    assert capture_config([small, big, mid], programs(128 * 132, 128), 132) is mid
+    # a tiny one: the smallest tile
+    assert capture_config([big, mid, small], programs(64, 16), 132) is small
+
+
+@needs_triton_cpu
+def test_triton_never_autotunes_inside_graph_capture(monkeypatch):
+    """Inside CUDA-graph capture the kernels launch directly with a chosen configuration (the
+    autotuner's benchmark would synchronize the capturing stream). The capture flag is forced
+    here, on the interpreter; the results must still be right."""
+    from armnet_ops.triton import directional_conv as tdc
+    monkeypatch.setattr(tdc, "_capturing", lambda device: True)
+    monkeypatch.setattr(tdc, "_TUNED", {})
+
+    def no_autotune(*args, **kwargs):
+        raise AssertionError("the autotuner ran inside graph capture")
+
+    for kernel in (tdc._dconv_fwd_kernel, tdc._dconv_dgrad_kernel, tdc._dconv_wgrad_kernel):
+        monkeypatch.setattr(kernel, "run", no_autotune)
+    check_parity("triton", *make(N=1, C_in=3, C_out=5, H=6, W=7, kernel=(3, 1),
+                                 dtype=torch.float32), (2, 1), "relu")
+    a = _pair_args()
+    y_h, y_v = armnet_ops.directional_conv2d_pair(**a, activation="relu", backend="triton")
+    assert torch.isfinite(y_h).all() and torch.isfinite(y_v).all()
+
+
+@needs_triton_cpu
+def test_triton_autotuned_pick_is_reused_inside_capture(monkeypatch):
+    """Outside capture the autotuner's pick is remembered per key; a capture of the same shape
+    launches that configuration."""
+    from armnet_ops.triton import directional_conv as tdc
+    monkeypatch.setattr(tdc, "_TUNED", {})
+    x, w = make(N=1, C_in=3, C_out=4, H=5, W=6, dtype=torch.float32, requires_grad=False)[:2]
+    armnet_ops.directional_conv2d(x, w, backend="triton")
+    assert len(tdc._TUNED) == 1
+    (key, tuned), = tdc._TUNED.items()
+    launched = []
+    monkeypatch.setattr(tdc, "_capturing", lambda device: True)
+    monkeypatch.setattr(tdc, "capture_config", lambda *a: pytest.fail("heuristic used"))
+    real_fn = tdc._dconv_fwd_kernel.fn
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["BLOCK_M"])
+                return real_fn[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tdc._dconv_fwd_kernel, "fn", Spy())
+    y = armnet_ops.directional_conv2d(x, w, backend="triton")
+    assert launched == [tuned.kwargs["BLOCK_M"]]
+    assert_close(y, reference.directional_conv2d(x.double(), w.double()))
+
+
+def test_auto_on_cuda_fp32_takes_cudnn():
+    """"auto" for fp32 directional conv on CUDA tensors is the reference backend (cuDNN): no
+    hand-written kernel has been measured faster (see armnet_ops/directional_conv.py). No GPU is
+    needed: the choice is made from the device type."""
+    from armnet_ops import _backend
+    from armnet_ops.directional_conv import PAIR_SPEC, SPEC
+    for spec in (SPEC, PAIR_SPEC):
+        assert _backend.resolve(spec, "auto", torch.device("cuda"), torch.float32) == "reference"
+        assert _backend.select(spec.name, "auto", "cuda", torch.float32) == "reference"
+        for dtype in (torch.float16, torch.bfloat16):
+            got = _backend.resolve(spec, "auto", torch.device("cuda"), dtype)
+            kernels = [b for b in spec.gpu_order
+                       if _backend.availability(spec, b, torch.device("cuda"))[0]]
+            assert got == (kernels[0] if kernels else "reference")
+        # CPU tensors: unchanged, the C++ CPU kernel
+        assert _backend.resolve(spec, "auto", torch.device("cpu"), torch.float32) == "cpu"
 
 
 # ---- bad input ------------------------------------------------------------------------------------

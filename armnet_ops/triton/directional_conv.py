@@ -36,7 +36,9 @@ Backward (the forward saves x, weight and y; nothing else):
 
 Numerics: fp32 accumulation for fp16/bf16/fp32 (fp64 for fp64). fp32 inputs use TF32 tensor cores
 only when torch.backends.cudnn.allow_tf32 is set (what F.conv2d would do), else exact fp32
-("ieee"). Autotuned on GPU; one configuration under TRITON_INTERPRET=1.
+("ieee"). Autotuned on GPU per shape (spatial sizes included), impossible configurations pruned,
+and never autotuned inside CUDA-graph capture (see _launch); one configuration under
+TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -70,6 +72,117 @@ def _wgrad_configs():
     shapes = [(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (64, 64, 128, 4, 3)]
     return [triton.Config({"BLOCK_CI": a, "BLOCK_CO": b, "BLOCK_P": p}, num_warps=w, num_stages=s)
             for a, b, p, w, s in shapes]
+
+
+# ---- autotuning ---------------------------------------------------------------------------------
+# The keys hold the spatial sizes (M = N·H·W, H, W) next to the channels, kernel and dilation: the
+# best tile for a 64 × 64 map is not the best for a 512 × 512 one, so every new shape is tuned.
+
+_GEMM_KEY = ["M", "H", "W", "C_in", "C_a", "C_b", "KH_A", "KW_A", "DH_A", "DW_A", "KH_B", "KW_B",
+             "DH_B", "DW_B", "PAIR"]
+_WGRAD_KEY = ["M", "H", "W", "C_in", "C_out", "KH", "KW", "PIX_PER_SPLIT"]
+# The operand tiles each pipeline stage keeps in shared memory.
+_GEMM_OPERANDS = (("BLOCK_M", "BLOCK_K"), ("BLOCK_K", "BLOCK_N"))
+_WGRAD_OPERANDS = (("BLOCK_CI", "BLOCK_P"), ("BLOCK_P", "BLOCK_CO"))
+
+
+def _tile_volume(config) -> int:
+    v = 1
+    for name, size in config.kwargs.items():
+        if name.startswith("BLOCK_"):
+            v *= size
+    return v
+
+
+def fit_configs(configs, sizes: dict, operands, elem_size: int, smem_limit: float) -> list:
+    """The configurations worth benchmarking for one problem (never empty).
+
+    Impossible ones go: those whose pipelined operand tiles (num_stages copies of each tile in
+    `operands`) exceed the device's shared memory per block. So do wasteful ones: a block larger
+    than the next power of two of its problem size (`sizes`: block name -> size; 16 at least,
+    tl.dot's smallest), which would be mostly padding. If nothing is left by the second rule,
+    the fitting configuration with the smallest tile is kept; if nothing fits at all, the one with
+    the least shared memory (the compiler then names the shortfall)."""
+    def smem(c):
+        return c.num_stages * elem_size * sum(c.kwargs[a] * c.kwargs[b] for a, b in operands)
+
+    def lean(c):
+        return all(c.kwargs[name] <= max(16, triton.next_power_of_2(max(int(n), 1)))
+                   for name, n in sizes.items())
+
+    fits = [c for c in configs if smem(c) <= smem_limit] or [min(configs, key=smem)]
+    return [c for c in fits if lean(c)] or [min(fits, key=_tile_volume)]
+
+
+def _smem_limit(t: torch.Tensor) -> float:
+    if t.device.type != "cuda":
+        return float("inf")
+    return torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
+
+
+def _prune_gemm_configs(configs, nargs, **kwargs):
+    """early_config_prune of the forward and input-gradient kernels: the N dimension is C_out
+    (forward) or C_in (input gradient), K runs over the other one."""
+    forward = "x_ptr" in nargs
+    c_pair = max(nargs["C_a"], nargs["C_b"])
+    c_n, c_k = (c_pair, nargs["C_in"]) if forward else (nargs["C_in"], c_pair)
+    t = nargs["x_ptr" if forward else "ga_ptr"]
+    return fit_configs(configs, {"BLOCK_M": nargs["M"], "BLOCK_N": c_n, "BLOCK_K": c_k},
+                       _GEMM_OPERANDS, t.element_size(), _smem_limit(t))
+
+
+def _prune_wgrad_configs(configs, nargs, **kwargs):
+    t = nargs["x_ptr"]
+    sizes = {"BLOCK_CI": nargs["C_in"], "BLOCK_CO": nargs["C_out"],
+             "BLOCK_P": nargs["PIX_PER_SPLIT"]}
+    return fit_configs(configs, sizes, _WGRAD_OPERANDS, t.element_size(), _smem_limit(t))
+
+
+def capture_config(candidates, programs, sms: int):
+    """The configuration to launch inside CUDA-graph capture when this key was never tuned:
+    benchmarking there would synchronize the capturing stream, so the pick is a heuristic. The
+    largest tile (among the pruned `candidates`) whose grid still gives every SM two programs;
+    else the smallest tile. programs(config) -> the grid size with that configuration."""
+    by_size = sorted(candidates, key=_tile_volume, reverse=True)
+    for c in by_size:
+        if programs(c) >= 2 * sms:
+            return c
+    return by_size[-1]
+
+
+# (kernel, autotune key) -> the configuration the autotuner picked, reused inside graph capture.
+_TUNED: dict = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), an autotuned kernel, never autotuned inside CUDA-graph
+    capture. Outside capture the autotuner runs (it benchmarks once per key) and its pick is
+    remembered; inside, the remembered pick for the key, else capture_config's heuristic, is
+    launched directly. Warming a shape up before capturing it thus captures its tuned
+    configuration."""
+    nargs = dict(zip(kernel.arg_names, args))
+    key = (kernel.base_fn.__name__, str(args[0].dtype),
+           *(nargs[k] if k in nargs else kwargs[k] for k in kernel.keys))
+    if not _capturing(device):
+        kernel[grid](*args, **kwargs)
+        _TUNED[key] = kernel.best_config
+        return
+    config = _TUNED.get(key)
+    if config is None:
+        def programs(c):
+            n = 1
+            for g in grid(c.kwargs):
+                n *= g
+            return n
+        sms = (torch.cuda.get_device_properties(device).multi_processor_count
+               if device.type == "cuda" else 1)  # a CPU device: only the tests force capture
+        config = capture_config(kernel.early_config_prune(kernel.configs, nargs, **kwargs),
+                                programs, sms)
+    kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 # ---- device code --------------------------------------------------------------------------------
@@ -122,7 +235,9 @@ def _epilogue_store(acc, y_ptr, bias_ptr, scale_ptr, shift_ptr, n_idx, h_idx, w_
     if EPI & 4:
         acc += tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0).to(acc.dtype)[None, :]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        # where(acc < 0, 0, acc), not tl.maximum (max.f32 on the GPU returns the non-NaN
+        # operand): NaN compares false and is kept, as torch.relu keeps it.
+        acc = tl.where(acc < 0.0, 0.0, acc)
     ptrs = (y_ptr + (n_idx * syn + h_idx.to(tl.int64) * syh + w_idx.to(tl.int64) * syw)[:, None]
             + offs_n[None, :].to(tl.int64) * syc)
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -144,9 +259,8 @@ def _pixel_block(pid_m, M, H, W, BLOCK_M: tl.constexpr):
     return offs_m < M, n_idx, h_idx, w_idx
 
 
-@triton.autotune(configs=_gemm_configs(),
-                 key=["C_in", "C_a", "C_b", "KH_A", "KW_A", "DH_A", "DW_A", "KH_B", "KW_B", "DH_B",
-                      "DW_B", "PAIR"])
+@triton.autotune(configs=_gemm_configs(), key=_GEMM_KEY,
+                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def _dconv_fwd_kernel(
         x_ptr, M, H, W, C_in, sxn, sxc, sxh, sxw,
@@ -188,9 +302,8 @@ def _dconv_fwd_kernel(
                             offs_n, n_mask, sybn, sybc, sybh, sybw, EPI_B, RELU)
 
 
-@triton.autotune(configs=_gemm_configs(),
-                 key=["C_in", "C_a", "C_b", "KH_A", "KW_A", "DH_A", "DW_A", "KH_B", "KW_B", "DH_B",
-                      "DW_B", "PAIR"])
+@triton.autotune(configs=_gemm_configs(), key=_GEMM_KEY,
+                 prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.jit
 def _dconv_dgrad_kernel(
         gx_ptr, M, H, W, C_in, sgxn, sgxc, sgxh, sgxw,
@@ -223,7 +336,8 @@ def _dconv_dgrad_kernel(
                     n_mask, sgxn, sgxc, sgxh, sgxw, 0, False)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["C_in", "C_out", "KH", "KW", "PIX_PER_SPLIT"])
+@triton.autotune(configs=_wgrad_configs(), key=_WGRAD_KEY,
+                 prune_configs_by={"early_config_prune": _prune_wgrad_configs})
 @triton.jit
 def _dconv_wgrad_kernel(
         x_ptr, g_ptr, part_ptr, M, H, W, C_in, C_out, PIX_PER_SPLIT,
@@ -374,8 +488,9 @@ def _forward(x, branches, relu: bool):
         args_b = list(args_b)
         args_b[5] = 0  # C_b = 0: no B tiles
     with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
-        _dconv_fwd_kernel[grid](
-            x_in, M, H, W, C_in, *_nchw_strides(x_in), *args_a, *args_b,
+        _launch(
+            _dconv_fwd_kernel, grid, x.device, x_in, M, H, W, C_in, *_nchw_strides(x_in),
+            *args_a, *args_b,
             KH_A=kha, KW_A=kwa, DH_A=dha, DW_A=dwa, KH_B=khb, KW_B=kwb, DH_B=dhb, DW_B=dwb,
             EPI_A=epa, EPI_B=epb, RELU=relu, PAIR=pair,
             PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype),
@@ -422,8 +537,8 @@ def _dgrad(x, branches):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),)
 
     with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
-        _dconv_dgrad_kernel[grid](
-            gx, M, H, W, C_in, *_nchw_strides(gx), *args,
+        _launch(
+            _dconv_dgrad_kernel, grid, x.device, gx, M, H, W, C_in, *_nchw_strides(gx), *args,
             KH_A=consts[0], KW_A=consts[1], DH_A=consts[2], DW_A=consts[3],
             KH_B=consts[4], KW_B=consts[5], DH_B=consts[6], DW_B=consts[7], PAIR=pair,
             PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype),
@@ -460,9 +575,10 @@ def _wgrad_act(x, g_act, KH: int, KW: int, dilation) -> torch.Tensor:
                 split)
 
     with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
-        _dconv_wgrad_kernel[grid](
-            x_in, g, part, M, H, W, C_in, C_out, pix_per_split, *_nchw_strides(x_in),
-            *_nchw_strides(g), KH=KH, KW=KW, DH=int(dilation[0]), DW=int(dilation[1]),
+        _launch(
+            _dconv_wgrad_kernel, grid, x.device, x_in, g, part, M, H, W, C_in, C_out,
+            pix_per_split, *_nchw_strides(x_in), *_nchw_strides(g),
+            KH=KH, KW=KW, DH=int(dilation[0]), DW=int(dilation[1]),
             PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype),
             UPCAST=_upcast(x.dtype))
     # A fixed-order reduction of the slices: deterministic.

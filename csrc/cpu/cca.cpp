@@ -8,25 +8,28 @@
 // D_u = <grad_y_u, out_u> (which the backward needs anyway, times gamma) also gives
 // grad_gamma = sum_u D_u.
 //
-// Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W), all made contiguous NCHW by the glue. The key
-// set of pixel u = (h, w) is its row (h, z), z in [0, W), and its column (j, w), j != h.
+// Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W), any strides; outputs and gradients are
+// contiguous NCHW. The key set of pixel u = (h, w) is its row (h, z), z in [0, W), and its
+// column (j, w), j != h.
 //
-// The fused forward works one image row (n, h) at a time (at::parallel_for over N·H). For the W
-// pixels of the row it builds a (W + H) x W block of energies, key-major so that every inner
-// loop runs along w (contiguous in NCHW and vectorisable): block rows z < W are the row keys,
-// block rows W + j the column keys, with j == h masked to -inf (that key is the pixel itself,
-// already counted as a row key). One softmax per pixel over that block gives the weights; the
-// block is O(W·(H+W)) per thread and is never written to memory as a whole tensor. The forward
-// saves out and the log-sum-exp (N, H, W) (in the op-math type: float for fp32, double for fp64).
+// The kernels work on pixel-major (NHWC) copies of q, k, v (and of the incoming gradient): one
+// transpose each, none for channels_last inputs. A row or a column of an image is then a set of
+// contiguous channel vectors at a fixed stride, so each line's products (energies Q Kᵀ, the
+// weighted sum P V and the four products of the backward) are single BLAS GEMMs over L x L x C,
+// with the softmax between them along the contiguous rows of the L x L energy block. This is the
+// einsum formulation's arithmetic, done line by line: no energy tensor is written, and the
+// memory beyond the inputs and outputs is one pixel-major accumulator of v's size.
 //
-// The backward recomputes the weights from lse and is deterministic (gather, no scatter between
-// threads) in two passes:
-//   A. per pixel row h: P, dP = <dO_u, v_s>, D_u = <dO_u, O_u>, dS = P (dP - D) · scale; then
-//      dq for the row, and the row-key part of dk, dv for keys in row h (only the pixels of row h
-//      see them as row keys).
-//   B. per key row j: the column-key part of dk, dv for the keys (j, w): the pixels (h, w),
-//      h != j, are visited in a fixed order and their weights recomputed from q, k, lse and D.
-// Each pass writes only the rows it owns, so the result does not depend on the thread count.
+// Forward (cca_kernels.h, forward_kernel), two passes: every column first, with its own softmax
+// statistics, into the accumulator; then every row, which merges its statistics with the
+// column's (log-sum-exp), rescales the column part and adds its own, and stores the finished
+// row NCHW with the residual epilogue. Each energy is computed once. Saved: out and the
+// log-sum-exp (N, H, W) in the op-math type.
+//
+// Backward, the same two passes over the lines: the weights are recomputed from lse, and each
+// line's dQ, dK, dV are written (columns) then added (rows) by GEMMs. Each pass writes only its
+// own lines' pixels and the order of the passes is fixed, so the result does not depend on the
+// thread count.
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -38,14 +41,72 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cca_checks.h"
 
 namespace armnet_ops {
 namespace {
+
+// C (M x N) = alpha · op(A) · op(B) + beta · C, row-major with leading dimensions. It goes to
+// the BLAS that torch links (MKL on x86-64 builds; its sgemm_/dgemm_ are found at load time);
+// where the process has none, to at::mm on strided views. ARMNET_OPS_CPU_GEMM=aten forces the
+// latter (tests run both). BLAS is column-major: row-major C = op(A) op(B) is column-major
+// Cᵀ = op(B)ᵀ op(A)ᵀ, hence the swapped operands.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+bool use_blas() {
+  static const bool blas = [] {
+    const char* force = std::getenv("ARMNET_OPS_CPU_GEMM");
+    return sgemm_ != nullptr && dgemm_ != nullptr &&
+           !(force != nullptr && std::string(force) == "aten");
+  }();
+  return blas;
+}
+
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+             const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // BLAS would not touch C with alpha·0 when beta = 0 on every implementation
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+  TORCH_CHECK(std::max({M, N, K, lda, ldb, ldc}) <= std::numeric_limits<int>::max(),
+              "criss-cross attention (CPU): a line's GEMM exceeds 32-bit BLAS sizes");
+  if (use_blas()) {
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const char opa = tb ? 'T' : 'N', opb = ta ? 'T' : 'N';
+    if constexpr (std::is_same_v<T, float>)
+      sgemm_(&opa, &opb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    else
+      dgemm_(&opa, &opb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    auto m = at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, opts);
+    return t ? m.t() : m;
+  };
+  auto a = ta ? view(A, K, M, lda, true) : view(A, M, K, lda, false);
+  auto b = tb ? view(B, N, K, ldb, true) : view(B, K, N, ldb, false);
+  auto c = view(C, M, N, ldc, false);
+  at::NoGradGuard no_grad;
+  at::addmm_out(c, c, a, b, beta, alpha);
+}
 
 #define ARMNET_ISA_KERNELS "cca_kernels.h"
 #include "isa_variants.h"
@@ -56,13 +117,15 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               ": expected CPU tensors");
 }
 
+// A pixel-major (NHWC) contiguous copy; no copy for a channels_last tensor.
+at::Tensor pixel_major(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
+
 // The fused forward: (y, out, lse). With `residual` defined (the residual op) the kernel also
 // writes y = gamma · out + residual from the accumulator of out; otherwise y is undefined.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q_, const at::Tensor& k_,
-                                                       const at::Tensor& v_, double scale,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& v, double scale,
                                                        const at::Tensor& residual_,
                                                        const at::Tensor& gamma) {
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto out = at::empty({N, Cv, H, W}, v.options());
   auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
@@ -72,13 +135,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q_, con
     residual = residual_.contiguous();
     y = at::empty({N, Cv, H, W}, v.options());
   }
-  if (out.numel() == 0 && lse.numel() == 0) return {y, out, lse};
+  if (N * H * W == 0) return {y, out, lse};
+  auto Q = pixel_major(q), K = pixel_major(k), vc = v.contiguous();
+  auto mcol = at::empty({N, H, W}, q.options()), scol = at::empty({N, H, W}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_forward_cpu", [&] {
     // A CPU tensor: reading gamma here costs no device synchronisation.
     const scalar_t g = epilogue ? gamma.item<scalar_t>() : scalar_t(0);
-    ARMNET_CPU_KERNEL(forward_kernel<scalar_t>, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                      v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                      N, Cqk, Cv, H, W, static_cast<scalar_t>(scale),
+    ARMNET_CPU_KERNEL(forward_kernel<scalar_t>, Q.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
+                      vc.data_ptr<scalar_t>(), mcol.data_ptr<scalar_t>(),
+                      scol.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                      lse.data_ptr<scalar_t>(), N, Cqk, Cv, H, W, static_cast<scalar_t>(scale),
                       epilogue ? residual.data_ptr<scalar_t>() : nullptr,
                       epilogue ? y.data_ptr<scalar_t>() : nullptr, g);
   });
@@ -105,21 +171,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cca_residual_forward_cpu(
 // The fused backward: (grad_q, grad_k, grad_v, D) where D (N, H, W) holds <go_u, out_u> per
 // pixel; the gradient of out is gamma · go (gamma = 1 for cca_backward).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out_, const at::Tensor& lse_, double scale, double gamma) {
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto go = grad.to(v.scalar_type()).contiguous(), out = out_.contiguous();
   auto lse = lse_.to(q.scalar_type()).contiguous();
-  const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  auto gq = at::empty_like(q), gk = at::empty_like(k), gv = at::empty_like(v);
+  auto gq = at::empty({N, Cqk, H, W}, q.options()), gk = at::empty({N, Cqk, H, W}, q.options());
+  auto gv = at::empty({N, Cv, H, W}, v.options());
   auto D = at::empty({N, H, W}, q.options());
   if (N * H * W == 0) return {gq.zero_(), gk.zero_(), gv.zero_(), D};
+  auto Q = pixel_major(q), K = pixel_major(k), vc = v.contiguous();
+  auto dQ = at::empty_like(Q), dK = at::empty_like(K);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_backward_cpu", [&] {
-    ARMNET_CPU_KERNEL(backward_kernel<scalar_t>, go.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                      k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                      lse.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
-                      gv.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), N, Cqk, Cv, H, W,
-                      static_cast<scalar_t>(scale), static_cast<scalar_t>(gamma));
+    ARMNET_CPU_KERNEL(pixel_dots<scalar_t>, go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                      D.data_ptr<scalar_t>(), N, Cv, H, W);
+    ARMNET_CPU_KERNEL(backward_kernel<scalar_t>, Q.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
+                      vc.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                      D.data_ptr<scalar_t>(), dQ.data_ptr<scalar_t>(), dK.data_ptr<scalar_t>(),
+                      gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
+                      gv.data_ptr<scalar_t>(), N, Cqk, Cv, H, W, static_cast<scalar_t>(scale),
+                      static_cast<scalar_t>(gamma));
   });
   return {gq, gk, gv, D};
 }

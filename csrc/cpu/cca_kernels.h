@@ -40,212 +40,273 @@ inline void accumulate_products(T* __restrict acc, int64_t W, int64_t count, Row
   }
 }
 
-// ---- fused forward ------------------------------------------------------------------------
+// ---- fused forward and backward: GEMMs over lines -----------------------------------------
+// A line is one row (L = W pixels) or one column (L = H pixels) of an image. Every product of
+// the attention over a line is one GEMM, with the softmax between them along the contiguous rows
+// of the line's L x L energy block:
+//   E = scale·Q_l K_lᵀ,  O_lᵀ = V_lᵀ Pᵀ,  dP = G_l V_lᵀ,  dQ_l = dS K_l,  dK_l = dSᵀ Q_l,
+//   dV_lᵀ = G_lᵀ P.
+// q and k (Cqk channels, small) are read from pixel-major (NHWC) copies, where a line's channel
+// vectors sit at a fixed stride. v, the incoming gradient G and the outputs (Cv channels) stay
+// NCHW: a row of them is already a strided (Cv x W) matrix, and a column is gathered, in blocks
+// of up to kColumnBlock adjacent columns (whole cache lines), into a (Cv x H) matrix per column
+// and scattered back the same way. In a column the self key (i, i) is masked: that pixel is
+// already a key of its row.
+
+struct Line {
+  int64_t length, first, stride;
+  bool column;
+};
+
+inline Line row_line(int64_t W, int64_t h) { return {W, h * W, 1, false}; }
+inline Line column_line(int64_t H, int64_t W, int64_t w) { return {H, w, W, true}; }
+
+constexpr int64_t kColumnBlock = 16;
 
 template <typename T>
-void row_energies(const T* q, const T* k, int64_t C, int64_t H, int64_t W, int64_t h, T scale,
-                  T* E) {
-  // E[(s) * W + w] for s in [0, W + H): s < W row key (h, s), s = W + j column key (j, w).
-  const int64_t HW = H * W;
-  std::fill(E, E + (W + H) * W, T(0));
-  auto qrow = [&](int64_t c) { return q + c * HW + h * W; };
-  for (int64_t z = 0; z < W; ++z)
-    accumulate_rows(E + z * W, W, C, qrow, [&](int64_t c) { return k[c * HW + h * W + z]; });
-  for (int64_t j = 0; j < H; ++j) {
-    if (j == h) continue;
-    accumulate_products(E + (W + j) * W, W, C, qrow, [&](int64_t c) { return k + c * HW + j * W; });
+void line_energies(const T* Q, const T* K, int64_t C, const Line& l, T scale, T* E) {
+  const int64_t L = l.length, ld = l.stride * C;
+  gemm_rm(false, true, L, L, C, scale, Q + l.first * C, ld, K + l.first * C, ld, T(0), E, L);
+}
+
+// dst[b][c][j] = src[c][j][w0 + b] for the nb <= kColumnBlock columns from w0 of one NCHW
+// image (C planes of H x W). Transposed through a kColumnBlock x kColumnBlock tile, so that both
+// the reads (nb adjacent columns) and the writes (adjacent j) are runs of contiguous memory.
+template <typename T>
+void gather_columns(const T* src, int64_t C, int64_t H, int64_t W, int64_t w0, int64_t nb,
+                    T* dst) {
+  T tile[kColumnBlock][kColumnBlock];
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j0 = 0; j0 < H; j0 += kColumnBlock) {
+      const int64_t nj = std::min(kColumnBlock, H - j0);
+      for (int64_t j = 0; j < nj; ++j) {
+        const T* s = src + (c * H + j0 + j) * W + w0;
+        for (int64_t b = 0; b < nb; ++b) tile[b][j] = s[b];
+      }
+      for (int64_t b = 0; b < nb; ++b) std::copy(tile[b], tile[b] + nj, dst + (b * C + c) * H + j0);
+    }
+}
+
+// The inverse: dst[c][j][w0 + b] = src[b][c][j].
+template <typename T>
+void scatter_columns(const T* src, int64_t C, int64_t H, int64_t W, int64_t w0, int64_t nb,
+                     T* dst) {
+  T tile[kColumnBlock][kColumnBlock];
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j0 = 0; j0 < H; j0 += kColumnBlock) {
+      const int64_t nj = std::min(kColumnBlock, H - j0);
+      for (int64_t b = 0; b < nb; ++b) {
+        const T* s = src + (b * C + c) * H + j0;
+        for (int64_t j = 0; j < nj; ++j) tile[j][b] = s[j];
+      }
+      for (int64_t j = 0; j < nj; ++j) std::copy(tile[j], tile[j] + nb, dst + (c * H + j0 + j) * W + w0);
+    }
+}
+
+// Runs fn(n, w0, nb, scratch) over blocks of at most kColumnBlock adjacent columns of one image,
+// the N·W columns split between the threads; `scratch` is each thread's buffer of
+// `scratch_size` elements, allocated once per thread and not initialised.
+template <typename T, typename Fn>
+void for_column_blocks(int64_t N, int64_t W, int64_t scratch_size, Fn fn) {
+  at::parallel_for(0, N * W, kColumnBlock, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<T[]> scratch(new T[scratch_size]);
+    for (int64_t i = begin; i < end;) {
+      const int64_t n = i / W, w0 = i % W, nb = std::min({kColumnBlock, W - w0, end - i});
+      fn(n, w0, nb, scratch.get());
+      i += nb;
+    }
+  });
+}
+
+// Row i of E becomes exp(E_i - m_i) with m_i its maximum over the unmasked keys; s_i is the sum.
+// The masked self key of a column gets weight 0, and a query with no key at all (the column of
+// a one-row image) gets m = -inf, s = 0 and no weights.
+template <typename T>
+void exp_rows(T* E, const Line& l, T* m, T* s) {
+  const int64_t L = l.length;
+  for (int64_t i = 0; i < L; ++i) {
+    T* e = E + i * L;
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t z = 0; z < L; ++z)
+      if (!(l.column && z == i)) mx = std::max(mx, e[z]);
+    if (mx == -std::numeric_limits<T>::infinity()) {
+      std::fill(e, e + L, T(0));
+      m[i] = mx;
+      s[i] = T(0);
+      continue;
+    }
+    for (int64_t z = 0; z < L; ++z) e[z] -= mx;
+    exp_inplace(e, L);
+    if (l.column) e[i] = T(0);
+    T sum = 0;
+    for (int64_t z = 0; z < L; ++z) sum += e[z];
+    m[i] = mx;
+    s[i] = sum;
   }
-  for (int64_t i = 0; i < (W + H) * W; ++i) E[i] *= scale;
 }
 
-// With y != nullptr also the residual epilogue y = gamma · out + residual, written from the same
-// accumulator as out (residual contiguous NCHW like out).
+// The forward, in two passes over pixel-major Q, K (N, H, W, Cqk) and NCHW v:
+//   A. per column: P = exp(E - m_col) with the column's own softmax statistics (m_col, s_col),
+//      and the unnormalised column part V_c Pᵀ scattered into out.
+//   B. per row: the row's statistics are merged with the column's (log-sum-exp), the column
+//      part in out is rescaled in place and the row part added by one GEMM (beta = 1), with the
+//      residual epilogue y = gamma·out + residual and lse.
+// Each energy is computed once, and each pass writes only the pixels of its own lines.
 template <typename T>
-void forward_kernel(const T* q, const T* k, const T* v, T* out, T* lse, int64_t N, int64_t Cqk,
-                    int64_t Cv, int64_t H, int64_t W, T scale, const T* residual = nullptr,
-                    T* y = nullptr, T gamma = T(0)) {
+void forward_kernel(const T* Q, const T* K, const T* v, T* mcol, T* scol, T* out, T* lse,
+                    int64_t N, int64_t Cqk, int64_t Cv, int64_t H, int64_t W, T scale,
+                    const T* residual = nullptr, T* y = nullptr, T gamma = T(0)) {
   const int64_t HW = H * W;
+  const int64_t block = kColumnBlock * Cv * H;
+  for_column_blocks<T>(N, W, 2 * block + H * H + 2 * H, [&](int64_t n, int64_t w0, int64_t nb,
+                                                             T* scratch) {
+    T *Vb = scratch, *Ob = Vb + block, *E = Ob + block, *m = E + H * H, *s = m + H;
+    gather_columns(v + n * Cv * HW, Cv, H, W, w0, nb, Vb);
+    for (int64_t b = 0; b < nb; ++b) {
+      const Line l = column_line(H, W, w0 + b);
+      line_energies(Q + n * HW * Cqk, K + n * HW * Cqk, Cqk, l, scale, E);
+      exp_rows(E, l, m, s);
+      for (int64_t i = 0; i < H; ++i) {
+        mcol[n * HW + l.first + i * l.stride] = m[i];
+        scol[n * HW + l.first + i * l.stride] = s[i];
+      }
+      gemm_rm(false, true, Cv, H, H, T(1), Vb + b * Cv * H, H, E, H, T(0), Ob + b * Cv * H, H);
+    }
+    scatter_columns(Ob, Cv, H, W, w0, nb, out + n * Cv * HW);
+  });
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> E((W + H) * W), m(W), l(W), acc(W);
+    std::vector<T> E(W * W), m(W), s(W), f(W);
     for (int64_t nh = begin; nh < end; ++nh) {
-      const int64_t n = nh / H, h = nh % H;
-      const T* qn = q + n * Cqk * HW;
-      const T* kn = k + n * Cqk * HW;
-      const T* vn = v + n * Cv * HW;
-      row_energies(qn, kn, Cqk, H, W, h, scale, E.data());
-      // Softmax over the W + H - 1 keys of each pixel; the self entry of the column is skipped.
-      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
-      for (int64_t s = 0; s < W + H; ++s) {
-        if (s == W + h) continue;
-        const T* e = E.data() + s * W;
-        for (int64_t w = 0; w < W; ++w) m[w] = std::max(m[w], e[w]);
-      }
-      std::fill(l.begin(), l.end(), T(0));
-      for (int64_t s = 0; s < W + H; ++s) {
-        T* e = E.data() + s * W;
-        if (s == W + h) {
-          std::fill(e, e + W, T(0));
-          continue;
-        }
-        for (int64_t w = 0; w < W; ++w) e[w] -= m[w];
-        exp_inplace(e, W);
-        for (int64_t w = 0; w < W; ++w) l[w] += e[w];
-      }
-      T* lse_row = lse + n * HW + h * W;
+      const int64_t n = nh / H;
+      const Line l = row_line(W, nh % H);
+      line_energies(Q + n * HW * Cqk, K + n * HW * Cqk, Cqk, l, scale, E.data());
+      exp_rows(E.data(), l, m.data(), s.data());
+      const int64_t p0 = n * HW + l.first;
       for (int64_t w = 0; w < W; ++w) {
-        lse_row[w] = m[w] + std::log(l[w]);
-        l[w] = T(1) / l[w];
+        const T mc = mcol[p0 + w], sc = scol[p0 + w];
+        const T M = std::max(m[w], mc);
+        const T ar = std::exp(m[w] - M), ac = sc > T(0) ? std::exp(mc - M) : T(0);
+        const T Z = ar * s[w] + ac * sc;
+        lse[p0 + w] = M + std::log(Z);
+        for (int64_t z = 0; z < W; ++z) E[w * W + z] *= ar / Z;
+        f[w] = ac / Z;
       }
-      for (int64_t s = 0; s < W + H; ++s) {
-        T* e = E.data() + s * W;
-        for (int64_t w = 0; w < W; ++w) e[w] *= l[w];
-      }
-      for (int64_t c = 0; c < Cv; ++c) {
-        const T* vc = vn + c * HW;
-        std::fill(acc.begin(), acc.end(), T(0));
-        accumulate_rows(acc.data(), W, W, [&](int64_t z) { return E.data() + z * W; },
-                        [&](int64_t z) { return vc[h * W + z]; });
-        // The weights of the self entry (row W + h) are zero, so the column runs over all H.
-        accumulate_products(acc.data(), W, H, [&](int64_t j) { return E.data() + (W + j) * W; },
-                            [&](int64_t j) { return vc + j * W; });
-        const int64_t row = n * Cv * HW + c * HW + h * W;
-        std::copy(acc.begin(), acc.end(), out + row);
-        if (y != nullptr) {
-          const T* x = residual + row;
-          T* yrow = y + row;
-          for (int64_t w = 0; w < W; ++w) yrow[w] = gamma * acc[w] + x[w];
+      const int64_t base = n * Cv * HW + l.first;
+      T* o = out + base;
+      for (int64_t c = 0; c < Cv; ++c)
+        for (int64_t w = 0; w < W; ++w) o[c * HW + w] *= f[w];
+      gemm_rm(false, true, Cv, W, W, T(1), v + base, HW, E.data(), W, T(1), o, HW);
+      if (y != nullptr)
+        for (int64_t c = 0; c < Cv; ++c) {
+          const T* x = residual + base + c * HW;
+          T* yc = y + base + c * HW;
+          for (int64_t w = 0; w < W; ++w) yc[w] = gamma * o[c * HW + w] + x[w];
         }
-      }
     }
   });
 }
 
-// ---- fused backward -----------------------------------------------------------------------
-
-// `go` is the incoming gradient scaled by `gamma` before use: gamma = 1 for cca_backward; for
-// cca_residual_backward go is grad_y and the gradient of out is gamma · grad_y. Everything is
-// linear in it, so gamma enters as a factor on dS (gamma · scale), on the row-key coefficients of
-// dv and on the column-key weights of dv; no scaled copy of grad_y is made. Dbuf receives
-// <go_u, out_u> per pixel before that scaling: summed, it is the gradient of gamma.
+// D_u = <go_u, out_u> per pixel, from NCHW go and out: (N, H, W).
 template <typename T>
-void backward_kernel(const T* go, const T* q, const T* k, const T* v, const T* out, const T* lse,
-                     T* gq, T* gk, T* gv, T* Dbuf, int64_t N, int64_t Cqk, int64_t Cv, int64_t H,
-                     int64_t W, T scale, T gamma = T(1)) {
+void pixel_dots(const T* go, const T* out, T* D, int64_t N, int64_t C, int64_t H, int64_t W) {
   const int64_t HW = H * W;
-  const T scale_gamma = scale * gamma;
-  // Pass A: one pixel row at a time.
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P((W + H) * W), dS((W + H) * W), PT(W * W), dST(W * W), D(W), acc(W);
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / H, h = nh % H;
-      const T* qn = q + n * Cqk * HW;
-      const T* kn = k + n * Cqk * HW;
-      const T* vn = v + n * Cv * HW;
-      const T* gon = go + n * Cv * HW;
-      const T* on = out + n * Cv * HW;
-      const T* lse_row = lse + n * HW + h * W;
-      row_energies(qn, kn, Cqk, H, W, h, scale, P.data());
-      for (int64_t s = 0; s < W + H; ++s) {
-        T* p = P.data() + s * W;
-        if (s == W + h) {
-          std::fill(p, p + W, T(0));
-          continue;
-        }
-        for (int64_t w = 0; w < W; ++w) p[w] -= lse_row[w];
-        exp_inplace(p, W);
-      }
-      // D_u = <go_u, O_u> and dP[s][w] = <go_u, v_s>, both before the gamma factor.
-      std::fill(D.begin(), D.end(), T(0));
-      std::fill(dS.begin(), dS.end(), T(0));
-      auto gorow = [&](int64_t c) { return gon + c * HW + h * W; };
-      accumulate_products(D.data(), W, Cv, gorow, [&](int64_t c) { return on + c * HW + h * W; });
-      for (int64_t z = 0; z < W; ++z)
-        accumulate_rows(dS.data() + z * W, W, Cv, gorow,
-                        [&](int64_t c) { return vn[c * HW + h * W + z]; });
-      for (int64_t j = 0; j < H; ++j) {
-        if (j == h) continue;
-        accumulate_products(dS.data() + (W + j) * W, W, Cv, gorow,
-                            [&](int64_t c) { return vn + c * HW + j * W; });
-      }
-      std::copy(D.begin(), D.end(), Dbuf + n * HW + h * W);
-      for (int64_t s = 0; s < W + H; ++s) {
-        T* d = dS.data() + s * W;
-        const T* p = P.data() + s * W;
-        for (int64_t w = 0; w < W; ++w) d[w] = p[w] * (d[w] - D[w]) * scale_gamma;
-      }
-      // dq for the pixels of row h.
-      for (int64_t c = 0; c < Cqk; ++c) {
-        const T* kc = kn + c * HW;
-        std::fill(acc.begin(), acc.end(), T(0));
-        accumulate_rows(acc.data(), W, W, [&](int64_t z) { return dS.data() + z * W; },
-                        [&](int64_t z) { return kc[h * W + z]; });
-        // dS of the self entry (row W + h) is zero.
-        accumulate_products(acc.data(), W, H, [&](int64_t j) { return dS.data() + (W + j) * W; },
-                            [&](int64_t j) { return kc + j * W; });
-        std::copy(acc.begin(), acc.end(), gq + n * Cqk * HW + c * HW + h * W);
-      }
-      // Row-key part of dk, dv for the keys (h, z): gk[c,h,z] = sum_w dS[z][w] q[c,h,w]. Written
-      // as axpys over z with the (W x W) row blocks transposed (PT[w][z]), so that the loops
-      // vectorise along z instead of ending in a horizontal sum per (c, z).
-      for (int64_t z = 0; z < W; ++z)
-        for (int64_t w = 0; w < W; ++w) {
-          PT[w * W + z] = P[z * W + w];
-          dST[w * W + z] = dS[z * W + w];
-        }
-      for (int64_t c = 0; c < Cqk; ++c) {
-        const T* qrow = qn + c * HW + h * W;
-        T* gkrow = gk + n * Cqk * HW + c * HW + h * W;
-        std::fill(gkrow, gkrow + W, T(0));
-        accumulate_rows(gkrow, W, W, [&](int64_t w) { return dST.data() + w * W; },
-                        [&](int64_t w) { return qrow[w]; });
-      }
-      for (int64_t c = 0; c < Cv; ++c) {
-        const T* gorow = gon + c * HW + h * W;
-        T* gvrow = gv + n * Cv * HW + c * HW + h * W;
-        std::fill(gvrow, gvrow + W, T(0));
-        accumulate_rows(gvrow, W, W, [&](int64_t w) { return PT.data() + w * W; },
-                        [&](int64_t w) { return gamma * gorow[w]; });
-      }
+      T* d = D + n * HW + h * W;
+      std::fill(d, d + W, T(0));
+      accumulate_products(d, W, C, [&](int64_t c) { return go + (n * C + c) * HW + h * W; },
+                          [&](int64_t c) { return out + (n * C + c) * HW + h * W; });
     }
   });
-  // Pass B: one key row j at a time; adds the column-key part to dk, dv of row j. First the
-  // weights P[h] and dS[h] of the pixels (h, w), h != j, for their key (j, w) (zero for h = j),
-  // then dv and dk of row j as sums over h, four rows per sweep.
+}
+
+// The weights P of a line recomputed from the saved lse, and dS = P (dP - D)·scale·gamma from
+// dP (in dS on entry). gamma scales the incoming gradient G (cca_residual_backward: G is grad_y
+// and the gradient of out is gamma·grad_y); D holds <G_u, out_u> before that factor.
+template <typename T>
+void line_weights(const Line& l, const T* Q, const T* K, const T* lse, int64_t Cqk, T scale,
+                  T* P) {
+  const int64_t L = l.length;
+  line_energies(Q, K, Cqk, l, scale, P);
+  for (int64_t i = 0; i < L; ++i) {
+    T* p = P + i * L;
+    const T x = lse[l.first + i * l.stride];
+    for (int64_t z = 0; z < L; ++z) p[z] -= x;
+    exp_inplace(p, L);
+    if (l.column) p[i] = T(0);
+  }
+}
+
+template <typename T>
+void line_score_grads(const Line& l, const T* P, const T* D, T scale_gamma, T* dS) {
+  const int64_t L = l.length;
+  for (int64_t i = 0; i < L; ++i) {
+    const T d = D[l.first + i * l.stride];
+    T* ds = dS + i * L;
+    const T* p = P + i * L;
+    for (int64_t z = 0; z < L; ++z) ds[z] = p[z] * (ds[z] - d) * scale_gamma;
+  }
+}
+
+// dQ_l = dS K_l and dK_l = dSᵀ Q_l, written (beta = 0) or added (beta = 1) to pixel-major dQ, dK.
+template <typename T>
+void line_qk_grads(const Line& l, const T* Q, const T* K, const T* dS, int64_t Cqk, T beta, T* dQ,
+                   T* dK) {
+  const int64_t L = l.length, ld = l.stride * Cqk, off = l.first * Cqk;
+  gemm_rm(false, false, L, Cqk, L, T(1), dS, L, K + off, ld, beta, dQ + off, ld);
+  gemm_rm(true, false, L, Cqk, L, T(1), dS, L, Q + off, ld, beta, dK + off, ld);
+}
+
+// rows[c·HW + w] = pix[w·C + c]: one image row of W pixels, pixel-major to NCHW.
+template <typename T>
+void store_row_nchw(const T* pix, int64_t W, int64_t C, int64_t HW, T* rows) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t w = 0; w < W; ++w) rows[c * HW + w] = pix[w * C + c];
+}
+
+// The backward: pass A writes each column's part of dQ, dK (pixel-major) and gv (NCHW, through
+// the column blocks); pass B adds each row's part and stores the finished rows of dQ, dK NCHW
+// into gq, gk. No two tasks of a pass touch the same pixel, and the order of the passes is
+// fixed, so the result does not depend on the thread count.
+template <typename T>
+void backward_kernel(const T* Q, const T* K, const T* v, const T* go, const T* lse, const T* D,
+                     T* dQ, T* dK, T* gq, T* gk, T* gv, int64_t N, int64_t Cqk, int64_t Cv,
+                     int64_t H, int64_t W, T scale, T gamma) {
+  const int64_t HW = H * W;
+  const T sg = scale * gamma;
+  const int64_t block = kColumnBlock * Cv * H;
+  for_column_blocks<T>(N, W, 3 * block + 2 * H * H, [&](int64_t n, int64_t w0, int64_t nb,
+                                                         T* scratch) {
+    T *Vb = scratch, *Gb = Vb + block, *Ob = Gb + block, *P = Ob + block, *dS = P + H * H;
+    const int64_t iq = n * HW * Cqk;
+    gather_columns(v + n * Cv * HW, Cv, H, W, w0, nb, Vb);
+    gather_columns(go + n * Cv * HW, Cv, H, W, w0, nb, Gb);
+    for (int64_t b = 0; b < nb; ++b) {
+      const Line l = column_line(H, W, w0 + b);
+      const T *Vc = Vb + b * Cv * H, *Gc = Gb + b * Cv * H;
+      line_weights(l, Q + iq, K + iq, lse + n * HW, Cqk, scale, P);
+      gemm_rm(true, false, H, H, Cv, T(1), Gc, H, Vc, H, T(0), dS, H);
+      line_score_grads(l, P, D + n * HW, sg, dS);
+      line_qk_grads(l, Q + iq, K + iq, dS, Cqk, T(0), dQ + iq, dK + iq);
+      gemm_rm(false, false, Cv, H, H, gamma, Gc, H, P, H, T(0), Ob + b * Cv * H, H);
+    }
+    scatter_columns(Ob, Cv, H, W, w0, nb, gv + n * Cv * HW);
+  });
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> P(H * W), dS(H * W);
-    for (int64_t nj = begin; nj < end; ++nj) {
-      const int64_t n = nj / H, j = nj % H;
-      const T* qn = q + n * Cqk * HW;
-      const T* kn = k + n * Cqk * HW;
-      const T* vn = v + n * Cv * HW;
-      const T* gon = go + n * Cv * HW;
-      std::fill(P.begin(), P.end(), T(0));
-      std::fill(dS.begin(), dS.end(), T(0));
-      for (int64_t h = 0; h < H; ++h) {
-        if (h == j) continue;
-        T* p = P.data() + h * W;
-        T* ds = dS.data() + h * W;
-        accumulate_products(p, W, Cqk, [&](int64_t c) { return qn + c * HW + h * W; },
-                            [&](int64_t c) { return kn + c * HW + j * W; });
-        const T* lse_row = lse + n * HW + h * W;
-        for (int64_t w = 0; w < W; ++w) p[w] = p[w] * scale - lse_row[w];
-        exp_inplace(p, W);
-        accumulate_products(ds, W, Cv, [&](int64_t c) { return gon + c * HW + h * W; },
-                            [&](int64_t c) { return vn + c * HW + j * W; });
-        const T* D = Dbuf + n * HW + h * W;
-        for (int64_t w = 0; w < W; ++w) {
-          ds[w] = p[w] * (ds[w] - D[w]) * scale_gamma;
-          p[w] *= gamma;  // the column-key weight of dv: P · gamma · grad_y
-        }
-      }
-      for (int64_t c = 0; c < Cv; ++c)
-        accumulate_products(gv + n * Cv * HW + c * HW + j * W, W, H,
-                            [&](int64_t h) { return P.data() + h * W; },
-                            [&](int64_t h) { return gon + c * HW + h * W; });
-      for (int64_t c = 0; c < Cqk; ++c)
-        accumulate_products(gk + n * Cqk * HW + c * HW + j * W, W, H,
-                            [&](int64_t h) { return dS.data() + h * W; },
-                            [&](int64_t h) { return qn + c * HW + h * W; });
+    std::vector<T> P(W * W), dS(W * W);
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const int64_t n = nh / H, iq = n * HW * Cqk;
+      const Line l = row_line(W, nh % H);
+      const int64_t base = n * Cv * HW + l.first;
+      line_weights(l, Q + iq, K + iq, lse + n * HW, Cqk, scale, P.data());
+      gemm_rm(true, false, W, W, Cv, T(1), go + base, HW, v + base, HW, T(0), dS.data(), W);
+      line_score_grads(l, P.data(), D + n * HW, sg, dS.data());
+      line_qk_grads(l, Q + iq, K + iq, dS.data(), Cqk, T(1), dQ + iq, dK + iq);
+      gemm_rm(false, false, Cv, W, W, gamma, go + base, HW, P.data(), W, T(1), gv + base, HW);
+      const int64_t off = iq + l.first * Cqk, row = n * Cqk * HW + l.first;
+      store_row_nchw(dQ + off, W, Cqk, HW, gq + row);
+      store_row_nchw(dK + off, W, Cqk, HW, gk + row);
     }
   });
 }

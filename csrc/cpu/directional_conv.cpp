@@ -114,26 +114,29 @@ Grads backward_aten(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
   // ReLU's gradient is taken as 0 where y == 0, as torch.relu's backward does.
   const Tensor g_act = relu ? at::threshold_backward(grad_y, y, 0) : grad_y;
   const Tensor w_eff = scale.has_value() ? weight * scale->view({-1, 1, 1, 1}) : weight;
-  Tensor grad_x, gw_act;
+  // One convolution_backward call for every device, asked for grad_x too except on CUDA. It
+  // computes the weight gradient with the backend's own weight-gradient algorithm (cuDNN's wgrad
+  // on CUDA, oneDNN / the dilated slow path on the CPU), so the CPU tests run the very call the
+  // CUDA backend makes. Written as a forward convolution instead (x^T * g_act^T with stride =
+  // dilation, a kh × kw output from an H × W "filter"), cuDNN can be very slow. Like F.conv2d's
+  // backward (the reference backend), the weight gradient is deterministic when
+  // torch.backends.cudnn.deterministic (or torch.use_deterministic_algorithms) asks for it.
+  auto grads = at::convolution_backward(g_act, x, w_eff, std::nullopt, {1, 1}, pad, dilation,
+                                        false, {0, 0}, 1, {!x.is_cuda(), true, false});
+  const Tensor gw_act = std::get<1>(grads);  // depends on g_act and x only, not on the weight
+  Tensor grad_x;
   if (x.is_cuda()) {
-    // cuDNN's backward algorithms may accumulate with atomics; these two convolutions are the
-    // same gradients written as forward convolutions with `deterministic` requested:
+    // cuDNN's data-gradient algorithms may accumulate with atomics; the same gradient as a
+    // same-padded forward convolution with the flipped, transposed kernel (an ordinary conv
+    // shape) and `deterministic` requested:
     //   grad_x = conv(g_act, flip(w_eff)^T, same padding, dilation)            (stride 1)
-    //   gw_act = conv(x^T, g_act^T, padding, stride = dilation)^T               (kh x kw output)
     auto& ctx = at::globalContext();
-    const bool tf32 = ctx.allowTF32CuDNN();
     grad_x = at::_convolution(g_act, w_eff.flip({2, 3}).transpose(0, 1), std::nullopt, {1, 1},
                               pad, dilation, false, {0, 0}, 1, ctx.benchmarkCuDNN(),
-                              /*deterministic=*/true, ctx.userEnabledCuDNN(), tf32);
-    gw_act = at::_convolution(x.transpose(0, 1), g_act.transpose(0, 1), std::nullopt, dilation,
-                              pad, {1, 1}, false, {0, 0}, 1, ctx.benchmarkCuDNN(),
-                              /*deterministic=*/true, ctx.userEnabledCuDNN(), tf32)
-                 .transpose(0, 1);
+                              /*deterministic=*/true, ctx.userEnabledCuDNN(),
+                              ctx.allowTF32CuDNN());
   } else {
-    auto grads = at::convolution_backward(g_act, x, w_eff, std::nullopt, {1, 1}, pad, dilation,
-                                          false, {0, 0}, 1, {true, true, false});
     grad_x = std::get<0>(grads);
-    gw_act = std::get<1>(grads);  // depends on g_act and x only, not on the weight
   }
   // The small reductions run in the op-math type (fp32 for fp16/bf16), rounded once at the end.
   const auto acc = at::toOpMathType(x.scalar_type());

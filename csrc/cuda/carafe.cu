@@ -30,8 +30,9 @@
 //     per tap in shared memory (for the fused op, p = exp(logit − lse)).
 // Accumulation in fp32 for fp16/bf16/fp32 (at::opmath_type), fp64 for fp64.
 //
-// The device code is in carafe_kernels.cuh (no ATen there, so tests/test_carafe.py can compile it
-// for the host and check it without a GPU); this file holds the checks and the launches.
+// The device code and the launch decisions (channel splits, shared memory bytes, the grad_out
+// copy) are in carafe_kernels.cuh (no ATen there, so tests/test_carafe.py compiles them for the
+// host and checks them without a GPU); this file holds the checks and the launches.
 
 
 #include <ATen/ATen.h>
@@ -80,13 +81,13 @@ Geometry check_inputs(const char* op, const at::Tensor& features, const at::Tens
 // Dynamic shared memory of the staged masks; raises the per-kernel limit past 48 KiB when needed.
 template <typename Kernel>
 size_t prepare_smem(const char* op, Kernel kernel, const Geometry& g, size_t elem) {
-  const size_t bytes = static_cast<size_t>(g.k * g.k * g.s * g.s) * kLanes * elem;
+  const size_t bytes = staged_mask_bytes(g.k, g.s, elem);
   const int device = at::cuda::current_device();
   const size_t optin = at::cuda::getDeviceProperties(device)->sharedMemPerBlockOptin;
   TORCH_CHECK(bytes <= optin, op, ": kernel_size² · scale_factor² = ", g.k * g.k * g.s * g.s,
               " needs ", bytes, " bytes of shared memory per block, past this device's ", optin,
               " (at most ", optin / (kLanes * elem), " for this dtype)");
-  if (bytes > 48 * 1024) {
+  if (bytes > kSmemWithoutOptin) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
@@ -94,17 +95,12 @@ size_t prepare_smem(const char* op, Kernel kernel, const Geometry& g, size_t ele
 }
 
 int64_t tile_count(const Geometry& g) {
-  return (g.W + kLanes - 1) / kLanes * g.H * g.N * g.G;
+  return carafe_cuda::tile_count(g.N, g.H, g.W, g.G);
 }
 
-// Channel splits: enough blocks to fill the device (≈ 4 per SM), but at least a full pass of
-// kWarps·CB channels per block.
 int channel_splits(const Geometry& g, int cb) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t tiles = std::max<int64_t>(tile_count(g), 1);
-  const int64_t want = (4 * sms + tiles - 1) / tiles;
-  const int64_t most = (g.C / g.G + kWarps * cb - 1) / (kWarps * cb);
-  return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
+  return carafe_cuda::channel_splits(tile_count(g), g.C / g.G, cb, sms);
 }
 
 void check_grid(const char* op, int64_t blocks) {
@@ -168,9 +164,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out_in,
   carafe_checks::check_grad_out(op, grad_out_in, features_in, s);
   const c10::cuda::CUDAGuard guard(features_in.device());
   at::Tensor grad_out = grad_out_in.contiguous();
-  // grad_out is read s children at a time as one vector; a contiguous view with an odd storage
-  // offset would make that a misaligned access, so such a view is copied to a fresh buffer.
-  if (reinterpret_cast<uintptr_t>(grad_out.data_ptr()) % 16 != 0) grad_out = grad_out.clone();
+  if (grad_out_needs_copy(grad_out.data_ptr())) grad_out = grad_out.clone();
   const at::Tensor features = features_in.contiguous();
   const at::Tensor masks = masks_in.contiguous();
   at::Tensor grad_features = at::empty(features.sizes(), features.options());

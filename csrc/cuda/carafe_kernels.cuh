@@ -4,7 +4,9 @@
 // thread, a barrier for __syncthreads) and check their indexing without a GPU.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 
@@ -409,6 +411,36 @@ constexpr int mask_tb() {
   return S_CT == 1 ? 8 : S_CT == 2 ? 4 : S_CT == 3 ? 2 : S_CT == 4 ? 2 : 4;
 }
 constexpr int kFeatureCB = 8;
+
+// ---- host-side launch decisions (the glue's, callable by the host emulation) --------------------
+
+// Blocks of one channel split: one per 32-pixel row tile of each (n, g).
+inline int64_t tile_count(int64_t N, int64_t H, int64_t W, int64_t G) {
+  return (W + kLanes - 1) / kLanes * H * N * G;
+}
+
+// Channel splits: enough blocks to fill the device (about 4 per SM), but at least a full pass of
+// kWarps·cb channels per block.
+inline int channel_splits(int64_t tiles, int64_t Cg, int cb, int sms) {
+  const int64_t want = (4 * static_cast<int64_t>(sms) + std::max<int64_t>(tiles, 1) - 1) /
+                       std::max<int64_t>(tiles, 1);
+  const int64_t most = (Cg + kWarps * cb - 1) / (kWarps * cb);
+  return static_cast<int>(std::max<int64_t>(1, std::min(want, most)));
+}
+
+// Dynamic shared memory of the staged masks, k²·s² accumulators per pixel of the 32-pixel tile,
+// and what a block may use without raising cudaFuncAttributeMaxDynamicSharedMemorySize.
+inline size_t staged_mask_bytes(int64_t k, int64_t s, size_t acc_bytes) {
+  return static_cast<size_t>(k * k * s * s) * kLanes * acc_bytes;
+}
+constexpr size_t kSmemWithoutOptin = 48 * 1024;
+
+// grad_out is read s children at a time as one vector (up to 16 bytes, see ChildRow): a
+// contiguous view whose data starts off a 16-byte boundary (an odd storage offset) is copied to a
+// fresh, aligned buffer first.
+inline bool grad_out_needs_copy(const void* grad_out) {
+  return reinterpret_cast<uintptr_t>(grad_out) % 16 != 0;
+}
 
 }  // namespace carafe_cuda
 }  // namespace armnet_ops
