@@ -4,7 +4,7 @@
     model = armnet_tiny(ops_backend="auto")
     logits = model(images)["logits"]            # (N, 2, H, W)
 
-Command line: `python -m armnet {train,eval,predict,export,synth} --help`.
+Command line: `python -m armnet {train,eval,predict,export,check-data,synth} --help`.
 
 The names below are imported on first use, not with the package: `python -m armnet predict
 --onnx` runs on ONNX Runtime without torch, and the package is imported before its CLI.

@@ -39,7 +39,7 @@ from armnet_ops.info import environment
 
 from .checkpoint import load_model
 from .data import build_dataset, collate
-from .imaging import load_image, normalize_array, write_prediction
+from .imaging import limited_size, load_image, normalize_array, write_prediction
 from .metrics import TextSegMetrics, format_table
 from .train import amp_dtype
 
@@ -151,14 +151,10 @@ def _probs(args, model, x, dtype, size):
 def limit_side(x: torch.Tensor, max_side: int) -> torch.Tensor:
     """`x` (N, C, H, W) downscaled (bilinear, antialiased) so its longer side is at most
     `max_side`; unchanged if it already is or `max_side` is 0."""
-    if max_side < 0:
-        raise ValueError(f"max_side must be >= 0 (0: no limit), got {max_side}")
-    h, w = x.shape[-2:]
-    if not max_side or max(h, w) <= max_side:
+    size = limited_size(*x.shape[-2:], max_side)
+    if size is None:
         return x
-    s = max_side / max(h, w)
-    return F.interpolate(x, size=(max(round(h * s), 1), max(round(w * s), 1)), mode="bilinear",
-                         align_corners=False, antialias=True)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def evaluate(args) -> dict:

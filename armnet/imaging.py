@@ -40,20 +40,28 @@ def load_image(path: str, mode: str = "RGB", what: str = "image") -> Image.Image
         return im.convert(mode)
 
 
-def limit_side(x: np.ndarray, max_side: int) -> np.ndarray:
-    """`predict --max-side` in numpy: x (..., C, H, W) float32 downscaled so its longer side is at
-    most max_side, bilinear with antialiasing (Pillow's float resize, which PyTorch's
-    antialiased bilinear interpolation, used by predict, was built to match)."""
+def limited_size(h: int, w: int, max_side: int) -> tuple[int, int] | None:
+    """`--max-side`: the (height, width) that brings the longer side down to max_side, or None
+    when (h, w) is within it or max_side is 0."""
     if max_side < 0:
         raise ValueError(f"max_side must be >= 0 (0: no limit), got {max_side}")
-    h, w = x.shape[-2:]
     if not max_side or max(h, w) <= max_side:
-        return x
+        return None
     s = max_side / max(h, w)
-    size = (max(round(w * s), 1), max(round(h * s), 1))
+    return max(round(h * s), 1), max(round(w * s), 1)
+
+
+def limit_side(x: np.ndarray, max_side: int) -> np.ndarray:
+    """`predict --max-side` in numpy: x (..., C, H, W) float32 downscaled to limited_size,
+    bilinear with antialiasing (Pillow's float resize, which PyTorch's antialiased bilinear
+    interpolation, used by predict, was built to match)."""
+    h, w = x.shape[-2:]
+    size = limited_size(h, w, max_side)
+    if size is None:
+        return x
     flat = x.reshape(-1, h, w)
-    out = [np.asarray(Image.fromarray(c, mode="F").resize(size, Image.BILINEAR)) for c in flat]
-    return np.stack(out).reshape(*x.shape[:-2], size[1], size[0]).astype(np.float32)
+    out = [np.asarray(Image.fromarray(c, mode="F").resize(size[::-1], Image.BILINEAR)) for c in flat]
+    return np.stack(out).reshape(*x.shape[:-2], *size).astype(np.float32)
 
 
 def normalize_array(img: Image.Image) -> np.ndarray:
