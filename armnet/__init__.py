@@ -4,10 +4,22 @@
     model = armnet_tiny(ops_backend="auto")
     logits = model(images)["logits"]            # (N, 2, H, W)
 
-Command line: `python -m armnet {train,eval,predict,synth} --help`.
-"""
-from .backbone import load_backbone_weights, resnet50_os8, resnet_tiny
-from .model import ARMNet, ARMNetLoss, armnet_r50, armnet_tiny, build_model
+Command line: `python -m armnet {train,eval,predict,export,check-data,synth} --help`.
 
-__all__ = ["ARMNet", "ARMNetLoss", "armnet_r50", "armnet_tiny", "build_model",
-           "load_backbone_weights", "resnet50_os8", "resnet_tiny"]
+The names below are imported on first use, not with the package: `python -m armnet predict
+--onnx` runs on ONNX Runtime without torch, and the package is imported before its CLI.
+"""
+import importlib
+
+_LAZY = {"load_backbone_weights": ".backbone", "resnet50_os8": ".backbone",
+         "resnet_tiny": ".backbone", "ARMNet": ".model", "ARMNetLoss": ".model",
+         "armnet_r50": ".model", "armnet_tiny": ".model", "build_model": ".model"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'armnet' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

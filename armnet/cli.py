@@ -1,4 +1,8 @@
-"""Command line: `python -m armnet {train,eval,predict,check-data,synth}`; see `--help` of each.
+"""Command line: `python -m armnet {train,eval,predict,export,check-data,synth}`; see `--help`
+of each.
+
+`predict --onnx MODEL` runs on ONNX Runtime without torch (armnet/onnx_infer.py): main()
+hands it over before anything imports torch.
 
 The synthetic quality recipe (armnet_tiny on CPU) and its measured result are in
 armnet/README.md, the one place that states them.
@@ -7,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-
-from .model import MODELS
 
 
 # Synthetic eval's default seed: not training's default (0), so that eval is held out by default.
@@ -46,6 +48,7 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .model import MODELS
     ap = argparse.ArgumentParser(prog="python -m armnet", description="ARM-Net scene text segmentation")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -99,10 +102,26 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="write <stem>_mask.png and <stem>_overlay.png per image")
     _common(p, data=False)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--checkpoint", required=True)
+    model_file = p.add_mutually_exclusive_group(required=True)
+    model_file.add_argument("--checkpoint")
+    model_file.add_argument("--onnx", metavar="MODEL.onnx",
+                            help="run an exported model on ONNX Runtime, without torch "
+                                 "(options: IMAGE, --out, --max-side, --scales, --threads)")
     p.add_argument("--model", default=None, choices=sorted(MODELS))
     p.add_argument("--out", required=True, help="output folder")
     _scales(p)
+
+    x = sub.add_parser("export", help="export a checkpoint to ONNX or an AOTInductor package, "
+                       "then reload it and check it against eager PyTorch")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--format", required=True, choices=["onnx", "aoti"])
+    x.add_argument("--out", required=True, help="the .onnx file or the .pt2 package to write")
+    x.add_argument("--dynamic", action="store_true",
+                   help="any batch size, height and width (default: fixed at --size, batch 1)")
+    x.add_argument("--fp16", action="store_true", help="float16 weights and input")
+    x.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
+                   help="the example input's size (the only size without --dynamic)")
+    x.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 18; default: the exporter's)")
 
     c = sub.add_parser("check-data",
                        help="validate a dataset tree: counts per split, every problem found")
@@ -122,6 +141,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"] and any(a == "--onnx" or a.startswith("--onnx=") for a in argv):
+        from .onnx_infer import main as predict_onnx  # no torch on this path
+        return predict_onnx(argv[1:])
     args = parser().parse_args(argv)
     try:
         if args.command == "train":
@@ -135,6 +158,9 @@ def main(argv=None) -> int:
         elif args.command == "predict":
             from .evaluate import predict
             predict(args)
+        elif args.command == "export":
+            from .export import export
+            export(args)
         elif args.command == "check-data":
             from .data import check_data
             return 0 if check_data(args.dataset, args.data_root, deep=not args.quick) else 1

@@ -58,7 +58,6 @@ word polygon; with neither it uses the text mask blurred by a Gaussian.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Callable, NamedTuple
@@ -66,15 +65,14 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from .imaging import IMAGENET_MEAN, IMAGENET_STD, _opened, image_size, load_image  # noqa: F401 - re-exported
 from .synth import render_sample
 
 IGNORE = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -151,32 +149,6 @@ def polygon_gaussian_map(shape, polygons) -> np.ndarray:
 
 
 # ---- image I/O ----------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _opened(path: str, what: str):
-    """Image.open with errors that name the file: FileNotFoundError, or RuntimeError when it is
-    corrupt or not an image (decoding inside the `with` is covered too)."""
-    try:
-        with Image.open(path) as im:
-            yield im
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise RuntimeError(f"cannot read {what} {path!r} (corrupt or not an image): {e}") from e
-
-
-def image_size(path: str, what: str = "image") -> tuple[int, int]:
-    """(height, width) from the file's header, without decoding it."""
-    with _opened(path, what) as im:
-        return im.height, im.width
-
-
-def load_image(path: str, mode: str = "RGB", what: str = "image") -> Image.Image:
-    """Opens an image fully (decoding now, so a truncated file fails here with its name)."""
-    with _opened(path, what) as im:
-        im.load()
-        return im.convert(mode)
-
 
 def load_label(path: str) -> np.ndarray:
     """A label image as a 2-D array of its stored values.

@@ -32,14 +32,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from armnet_ops.info import environment
 
 from .checkpoint import load_model
-from .data import build_dataset, collate, load_image, normalize
+from .data import build_dataset, collate
+from .imaging import limited_size, load_image, normalize_array, write_prediction
 from .metrics import TextSegMetrics, format_table
 from .train import amp_dtype
 
@@ -151,14 +151,10 @@ def _probs(args, model, x, dtype, size):
 def limit_side(x: torch.Tensor, max_side: int) -> torch.Tensor:
     """`x` (N, C, H, W) downscaled (bilinear, antialiased) so its longer side is at most
     `max_side`; unchanged if it already is or `max_side` is 0."""
-    if max_side < 0:
-        raise ValueError(f"max_side must be >= 0 (0: no limit), got {max_side}")
-    h, w = x.shape[-2:]
-    if not max_side or max(h, w) <= max_side:
+    size = limited_size(*x.shape[-2:], max_side)
+    if size is None:
         return x
-    s = max_side / max(h, w)
-    return F.interpolate(x, size=(max(round(h * s), 1), max(round(w * s), 1)), mode="bilinear",
-                         align_corners=False, antialias=True)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def evaluate(args) -> dict:
@@ -222,18 +218,6 @@ def evaluate(args) -> dict:
     return report
 
 
-def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.55) -> Image.Image:
-    """The image with text pixels tinted red and their outline drawn in yellow."""
-    rgb = np.asarray(image.convert("RGB"), np.float32)
-    m = mask.astype(bool)
-    out = rgb.copy()
-    out[m] = (1 - alpha) * rgb[m] + alpha * np.array([255, 0, 0], np.float32)
-    pil_mask = Image.fromarray(np.uint8(m) * 255)
-    edge = (np.asarray(pil_mask.filter(ImageFilter.MaxFilter(3))) > 0) & ~m
-    out[edge] = (255, 230, 0)
-    return Image.fromarray(np.uint8(out))
-
-
 def predict(args) -> list[str]:
     device = _device(args.device)
     protocol_record(args.protocol, args.scales)
@@ -245,15 +229,8 @@ def predict(args) -> list[str]:
     written = []
     for path in args.images:
         img = load_image(path)
-        x = normalize(torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1).float())
+        x = torch.from_numpy(normalize_array(img))
         probs = _probs(args, model, x[None].to(device), dtype, (img.height, img.width))
         mask = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        mpath = os.path.join(args.out, f"{stem}_mask.png")
-        opath = os.path.join(args.out, f"{stem}_overlay.png")
-        Image.fromarray(mask * 255).save(mpath)
-        overlay(img, mask).save(opath)
-        written += [mpath, opath]
-        if not args.quiet:
-            print(f"{path}: {100 * mask.mean():.1f}% text -> {mpath}, {opath}")
+        written += write_prediction(path, img, mask, args.out, quiet=args.quiet)
     return written

@@ -129,6 +129,22 @@ class TextSegmentationModule(nn.Module):
 
 # ---- DPD ----------------------------------------------------------------------------------------
 
+def _pool_matrix(n: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """(k, n): row i averages bin i of adaptive average pooling, [⌊i·n/k⌋, ⌈(i+1)·n/k⌉)."""
+    i = torch.arange(k, device=like.device)[:, None]
+    start, end = (i * n) // k, ((i + 1) * n + k - 1) // k
+    y = torch.arange(n, device=like.device)[None, :]
+    return ((y >= start) & (y < end)).to(like.dtype) / (end - start).to(like.dtype)
+
+
+def adaptive_avg_pool(x: torch.Tensor, k: int) -> torch.Tensor:
+    """F.adaptive_avg_pool2d(x, k) as two products with pooling matrices: the same bins, and
+    it exports with symbolic height and width (ATen's decomposition gathers at indices that
+    assume the traced size)."""
+    h, w = x.shape[-2:]
+    return _pool_matrix(h, k, x) @ x @ _pool_matrix(w, k, x).transpose(0, 1)
+
+
 class ChannelSemanticAwareModule(nn.Module):
     """DPD channel branch: per-sample depthwise k×k kernels from channel attention (eq. 5).
 
@@ -153,12 +169,20 @@ class ChannelSemanticAwareModule(nn.Module):
         w_c = torch.softmax(energy.float(), dim=-1).to(flat.dtype)
         attended = torch.bmm(w_c, flat).reshape(n, c, h, w)
         k = self.kernel_size
-        kernels = F.adaptive_avg_pool2d(self.generate(attended), k)
+        kernels = adaptive_avg_pool(self.generate(attended), k)
         kernels = torch.softmax(kernels.reshape(n, c, k * k).float(), -1).reshape(n, c, k, k)
+        # The depthwise convolution as a sum of k² shifted taps rather than one conv with
+        # groups = N·C: a group count that depends on the batch cannot be exported with a
+        # dynamic batch (ONNX's Conv takes it as an attribute).
         hs, ws = f_s.shape[-2:]
-        out = F.conv2d(f_s.reshape(1, n * c, hs, ws), kernels.reshape(n * c, 1, k, k).to(f_s.dtype),
-                       padding=k // 2, groups=n * c)
-        return out.reshape(n, c, hs, ws)
+        kernels = kernels.to(f_s.dtype)[..., None, None]  # (N, C, k, k, 1, 1)
+        padded = F.pad(f_s, (k // 2,) * 4)
+        out = None
+        for ky in range(k):
+            for kx in range(k):
+                tap = padded[:, :, ky:ky + hs, kx:kx + ws] * kernels[:, :, ky, kx]
+                out = tap if out is None else out + tap
+        return out
 
 
 class DualPerceptualDecoder(nn.Module):
@@ -297,11 +321,12 @@ class ARMNet(nn.Module):
 
     def forward(self, image, rem_target=None) -> dict[str, torch.Tensor | None]:
         H, W = image.shape[-2:]
-        ph, pw = (-H) % 8, (-W) % 8
-        if ph or pw:
-            image = F.pad(image, (0, pw, 0, ph))
-            if rem_target is not None:
-                rem_target = F.pad(rem_target, (0, pw, 0, ph))
+        # Padded without a branch on the size, so that an export with dynamic shapes holds for
+        # every size (a branch would be traced one way and guarded for that case only).
+        ph, pw = (H + 7) // 8 * 8 - H, (W + 7) // 8 * 8 - W
+        image = F.pad(image, (0, pw, 0, ph))
+        if rem_target is not None:
+            rem_target = F.pad(rem_target, (0, pw, 0, ph))
         feats = self.backbone(image)
         f = self.tsm(feats["layer4"])
         rem_map = None

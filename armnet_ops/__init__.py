@@ -6,15 +6,18 @@ each with reference, C++ CPU, CUDA and Triton backends behind one `backend=` key
     up = armnet_ops.carafe_fused(x, logits, 5, 1, 2)               # (N, C, 2H, 2W)
     y = armnet_ops.directional_conv2d(x, w, dilation=(1, 3), activation="relu")
 
-`python -m armnet_ops.info` lists which backends this install has.
+`python -m armnet_ops.info` lists which backends this install has. With onnxscript installed
+(the `deploy` extra), `torch.onnx.export(..., dynamo=True)` translates every op into standard ONNX
+operators (armnet_ops/onnx.py).
 """
-from . import nn, reference
+from . import _onnx_hook, nn, reference
 from ._backend import BACKENDS
 from .carafe import carafe, carafe_fused
 from .cca import cca_map, cca_weight, criss_cross_attention
 from .directional_conv import directional_conv2d, directional_conv2d_pair
 
 __version__ = "0.1.0"
+_onnx_hook.install()
 
 
 def available_backends(op: str, device="cpu") -> list[str]:

@@ -13,7 +13,20 @@ import torch
 INT32_MAX = 2**31 - 1
 
 
+def check_not_torchscript_onnx_export(op: str) -> None:
+    """The TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) traces sizes as
+    tensors and knows no translation of our ops: say which exporter does. torch.jit.is_tracing()
+    comes first, as it is free (and a constant under torch.compile)."""
+    if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+        raise RuntimeError(
+            f"{op}: the TorchScript-based ONNX exporter (torch.onnx.export(..., dynamo=False)) "
+            "cannot export armnet_ops ops; use the dynamo exporter, torch.onnx.export(model, "
+            "args, dynamo=True), which translates them into standard ONNX operators (needs "
+            "onnxscript: pip install armnet-ops[deploy])")
+
+
 def check_tensor(op: str, name: str, t, ndim: int) -> None:
+    check_not_torchscript_onnx_export(op)  # every public op checks a tensor before anything else
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: argument '{name}' must be a Tensor, got {type(t).__name__}")
     if t.dim() != ndim:

@@ -3,13 +3,17 @@
     python benchmarks/fps.py                                   # armnet_r50, 512×512, batch 1
     python benchmarks/fps.py --ops-backend both --dtype bf16 --channels-last --compile
     python benchmarks/fps.py --cuda-graphs --batch 4 --resolution 640 640
+    python benchmarks/fps.py --model armnet_tiny --engine eager onnxruntime aoti --threads 2
 
 Defaults: the device present (CUDA, else CPU); dtype bf16 on CUDA and fp32 on CPU (the model and
 input are cast, not autocast); warm-up 10 / timed 50 iterations on CUDA, 1 / 2 on CPU so the
 default run stays under 2 minutes on a small CPU. Every timed iteration is bracketed by device
 synchronisation (CUDA: torch.cuda.synchronize()), so a time is the whole forward pass.
 `--ops-backend both` runs armnet_ops' kernels ("auto") and the pure-PyTorch "reference" ops one
-after the other on the same weights and reports the speed-up.
+after the other on the same weights and reports the speed-up. `--engine` runs the same model
+(same weights, resolution, batch and threads) in eager PyTorch, in ONNX Runtime (CPU execution
+provider, the model exported by armnet/export.py at fixed shapes) and as an AOTInductor package;
+export and compilation happen before the warm-up and are not timed.
 
 Prints a table and writes JSON to benchmarks/results/fps_<device>_<UTC time>.json (or --json):
 device, versions (torch, triton, python, armnet_ops and the backends it resolved), git commit,
@@ -23,6 +27,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
@@ -35,6 +40,7 @@ import torch  # noqa: E402
 
 from common import environment, synchronize  # noqa: E402
 
+ENGINES = ("eager", "onnxruntime", "aoti")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -61,17 +67,33 @@ def build(args, backend: str, device: torch.device, dtype: torch.dtype, state=No
     return model
 
 
-def time_one(args, backend: str, device: torch.device, dtype: torch.dtype, state) -> dict:
+def engine_forward(args, engine: str, model, x):
+    """forward(x) -> logits on `engine`: eager, or the model exported at x's shape."""
+    if engine == "eager":
+        return lambda inp: model(inp)["logits"]
+    from armnet.export import LogitsOnly, export_aoti, export_onnx
+    folder = tempfile.mkdtemp(prefix="armnet_fps_")
+    if engine == "onnxruntime":
+        from armnet.onnx_infer import OnnxSegmenter
+        path = os.path.join(folder, "model.onnx")
+        export_onnx(LogitsOnly(model), x, path, dynamic=False)
+        seg = OnnxSegmenter(path, args.threads)
+        feed = {seg.input_name: x.numpy()}
+        return lambda inp: seg.session.run(None, feed)
+    path = os.path.join(folder, "model.pt2")
+    export_aoti(LogitsOnly(model), x, path, dynamic=False)
+    return torch._inductor.aoti_load_package(path)
+
+
+def time_one(args, backend: str, device: torch.device, dtype: torch.dtype, state,
+             engine: str = "eager") -> dict:
     model = build(args, backend, device, dtype, state)
     h, w = args.resolution
     x = torch.randn(args.batch, 3, h, w, device=device, dtype=dtype)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
-    def forward(inp):
-        return model(inp)["logits"]
-
-    fn = forward
+    fn = engine_forward(args, engine, model, x)
     if args.compile:
         fn = torch.compile(forward, mode=args.compile_mode, fullgraph=False)
     times = []
@@ -108,7 +130,7 @@ def time_one(args, backend: str, device: torch.device, dtype: torch.dtype, state
             synchronize(device)
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    return {"ops_backend": backend, "resolved": resolved_backends(device, dtype, backend),
+    return {"engine": engine, "ops_backend": backend, "resolved": resolved_backends(device, dtype, backend),
             "times_s": times, "warmup_s": warm_s, "median_ms": 1e3 * med,
             "mean_ms": 1e3 * statistics.fmean(times), "min_ms": 1e3 * min(times),
             "fps": args.batch / med}
@@ -132,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--engine", nargs="+", default=["eager"], choices=ENGINES,
+                    help="run the model in each of these (same weights, shapes and threads)")
     ap.add_argument("--json", default=None, help="output file (default: benchmarks/results/...)")
     ap.add_argument("--no-json", action="store_true")
     args = ap.parse_args(argv)
@@ -143,6 +167,10 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     gpu = device.type == "cuda"
+    if args.engine != ["eager"] and (args.compile or args.cuda_graphs or args.channels_last):
+        raise SystemExit("--compile, --cuda-graphs and --channels-last apply to --engine eager only")
+    if "onnxruntime" in args.engine and gpu:
+        raise SystemExit("--engine onnxruntime runs on the CPU execution provider: use --device cpu")
     args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
     args.iters = args.iters if args.iters is not None else (50 if gpu else 2)
     warnings.filterwarnings("ignore", message="armnet_ops:")
@@ -151,7 +179,7 @@ def main(argv=None) -> int:
     backends = ["auto", "reference"] if args.ops_backend == "both" else [args.ops_backend]
     from armnet import build_model
     state = build_model(args.model).state_dict()  # one set of weights for every run
-    runs = [time_one(args, b, device, dtype, state) for b in backends]
+    runs = [time_one(args, b, device, dtype, state, e) for b in backends for e in args.engine]
 
     opts = {k: v for k, v in vars(args).items() if k not in ("json", "no_json")}
     opts["dtype"] = str(dtype).removeprefix("torch.")
@@ -163,20 +191,21 @@ def main(argv=None) -> int:
            f"{' channels_last' if args.channels_last else ''}{' compile' if args.compile else ''}"
            f"{' cuda-graphs' if args.cuda_graphs else ''}")
     print(hdr)
-    print(f"{'ops backend':12s} {'median ms':>10s} {'min ms':>9s} {'fps':>9s}  resolved")
+    print(f"{'engine':12s} {'ops backend':12s} {'median ms':>10s} {'min ms':>9s} {'fps':>9s}  resolved")
     for r in runs:
         res = ",".join(sorted(set(v if not str(v).startswith("error") else "error"
                                   for v in r["resolved"].values())))
-        print(f"{r['ops_backend']:12s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['fps']:9.2f}  {res}")
+        print(f"{r['engine']:12s} {r['ops_backend']:12s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['fps']:9.2f}  {res}")
     report = {"benchmark": "fps", "model": args.model, "environment": env, "options": opts,
               "runs": runs}
-    if len(runs) == 2:
+    if len(runs) == 2 and len(args.engine) == 1:
         report["speedup_auto_over_reference"] = runs[1]["median_ms"] / runs[0]["median_ms"]
         print(f"speed-up of auto over reference: {report['speedup_auto_over_reference']:.2f}x")
     if not args.no_json:
+        engines = "" if args.engine == ["eager"] else "_".join(args.engine) + "_"
         path = args.json or os.path.join(
             ROOT, "benchmarks", "results",
-            f"fps_{device.type}_{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}.json")
+            f"fps_{device.type}_{engines}{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}.json")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(report, f, indent=2)

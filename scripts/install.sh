@@ -16,5 +16,6 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
   # Optional on a CPU (its kernels are tested there under TRITON_INTERPRET=1); never fatal.
   "$PY" -m pip install -q triton || echo "[install] triton not installed: the Triton backend is off"
 fi
+"$PY" -m pip install -q onnx onnxscript onnxruntime || echo "[install] onnx/onnxscript/onnxruntime not installed: the ONNX export tests are skipped"
 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" -m armnet_ops.info | sed -n 1,5p  # sed reads to the end: no broken pipe
