@@ -24,9 +24,12 @@ Choices the paper leaves open (each is repeated in the docstring of the module t
   giving r²k_u² = 4·25 mask logits, `carafe_fused` with k_u = 5, r = 2).
   Channel branch: W_c = softmax(F·Fᵀ / (H·W)) over channels (the 1/(H·W) keeps the softmax out
   of saturation; it is a mean instead of a sum of products), filter generation g = 1×1 conv on
-  W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 and a softmax over the 9 taps →
-  one normalised depthwise 3×3 kernel per sample and channel, applied to F_s by a grouped
-  convolution; the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU.
+  W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 logits; a softmax over the 9
+  taps gives the kernel's shape and 2·sigmoid(mean of the 9 logits) its per-channel gain in
+  (0, 2) → one depthwise 3×3 kernel per sample and channel, applied to F_s by a grouped
+  convolution; the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU. The gain
+  is the paper's channel emphasis and suppression (§3.3), which a softmax alone removes (every
+  kernel would sum to 1); bounding it keeps eval mode stable.
   Low-level blend: concatenation with a 1×1 projection of the backbone feature at the stage's
   output stride, then 3×3 conv + BN + ReLU. The last stage (to full resolution) has no backbone
   feature to blend.
@@ -137,10 +140,15 @@ class ChannelSemanticAwareModule(nn.Module):
     """DPD channel branch: per-sample depthwise k×k kernels from channel attention (eq. 5).
 
     W_c = softmax(F·Fᵀ/(H·W)) (N, C, C); g = 1×1 conv on W_c·F (zero-initialised); adaptive average
-    pooling to k×k gives F_c (N, C, k, k), normalised by a softmax over its k² taps (as CARAFE
-    normalises its kernels: unnormalised dynamic kernels scale activations by |F|·|g| and blew up
-    in eval mode), which is applied to the spatial branch output F_s as a depthwise convolution
-    (one grouped conv over the N·C channels of the batch). With g = 0 the kernel is a k×k mean.
+    pooling to k×k gives logits F_c (N, C, k, k). The kernel is softmax over the k² taps (its
+    shape, normalised as CARAFE normalises its kernels: unnormalised dynamic kernels scale
+    activations by |F|·|g| and blew up in eval mode) times the gain 2·sigmoid(mean of the k²
+    logits), the part of F_c that the softmax ignores. The gain, in (0, 2), lets a channel be
+    emphasised or suppressed (paper §3.3) and keeps |output| ≤ 2·max|F_s|. The kernel is applied
+    to the spatial branch output F_s as a depthwise convolution (one grouped conv over the N·C
+    channels of the batch). With g = 0 the kernel is a k×k mean (gain 1). `channel_gain=False`
+    gives the softmax kernel alone (the earlier form, kept for the comparison in
+    armnet/README.md).
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, channel_gain: bool = True):

@@ -377,11 +377,11 @@ RSS_SCRIPT = r"""
 import resource, sys, torch
 from armnet.model import RecognitionEnhancedModule
 torch.set_num_threads(1)
-rem = RecognitionEnhancedModule(16, embed=16, unet_width=8).eval()
+rem = RecognitionEnhancedModule(64, embed=16, unet_width=8).eval()   # armnet_tiny widths
 rem.gamma.data.fill_(1.0)
-f = torch.randn(1, 16, 128, 128)          # 16384 positions: a 1 GiB fp32 attention matrix
+f = torch.randn(1, 64, 128, 128)          # 16384 positions: a 1 GiB fp32 attention matrix
 with torch.no_grad():
-    rem(torch.randn(1, 16, 16, 16))       # warm up allocators and kernels at a small size
+    rem(torch.randn(1, 64, 16, 16))       # warm up allocators and kernels at a small size
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out, _ = rem(f)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
