@@ -24,12 +24,13 @@ Choices the paper leaves open (each is repeated in the docstring of the module t
   giving r²k_u² = 4·25 mask logits, `carafe_fused` with k_u = 5, r = 2).
   Channel branch: W_c = softmax(F·Fᵀ / (H·W)) over channels (the 1/(H·W) keeps the softmax out
   of saturation; it is a mean instead of a sum of products), filter generation g = 1×1 conv on
-  W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 logits; a softmax over the 9
-  taps gives the kernel's shape and 2·sigmoid(mean of the 9 logits) its per-channel gain in
-  (0, 2) → one depthwise 3×3 kernel per sample and channel, applied to F_s by a grouped
-  convolution; the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU. The gain
-  is the paper's channel emphasis and suppression (§3.3), which a softmax alone removes (every
-  kernel would sum to 1); bounding it keeps eval mode stable.
+  W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 logits and a softmax over the 9
+  taps → one normalised depthwise 3×3 kernel per sample and channel, applied to F_s by a grouped
+  convolution; the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU. Every
+  kernel sums to 1, so the branch reshapes channels but does not emphasise or suppress them as
+  the paper describes (§3.3); `dpd_channel_gain=True` multiplies each kernel by a gain
+  2·sigmoid(mean of its 9 logits) in (0, 2) that restores that. It is off by default: at a short
+  fixed step budget it did not score better (armnet/README.md, "DPD channel gain").
   Low-level blend: concatenation with a 1×1 projection of the backbone feature at the stage's
   output stride, then 3×3 conv + BN + ReLU. The last stage (to full resolution) has no backbone
   feature to blend.
@@ -140,18 +141,17 @@ class ChannelSemanticAwareModule(nn.Module):
     """DPD channel branch: per-sample depthwise k×k kernels from channel attention (eq. 5).
 
     W_c = softmax(F·Fᵀ/(H·W)) (N, C, C); g = 1×1 conv on W_c·F (zero-initialised); adaptive average
-    pooling to k×k gives logits F_c (N, C, k, k). The kernel is softmax over the k² taps (its
-    shape, normalised as CARAFE normalises its kernels: unnormalised dynamic kernels scale
-    activations by |F|·|g| and blew up in eval mode) times the gain 2·sigmoid(mean of the k²
-    logits), the part of F_c that the softmax ignores. The gain, in (0, 2), lets a channel be
-    emphasised or suppressed (paper §3.3) and keeps |output| ≤ 2·max|F_s|. The kernel is applied
-    to the spatial branch output F_s as a depthwise convolution (one grouped conv over the N·C
-    channels of the batch). With g = 0 the kernel is a k×k mean (gain 1). `channel_gain=False`
-    gives the softmax kernel alone (the earlier form, kept for the comparison in
-    armnet/README.md).
+    pooling to k×k gives logits F_c (N, C, k, k). The kernel is their softmax over the k² taps
+    (normalised as CARAFE normalises its kernels: unnormalised dynamic kernels scale activations
+    by |F|·|g| and blew up in eval mode), so it sums to 1 for every channel. With
+    `channel_gain=True` it is multiplied by 2·sigmoid(mean of the k² logits), the part of F_c that
+    the softmax ignores: a gain in (0, 2) that lets a channel be emphasised or suppressed (paper
+    §3.3) and keeps |output| ≤ 2·max|F_s|. The kernel is applied to the spatial branch output F_s
+    as a depthwise convolution (one grouped conv over the N·C channels of the batch). With g = 0
+    the kernel is a k×k mean (gain 1).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, channel_gain: bool = True):
+    def __init__(self, channels: int, kernel_size: int = 3, channel_gain: bool = False):
         super().__init__()
         self.kernel_size = kernel_size
         self.channel_gain = channel_gain
@@ -184,12 +184,13 @@ class DualPerceptualDecoder(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, low_channels: int = 0,
                  low_proj: int = 32, up_kernel: int = 5, encoder_kernel: int = 3,
-                 channel_kernel: int = 3, *, ops_backend: str = "auto"):
+                 channel_kernel: int = 3, channel_gain: bool = False, *,
+                 ops_backend: str = "auto"):
         super().__init__()
         self.spatial = CARAFEPack(in_channels, 2, up_kernel=up_kernel, up_group=1,
                                   encoder_kernel=encoder_kernel,
                                   compressed_channels=min(64, in_channels), backend=ops_backend)
-        self.channel = ChannelSemanticAwareModule(in_channels, channel_kernel)
+        self.channel = ChannelSemanticAwareModule(in_channels, channel_kernel, channel_gain)
         self.fuse = conv_bn_relu(in_channels, out_channels, 1)
         if low_channels:
             self.low = conv_bn_relu(low_channels, low_proj, 1)
@@ -236,9 +237,17 @@ def chunked_attention(q, k, v, scale: float, max_elements: int = ATTENTION_ELEME
     """
     chunk = max(1, max_elements // max(k.shape[-2], 1))
     q, k, v = q[:, None], k[:, None], v[:, None]
-    outs = [F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v, scale=scale)
-            for i in range(0, q.shape[-2], chunk)]
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, -2))[:, 0]
+    first = F.scaled_dot_product_attention(q[:, :, :chunk], k, v, scale=scale)
+    if chunk >= q.shape[-2]:
+        return first[:, 0]
+    # Each chunk is written into one preallocated output: a list of small chunk outputs left
+    # between the large temporaries fragments the heap, and RSS then grew with the chunk count.
+    out = first.new_empty(*q.shape[:-1], v.shape[-1])
+    out[:, :, :chunk] = first
+    for i in range(chunk, q.shape[-2], chunk):
+        out[:, :, i:i + chunk] = F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v,
+                                                                scale=scale)
+    return out[:, 0]
 
 
 class LightUNet(nn.Module):
@@ -316,7 +325,8 @@ class ARMNet(nn.Module):
                  recurrence: int = 2, rem_embed: int = 16, rem_width: int = 32, up_kernel: int = 5,
                  num_classes: int = 2, use_tsm: bool = True, use_gtm: bool = True,
                  use_dtm: bool = True, use_dpd: bool = True, use_rem: bool = True,
-                 rem_teacher_forcing: bool = False, ops_backend: str = "auto"):
+                 rem_teacher_forcing: bool = False, dpd_channel_gain: bool = False,
+                 ops_backend: str = "auto"):
         super().__init__()
         self.backbone = backbone
         self.ops_backend = ops_backend
@@ -337,6 +347,7 @@ class ARMNet(nn.Module):
             stages, c = [], tsm_channels
             for out_c, low_c, proj in zip(decoder_channels, lows, projs):
                 stages.append(DualPerceptualDecoder(c, out_c, low_c, proj, up_kernel,
+                                                    channel_gain=dpd_channel_gain,
                                                     ops_backend=ops_backend))
                 c = out_c
             self.decoder = nn.ModuleList(stages)
