@@ -193,6 +193,10 @@ def train(args) -> dict:
                             synth_size=tuple(args.synth_size), cache=args.cache, aug_seed=args.seed)
     if len(dataset) == 0:
         raise RuntimeError(f"the {args.dataset} {args.split!r} split has no images")
+    if val_every and args.dataset != "synthetic" and main:  # fail now, not at the first validation
+        if len(build_dataset(args.dataset, args.data_root, args.val_split)) == 0:
+            raise RuntimeError(f"--val-split: the {args.dataset} {args.val_split!r} split has no "
+                               f"images")
     sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
                if world > 1 else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
     loader = make_loader(dataset, args.batch_size, sampler, args.workers,
@@ -249,6 +253,12 @@ def train(args) -> dict:
                             epoch=epoch_done, iteration=step, args=vars(args))
 
     val, best = [], {"F": -1.0, "step": None, "checkpoint": None}
+    log_path = os.path.join(args.out, "train_log.json")
+    if resume and val_every and os.path.exists(log_path):  # best.pt stays the best of the whole run
+        with open(log_path) as f:
+            previous = json.load(f)
+        val = previous.get("val", [])
+        best.update(previous.get("summary", {}).get("best") or {})
 
     def validate(epoch: int):
         """Scores the model as it is now (rank 0); keeps it as best.pt when its F is the best."""

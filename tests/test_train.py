@@ -346,3 +346,26 @@ def test_train_prints_the_cpu_notice(tmp_path, capsys):
     train(_train_args(tmp_path, "--max-steps", "1", "--device", "cpu"))
     err = capsys.readouterr().err
     assert "no GPU in use: training armnet_tiny on 48x48 crops" in err
+
+
+def test_resume_keeps_the_best_of_the_whole_run(tmp_path, monkeypatch):
+    import armnet.evaluate as evaluate_module
+    scores = iter([0.5, 0.3, 0.2])
+    monkeypatch.setattr(evaluate_module, "evaluate",
+                        lambda a: {"metrics": {"F": next(scores), "images": 1}})
+    train(_train_args(tmp_path, "--val-every", "2", "--max-steps", "2"))
+    summary = train(_train_args(tmp_path, "--val-every", "2", "--resume", "auto"))
+    assert summary["best"]["F"] == 0.5 and summary["best"]["step"] == 2
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["iteration"] == 2
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert [(v["step"], v["F"]) for v in log["val"]] == [(2, 0.5), (4, 0.3), (6, 0.2)]
+
+
+def test_val_split_without_images_fails_before_training(tmp_path):
+    from armnet.data import write_synthetic
+    write_synthetic(str(tmp_path / "data"), 4, 0, (48, 48), "train")
+    args = _train_args(tmp_path / "run", "--val-every", "2", "--val-split", "val")
+    args.dataset, args.data_root = "textseg", str(tmp_path / "data")
+    with pytest.raises((RuntimeError, ValueError, KeyError), match="val"):
+        train(args)
+    assert not (tmp_path / "run" / "last.pt").exists()
