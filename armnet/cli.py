@@ -1,5 +1,5 @@
-"""Command line: `python -m armnet {train,eval,predict,export,check-data,synth}`; see `--help`
-of each.
+"""Command line: `python -m armnet {train,eval,predict,export,check-data,synth,plot}`; see
+`--help` of each.
 
 `predict --onnx MODEL` runs on ONNX Runtime without torch (armnet/onnx_infer.py): main()
 hands it over before anything imports torch.
@@ -86,6 +86,16 @@ def parser() -> argparse.ArgumentParser:
                    help="stop (and checkpoint) after this many seconds of training (0: no limit)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--channels-last", action="store_true")
+    t.add_argument("--val-every", type=int, default=0, metavar="N",
+                   help="validate every N steps and after the last (0: never); keeps best.pt by F")
+    t.add_argument("--val-split", default="val", help="validation split (real datasets)")
+    t.add_argument("--val-synth-seed", type=int, default=None,
+                   help="synthetic validation seed (default: --synth-seed + 1)")
+    t.add_argument("--val-max-images", type=int, default=0,
+                   help="validate on at most this many images (0: all; synthetic renders 100)")
+    t.add_argument("--rem-teacher-forcing", action="store_true",
+                   help="train the REM attention with the target map as Q (paper: the "
+                        "recognizer's map)")
     for name in ("tsm", "gtm", "dtm", "dpd", "rem"):
         t.add_argument(f"--no-{name}", action="store_true", help=f"ablation: drop the {name.upper()}")
 
@@ -137,6 +147,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("H", "W"))
     s.add_argument("--split", default="test")
+
+    g = sub.add_parser("plot", help="draw loss, learning rate and validation F of a training run")
+    g.add_argument("run", help="the training --out folder (or its train_log.json)")
+    g.add_argument("--out", default=None, help="PNG path (default: <run>/curves.png)")
     return ap
 
 
@@ -168,6 +182,12 @@ def main(argv=None) -> int:
             from .data import write_synthetic
             write_synthetic(args.out, args.n, args.seed, tuple(args.size), args.split)
             print(f"wrote {args.n} images to {args.out}")
+        elif args.command == "plot":
+            from .plot import plot_log
+            try:
+                print(f"wrote {plot_log(args.run, args.out)}")
+            except ImportError as e:
+                raise RuntimeError(str(e)) from e
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"armnet {args.command}: error: {e}", file=sys.stderr)
         return 2

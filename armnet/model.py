@@ -24,9 +24,13 @@ Choices the paper leaves open (each is repeated in the docstring of the module t
   giving r²k_u² = 4·25 mask logits, `carafe_fused` with k_u = 5, r = 2).
   Channel branch: W_c = softmax(F·Fᵀ / (H·W)) over channels (the 1/(H·W) keeps the softmax out
   of saturation; it is a mean instead of a sum of products), filter generation g = 1×1 conv on
-  W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 and a softmax over the 9 taps →
-  one normalised depthwise 3×3 kernel per sample and channel, applied to F_s by a grouped
-  convolution; the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU.
+  W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 logits and a softmax over the 9
+  taps → one normalised depthwise 3×3 kernel per sample and channel, applied to F_s by a grouped
+  convolution; the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU. Every
+  kernel sums to 1, so the branch reshapes channels but does not emphasise or suppress them as
+  the paper describes (§3.3); `dpd_channel_gain=True` multiplies each kernel by a gain
+  2·sigmoid(mean of its 9 logits) in (0, 2) that restores that. It is off by default: at a short
+  fixed step budget it did not score better (armnet/README.md, "DPD channel gain").
   Low-level blend: concatenation with a 1×1 projection of the backbone feature at the stage's
   output stride, then 3×3 conv + BN + ReLU. The last stage (to full resolution) has no backbone
   feature to blend.
@@ -54,6 +58,10 @@ from armnet_ops.nn import CARAFEPack, CrissCrossAttention, DirectionalConv2d
 from .backbone import ResNet, resnet50_os8, resnet_tiny
 
 IGNORE_INDEX = 255
+STRIDE = 8  # the backbone's output stride: inputs are padded to a multiple of it
+# At most this many attention weights of Eq. 6 exist at once per image (64 MB in fp32): the queries
+# are processed in chunks of ATTENTION_ELEMENTS // (H/8·W/8), so memory is linear in the image area.
+ATTENTION_ELEMENTS = 1 << 24
 
 
 def conv_bn_relu(inp: int, out: int, k: int = 3) -> nn.Sequential:
@@ -149,15 +157,20 @@ class ChannelSemanticAwareModule(nn.Module):
     """DPD channel branch: per-sample depthwise k×k kernels from channel attention (eq. 5).
 
     W_c = softmax(F·Fᵀ/(H·W)) (N, C, C); g = 1×1 conv on W_c·F (zero-initialised); adaptive average
-    pooling to k×k gives F_c (N, C, k, k), normalised by a softmax over its k² taps (as CARAFE
-    normalises its kernels: unnormalised dynamic kernels scale activations by |F|·|g| and blew up
-    in eval mode), which is applied to the spatial branch output F_s as a depthwise convolution
-    (one grouped conv over the N·C channels of the batch). With g = 0 the kernel is a k×k mean.
+    pooling to k×k gives logits F_c (N, C, k, k). The kernel is their softmax over the k² taps
+    (normalised as CARAFE normalises its kernels: unnormalised dynamic kernels scale activations
+    by |F|·|g| and blew up in eval mode), so it sums to 1 for every channel. With
+    `channel_gain=True` it is multiplied by 2·sigmoid(mean of the k² logits), the part of F_c that
+    the softmax ignores: a gain in (0, 2) that lets a channel be emphasised or suppressed (paper
+    §3.3) and keeps |output| ≤ 2·max|F_s|. The kernel is applied to the spatial branch output F_s
+    as a depthwise convolution (one grouped conv over the N·C channels of the batch). With g = 0
+    the kernel is a k×k mean (gain 1).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3):
+    def __init__(self, channels: int, kernel_size: int = 3, channel_gain: bool = False):
         super().__init__()
         self.kernel_size = kernel_size
+        self.channel_gain = channel_gain
         self.generate = nn.Conv2d(channels, channels, 1)
         nn.init.zeros_(self.generate.weight)
         nn.init.zeros_(self.generate.bias)
@@ -169,8 +182,12 @@ class ChannelSemanticAwareModule(nn.Module):
         w_c = torch.softmax(energy.float(), dim=-1).to(flat.dtype)
         attended = torch.bmm(w_c, flat).reshape(n, c, h, w)
         k = self.kernel_size
-        kernels = adaptive_avg_pool(self.generate(attended), k)
-        kernels = torch.softmax(kernels.reshape(n, c, k * k).float(), -1).reshape(n, c, k, k)
+        logits = adaptive_avg_pool(self.generate(attended), k).reshape(n, c, k * k).float()
+        kernels = torch.softmax(logits, -1)
+        if self.channel_gain:
+            # the level of the logits, which the softmax discards, becomes the channel's gain
+            kernels = kernels * (2 * torch.sigmoid(logits.mean(-1, keepdim=True)))
+        kernels = kernels.reshape(n, c, k, k)
         # The depthwise convolution as a sum of k² shifted taps rather than one conv with
         # groups = N·C: a group count that depends on the batch cannot be exported with a
         # dynamic batch (ONNX's Conv takes it as an attribute).
@@ -191,12 +208,13 @@ class DualPerceptualDecoder(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, low_channels: int = 0,
                  low_proj: int = 32, up_kernel: int = 5, encoder_kernel: int = 3,
-                 channel_kernel: int = 3, *, ops_backend: str = "auto"):
+                 channel_kernel: int = 3, channel_gain: bool = False, *,
+                 ops_backend: str = "auto"):
         super().__init__()
         self.spatial = CARAFEPack(in_channels, 2, up_kernel=up_kernel, up_group=1,
                                   encoder_kernel=encoder_kernel,
                                   compressed_channels=min(64, in_channels), backend=ops_backend)
-        self.channel = ChannelSemanticAwareModule(in_channels, channel_kernel)
+        self.channel = ChannelSemanticAwareModule(in_channels, channel_kernel, channel_gain)
         self.fuse = conv_bn_relu(in_channels, out_channels, 1)
         if low_channels:
             self.low = conv_bn_relu(low_channels, low_proj, 1)
@@ -213,6 +231,48 @@ class DualPerceptualDecoder(nn.Module):
 
 
 # ---- REM ----------------------------------------------------------------------------------------
+
+def pool_to_grid(target: torch.Tensor, size) -> torch.Tensor:
+    """A full-resolution map (N, 1, H, W) averaged onto the (h, w) grid of the padded input.
+
+    The network sees the input padded at the bottom and right to STRIDE·h × STRIDE·w, so cell
+    (i, j) covers pixels [8i, 8i + 8) × [8j, 8j + 8) of the unpadded map, and the padding (no text)
+    enters the last row and column with 0. Stretching H×W over the grid (adaptive pooling) would
+    shift every cell when H or W is not a multiple of 8. A map of any other size (one already at
+    another resolution) is area-resized onto the grid.
+    """
+    h, w = size
+    H, W = target.shape[-2:]
+    if not (STRIDE * (h - 1) < H <= STRIDE * h and STRIDE * (w - 1) < W <= STRIDE * w):
+        return F.adaptive_avg_pool2d(target, (h, w))
+    return F.avg_pool2d(F.pad(target, (0, STRIDE * w - W, 0, STRIDE * h - H)), STRIDE)
+
+
+def chunked_attention(q, k, v, scale: float, max_elements: int = ATTENTION_ELEMENTS):
+    """softmax(q·kᵀ·scale)·v for q (N, L, d), k (N, S, d), v (N, S, C), over chunks of queries.
+
+    At most `max_elements` attention weights per image exist at once (chunks of
+    max(1, max_elements // S) queries), so memory is linear in L·S / chunk instead of L·S. On the CPU
+    `scaled_dot_product_attention`'s fused (flash) kernel needs q, k and v of one head size (here
+    d = 16 against C channels), so the CPU falls back to the math path that materialises the L×S
+    matrix: 2.2 GB for a 1024² image. GPUs take the memory-efficient kernels for each chunk. Under
+    autograd each chunk keeps its weights for the backward pass, so training memory stays
+    quadratic (training crops are small); inference is linear.
+    """
+    chunk = max(1, max_elements // max(k.shape[-2], 1))
+    q, k, v = q[:, None], k[:, None], v[:, None]
+    first = F.scaled_dot_product_attention(q[:, :, :chunk], k, v, scale=scale)
+    if chunk >= q.shape[-2]:
+        return first[:, 0]
+    # Each chunk is written into one preallocated output: a list of small chunk outputs left
+    # between the large temporaries fragments the heap, and RSS then grew with the chunk count.
+    out = first.new_empty(*q.shape[:-1], v.shape[-1])
+    out[:, :, :chunk] = first
+    for i in range(chunk, q.shape[-2], chunk):
+        out[:, :, i:i + chunk] = F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v,
+                                                                scale=scale)
+    return out[:, 0]
+
 
 class LightUNet(nn.Module):
     """A two-level U-Net: features → text attention map in [0, 1] at the same resolution."""
@@ -241,9 +301,13 @@ class LightUNet(nn.Module):
 class RecognitionEnhancedModule(nn.Module):
     """REM: U-Net text attention map A, then T_e = softmax(F_K·F_Qᵀ/√d)·F_V (eq. 6), F + γ·T_e.
 
-    F_Q = 1×1 conv (1 → d) of A, F_K = 1×1 conv (C → d) of F, F_V = F. Computed with
-    `scaled_dot_product_attention` (query = F_K, key = F_Q), so GPUs never materialise the
-    (HW)×(HW) matrix.
+    F_Q = 1×1 conv (1 → d) of A, F_K = 1×1 conv (C → d) of F, F_V = F. Computed by
+    `chunked_attention` (query = F_K, key = F_Q): `scaled_dot_product_attention` over chunks of
+    queries, so memory is linear in the feature map's area at inference.
+
+    `teacher_forcing`: in training, the target map (given to `forward`, pooled onto the grid by
+    `pool_to_grid`) replaces A as the source of F_Q, as the paper trains with the recognizer's
+    map; the U-Net is still trained by the l1 loss. In eval mode A is always used.
     """
 
     def __init__(self, channels: int, embed: int = 16, unet_width: int = 32,
@@ -260,13 +324,12 @@ class RecognitionEnhancedModule(nn.Module):
         attn_map = self.unet(f)
         q_map = attn_map
         if self.training and self.teacher_forcing and target_map is not None:
-            q_map = F.adaptive_avg_pool2d(target_map.to(f.dtype), (h, w))
+            q_map = pool_to_grid(target_map.to(f.dtype), (h, w))
         f_q = self.query(q_map.to(f.dtype)).flatten(2).transpose(1, 2)   # (N, HW, d)
         f_k = self.key(f).flatten(2).transpose(1, 2)                     # (N, HW, d)
         f_v = f.flatten(2).transpose(1, 2)                               # (N, HW, C)
-        t_e = F.scaled_dot_product_attention(f_k[:, None], f_q[:, None], f_v[:, None],
-                                             scale=1.0 / math.sqrt(f_k.shape[-1]))
-        t_e = t_e[:, 0].transpose(1, 2).reshape(n, c, h, w)
+        t_e = chunked_attention(f_k, f_q, f_v, 1.0 / math.sqrt(f_k.shape[-1]))
+        t_e = t_e.transpose(1, 2).reshape(n, c, h, w)
         return f + self.gamma * t_e, attn_map
 
 
@@ -286,7 +349,8 @@ class ARMNet(nn.Module):
                  recurrence: int = 2, rem_embed: int = 16, rem_width: int = 32, up_kernel: int = 5,
                  num_classes: int = 2, use_tsm: bool = True, use_gtm: bool = True,
                  use_dtm: bool = True, use_dpd: bool = True, use_rem: bool = True,
-                 rem_teacher_forcing: bool = False, ops_backend: str = "auto"):
+                 rem_teacher_forcing: bool = False, dpd_channel_gain: bool = False,
+                 ops_backend: str = "auto"):
         super().__init__()
         self.backbone = backbone
         self.ops_backend = ops_backend
@@ -307,6 +371,7 @@ class ARMNet(nn.Module):
             stages, c = [], tsm_channels
             for out_c, low_c, proj in zip(decoder_channels, lows, projs):
                 stages.append(DualPerceptualDecoder(c, out_c, low_c, proj, up_kernel,
+                                                    channel_gain=dpd_channel_gain,
                                                     ops_backend=ops_backend))
                 c = out_c
             self.decoder = nn.ModuleList(stages)
@@ -322,11 +387,10 @@ class ARMNet(nn.Module):
     def forward(self, image, rem_target=None) -> dict[str, torch.Tensor | None]:
         H, W = image.shape[-2:]
         # Padded without a branch on the size, so that an export with dynamic shapes holds for
-        # every size (a branch would be traced one way and guarded for that case only).
-        ph, pw = (H + 7) // 8 * 8 - H, (W + 7) // 8 * 8 - W
+        # every size (a branch would be traced one way and guarded for that case only). The REM
+        # pools its target onto the padded grid itself (pool_to_grid).
+        ph, pw = (H + STRIDE - 1) // STRIDE * STRIDE - H, (W + STRIDE - 1) // STRIDE * STRIDE - W
         image = F.pad(image, (0, pw, 0, ph))
-        if rem_target is not None:
-            rem_target = F.pad(rem_target, (0, pw, 0, ph))
         feats = self.backbone(image)
         f = self.tsm(feats["layer4"])
         rem_map = None
@@ -379,7 +443,8 @@ class ARMNetLoss(nn.Module):
     per cent of the pixels, so with weight 1 a freshly initialised network sits for hundreds of
     steps on the "everything is background" plateau; a weight > 1 pushes it off early. The weighted
     mean divides by the summed weights (PyTorch's convention), so the loss scale stays comparable.
-    The REM target (N, 1, H, W) in [0, 1] is resized to the map's resolution by area averaging.
+    The REM target (N, 1, H, W) in [0, 1] is averaged onto the map's grid by `pool_to_grid`
+    (aligned with the padded input when H or W is not a multiple of 8).
     A batch whose pixels are all ignored contributes 0 (not NaN) cross-entropy.
 
     `dice_weight` adds dice_weight · mean over images of (1 − soft F_i), with soft
@@ -419,7 +484,7 @@ class ARMNetLoss(nn.Module):
             parts["dice"] = float(dice.detach())
         rem_map = outputs.get("rem_map")
         if rem_map is not None and rem_target is not None and self.rem_weight:
-            target = F.adaptive_avg_pool2d(rem_target.float(), rem_map.shape[-2:])
+            target = pool_to_grid(rem_target.float(), rem_map.shape[-2:])
             l1 = F.l1_loss(rem_map.float(), target)
             loss = loss + self.rem_weight * l1
             parts["rem_l1"] = float(l1.detach())

@@ -17,6 +17,19 @@ smaller random crops, the rest on `--crop-size`. Small crops make a step cheaper
 gets more updates early; the last part at full size fits it to the context and the statistics of
 larger images. For the synthetic CPU recipe it did not pay off over 20 minutes (armnet/README.md).
 
+Validation (`--val-every N`): every N optimizer steps, and after the last step, rank 0 writes the
+model to `<out>/val.pt` and scores it with `armnet.evaluate.evaluate` (the `eval` command's own
+code, with its defaults) on `--val-split` of the training dataset (synthetic: `--val-max-images`
+images, default 100, rendered with `--val-synth-seed`, default --synth-seed + 1; keep `eval`'s
+held-out seed apart from both). The scores go into `train_log.json` ("val") and the checkpoint with
+the highest F is kept as `<out>/best.pt`. Steps rather than epochs, so that short runs, time-limited
+runs and one-epoch runs on large sets can all validate; the time spent validating counts towards
+`--time-limit`. Other ranks wait at a barrier meanwhile.
+
+Curves: at the end (and at each validation) `train_log.json` is written; `<out>/curves.png` (loss,
+learning rate, validation F; `python -m armnet plot <out>` draws it again) is written at the end
+when matplotlib is installed.
+
 Checkpoints: `<out>/last.pt` after every epoch (and when `--max-steps` or `--time-limit` seconds
 stop a run early);
 `--resume <file>` or `--resume auto` (= `<out>/last.pt` if it exists) restores model, optimizer,
@@ -24,8 +37,11 @@ AMP scaler, epoch and step, and training continues with the same schedule.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import sys
 import time
 
 import torch
@@ -100,8 +116,54 @@ def amp_dtype(arg: str, device: torch.device):
 
 
 def model_kwargs_from_args(args) -> dict:
-    return {"use_tsm": not args.no_tsm, "use_dpd": not args.no_dpd, "use_rem": not args.no_rem,
-            "use_gtm": not args.no_gtm, "use_dtm": not args.no_dtm}
+    kw = {"use_tsm": not args.no_tsm, "use_dpd": not args.no_dpd, "use_rem": not args.no_rem,
+          "use_gtm": not args.no_gtm, "use_dtm": not args.no_dtm}
+    if getattr(args, "rem_teacher_forcing", False):
+        kw["rem_teacher_forcing"] = True
+    return kw
+
+
+# Seconds per training-crop pixel (crop area × batch) of one step on a CPU thread, from our 2-core
+# machine: armnet_tiny 0.15 s for 4 × 96² (armnet/README.md), armnet_r50 38–44 s for 8 × 512².
+CPU_SECONDS_PER_PIXEL = {"armnet_tiny": 0.15 / (4 * 96 * 96), "armnet_r50": 41.0 / (8 * 512 * 512)}
+
+
+def setup_notices(args, device: torch.device) -> list[str]:
+    """What `train` tells a user before it starts: on a CPU, the model, crop and expected step
+    time, and how to pick the small model; for armnet_r50 without ImageNet weights, a warning."""
+    notes = []
+    if device.type == "cpu":
+        h, w = args.crop_size
+        est = CPU_SECONDS_PER_PIXEL.get(args.model, 0.0) * h * w * args.batch_size
+        notes.append(f"no GPU in use: training {args.model} on {h}x{w} crops, batch "
+                     f"{args.batch_size}, on the CPU; expect roughly {est:.2g} s a step (measured "
+                     f"on a 2-core machine). For a quick CPU run pick the small model: "
+                     f"--model armnet_tiny --crop-size 96 96 --batch-size 4")
+    if args.model == "armnet_r50" and not args.backbone_weights:
+        notes.append("warning: armnet_r50 trains from random weights without --backbone-weights "
+                     "FILE (a torchvision resnet50 ImageNet state dict); the paper's numbers "
+                     "start from ImageNet weights")
+    return notes
+
+
+def validation_args(args, checkpoint: str):
+    """The `eval` command's arguments (its parser, so its defaults) for validating `checkpoint`."""
+    from .cli import parser  # the command line imports train lazily; no import cycle
+    argv = ["eval", "--checkpoint", checkpoint, "--dataset", args.dataset, "--device",
+            args.device, "--ops-backend", args.ops_backend, "--amp", args.amp, "--quiet",
+            "--max-images", str(args.val_max_images)]
+    if args.dataset == "synthetic":
+        seed = args.synth_seed + 1 if args.val_synth_seed is None else args.val_synth_seed
+        argv += ["--synth-n", str(args.val_max_images or 100), "--synth-seed", str(seed),
+                 "--synth-size", *map(str, args.synth_size)]
+    else:
+        argv += ["--data-root", args.data_root, "--split", args.val_split]
+    return parser().parse_args(argv)
+
+
+def write_log(out: str, summary: dict, args, history: list, val: list) -> None:
+    with open(os.path.join(out, "train_log.json"), "w") as f:
+        json.dump({"summary": summary, "args": vars(args), "history": history, "val": val}, f)
 
 
 def train(args) -> dict:
@@ -109,6 +171,12 @@ def train(args) -> dict:
     torch.manual_seed(args.seed + rank)
     main = rank == 0
     os.makedirs(args.out, exist_ok=True)
+    val_every = getattr(args, "val_every", 0)
+    if val_every < 0:
+        raise ValueError(f"--val-every must be >= 0 (0: no validation), got {val_every}")
+    if main:
+        for note in setup_notices(args, device):
+            print(f"armnet train: {note}", file=sys.stderr, flush=True)
 
     # checked before the dataset is built: rendering a synthetic set takes seconds
     small_crop = getattr(args, "small_crop", None)
@@ -125,6 +193,10 @@ def train(args) -> dict:
                             synth_size=tuple(args.synth_size), cache=args.cache, aug_seed=args.seed)
     if len(dataset) == 0:
         raise RuntimeError(f"the {args.dataset} {args.split!r} split has no images")
+    if val_every and args.dataset != "synthetic" and main:  # fail now, not at the first validation
+        if len(build_dataset(args.dataset, args.data_root, args.val_split)) == 0:
+            raise RuntimeError(f"--val-split: the {args.dataset} {args.val_split!r} split has no "
+                               f"images")
     sampler = (DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
                if world > 1 else RandomSampler(dataset, generator=torch.Generator().manual_seed(args.seed)))
     loader = make_loader(dataset, args.batch_size, sampler, args.workers,
@@ -180,10 +252,43 @@ def train(args) -> dict:
                             optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                             epoch=epoch_done, iteration=step, args=vars(args))
 
+    val, best = [], {"F": -1.0, "step": None, "checkpoint": None}
+    log_path = os.path.join(args.out, "train_log.json")
+    if resume and val_every and os.path.exists(log_path):  # best.pt stays the best of the whole run
+        with open(log_path) as f:
+            previous = json.load(f)
+        val = previous.get("val", [])
+        best.update(previous.get("summary", {}).get("best") or {})
+
+    def validate(epoch: int):
+        """Scores the model as it is now (rank 0); keeps it as best.pt when its F is the best."""
+        if main:
+            path = os.path.join(args.out, "val.pt")
+            save_checkpoint(path, model, args.model, kwargs, epoch=epoch, iteration=step,
+                            args=vars(args))
+            from .evaluate import evaluate
+            quiet = io.StringIO() if args.quiet else None
+            with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+                report = evaluate(validation_args(args, path))
+            scores = {k: v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
+            val.append({"step": step, "epoch": epoch, **scores})
+            if scores["F"] > best["F"]:
+                os.replace(path, os.path.join(args.out, "best.pt"))
+                best.update(F=scores["F"], step=step, checkpoint=os.path.join(args.out, "best.pt"))
+            else:
+                os.remove(path)
+            if not args.quiet:
+                print(f"step {step}: validation F {scores['F']:.4f} (best {best['F']:.4f} at step "
+                      f"{best['step']})", flush=True)
+            write_log(args.out, {"steps": step, "best": best}, args, history, val)
+        if world > 1:
+            dist.barrier()
+
     history, t0 = [], time.time()
     stop = False
     time_limit = getattr(args, "time_limit", 0)
     used = 0.0  # the fraction of the time budget spent so far
+    epoch = start_epoch
     for epoch in range(start_epoch, args.epochs):
         model.train()
         augment.crop_size = crop_for(max(epoch / args.epochs, used), args.crop_size, small_crop,
@@ -217,6 +322,10 @@ def train(args) -> dict:
             n += 1
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             history.append({"step": step, "loss": loss.item(), "lr": lr, **parts})
+            if step == 1 and main and device.type == "cpu" and not args.quiet:
+                print(f"first step took {time.time() - t0:.2f} s on the CPU", flush=True)
+            if val_every and step % val_every == 0:
+                validate(epoch)
             if args.max_steps and step >= args.max_steps:
                 stop = True
                 break
@@ -234,15 +343,23 @@ def train(args) -> dict:
         checkpoint(epoch + 1 if n == steps_per_epoch else epoch)
         if stop:
             break
+    if val_every and step and step % val_every:  # the same decision on every rank
+        validate(epoch)  # the final model is always scored
     elapsed = time.time() - t0
     summary = {"steps": step, "seconds": elapsed, "world_size": world,
                "first_loss": history[0]["loss"] if history else None,
                "last_loss": history[-1]["loss"] if history else None,
                "checkpoint": os.path.join(args.out, "last.pt")}
+    if val_every:
+        summary["best"] = best
     if main:
-        with open(os.path.join(args.out, "train_log.json"), "w") as f:
-            json.dump({"summary": summary, "args": vars(args), "history": history}, f)
+        write_log(args.out, summary, args, history, val)
         print(f"trained {step} steps in {elapsed:.0f} s; checkpoint {summary['checkpoint']}")
+        from .plot import plot_log
+        try:
+            print(f"curves: {plot_log(args.out)}")
+        except ImportError:
+            pass  # matplotlib is optional; `python -m armnet plot` says how to get it
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -4,6 +4,7 @@ Everything runs on CPU at tiny resolutions; the ops run on whatever backend "aut
 (the reference when the extension is not built) and are compared with "reference".
 """
 import math
+import os
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from armnet.model import (ChannelSemanticAwareModule, DenseTextModule, Recogniti
                           build_model)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("ctor,size", [
@@ -176,25 +178,49 @@ def test_dtm_is_cascade_of_horizontal_and_vertical_dilations():
     torch.testing.assert_close(outs[1], expect)
 
 
-def test_channel_branch_matches_explicit_per_sample_depthwise_conv():
+@pytest.mark.parametrize("gain", [False, True])
+def test_channel_branch_matches_explicit_per_sample_depthwise_conv(gain):
     torch.manual_seed(0)
-    mod = ChannelSemanticAwareModule(6, kernel_size=3)
+    mod = ChannelSemanticAwareModule(6, kernel_size=3, channel_gain=gain)
     torch.nn.init.normal_(mod.generate.weight)
     f, f_s = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 10, 14)
     got = mod(f, f_s)
     for n in range(2):
         flat = f[n].reshape(6, -1)
         w_c = torch.softmax(flat @ flat.T / flat.shape[1], dim=-1)
-        kern = F.adaptive_avg_pool2d(mod.generate((w_c @ flat).reshape(1, 6, 5, 7)), 3)[0]
-        kern = torch.softmax(kern.reshape(6, 9), -1).reshape(6, 3, 3)
+        logits = F.adaptive_avg_pool2d(mod.generate((w_c @ flat).reshape(1, 6, 5, 7)), 3)[0]
+        logits = logits.reshape(6, 9)
+        kern = torch.softmax(logits, -1)
+        if gain:
+            kern = kern * 2 / (1 + torch.exp(-logits.mean(1, keepdim=True)))  # 2·sigmoid(level)
+        kern = kern.reshape(6, 3, 3)
         expect = F.conv2d(f_s[n:n + 1], kern[:, None], padding=1, groups=6)
         torch.testing.assert_close(got[n:n + 1], expect, rtol=1e-5, atol=1e-5)
-    zero = ChannelSemanticAwareModule(6)  # g starts at zero: a 3×3 mean filter
+    zero = ChannelSemanticAwareModule(6, channel_gain=gain)  # g starts at zero: a 3×3 mean
     box = F.avg_pool2d(f_s, 3, stride=1, padding=1, count_include_pad=True)
     torch.testing.assert_close(zero(f, f_s), box, rtol=1e-5, atol=1e-5)
-    # normalised kernels keep the output within the input's range, whatever g does
+    # normalised kernels (times a gain in (0, 2)) keep the output within (twice) the input's
+    # range, whatever g does (stable in eval mode)
     torch.nn.init.normal_(mod.generate.weight, std=100.0)
-    assert mod(f * 50, f_s).abs().max() <= f_s.abs().max() + 1e-5
+    assert mod(f * 50, f_s).abs().max() <= (2 if gain else 1) * f_s.abs().max() + 1e-5
+
+
+def test_channel_branch_keeps_a_per_channel_gain():
+    """Paper §3.3: the channel branch emphasises some channels and suppresses others. A softmax
+    kernel alone sums to 1 for every channel; with channel_gain the level of the pooled logits
+    sets a gain."""
+    mod = ChannelSemanticAwareModule(2, kernel_size=3, channel_gain=True)
+    with torch.no_grad():
+        mod.generate.bias.copy_(torch.tensor([3.0, -3.0]))   # channel 0 up, channel 1 down
+    f, f_s = torch.randn(1, 2, 4, 4), torch.ones(1, 2, 6, 6)
+    centre = mod.eval()(f, f_s)[0, :, 3, 3]                  # an interior pixel: the kernel's sum
+    sig = 1 / (1 + math.exp(-3.0))
+    torch.testing.assert_close(centre, torch.tensor([2 * sig, 2 * (1 - sig)]))
+    assert centre[0] > 1.9 and centre[1] < 0.1
+    mod.channel_gain = False                                    # the default: no gain
+    torch.testing.assert_close(mod(f, f_s)[0, :, 3, 3], torch.ones(2))
+    gains = [m.channel.channel_gain for m in armnet_tiny(dpd_channel_gain=True).decoder]
+    assert gains == [True] * 3 and not armnet_tiny().decoder[0].channel.channel_gain
 
 
 def test_rem_attention_matches_equation_6():
@@ -278,3 +304,116 @@ def test_loss_dice_term_is_per_image_soft_f():
 def test_build_model_rejects_unknown_name():
     with pytest.raises(ValueError, match="armnet_tiny"):
         build_model("armnet_r101")
+
+
+def test_rem_target_is_pooled_onto_the_padded_grid():
+    """A 100×100 input is padded to 104×104, so the 13×13 REM grid's last row and column hold 4
+    image pixels and 4 padding pixels (no text). An all-text target is therefore 1 in the 12×12
+    interior, 0.5 on the last row and column and 0.25 in the corner. Stretching 100 pixels over
+    13 cells (adaptive pooling) would give 1 everywhere."""
+    target = torch.ones(1, 1, 100, 100)
+    expect = torch.ones(1, 1, 13, 13)
+    expect[..., 12, :] = 0.5
+    expect[..., :, 12] = 0.5
+    expect[..., 12, 12] = 0.25
+    logits, mask = torch.zeros(1, 2, 100, 100), torch.zeros(1, 100, 100, dtype=torch.long)
+    loss = ARMNetLoss(rem_weight=1.0)
+    _, parts = loss({"logits": logits, "rem_map": expect}, mask, target)
+    assert parts["rem_l1"] == pytest.approx(0.0, abs=1e-7)
+    # a target with text only in rows 96..99: in the last row of cells, half of each cell
+    target = torch.zeros(1, 1, 100, 100)
+    target[..., 96:, :] = 1.0
+    expect = torch.zeros(1, 1, 13, 13)
+    expect[..., 12, :12] = 0.5
+    expect[..., 12, 12] = 0.25
+    _, parts = loss({"logits": logits, "rem_map": expect}, mask, target)
+    assert parts["rem_l1"] == pytest.approx(0.0, abs=1e-7)
+    # the model's map has that grid for that input
+    assert armnet_tiny()(torch.randn(1, 3, 100, 100))["rem_map"].shape[-2:] == (13, 13)
+
+
+def test_rem_teacher_forcing_target_is_aligned_with_the_padded_input():
+    """With teacher forcing, the full-resolution target reaches the REM pooled onto the same grid
+    as the loss uses: text only in image rows 96..99 is 0.5 in the last row of cells."""
+    model = armnet_tiny(rem_teacher_forcing=True).train()
+    seen = {}
+    model.rem.query.register_forward_pre_hook(lambda mod, args: seen.setdefault("q_map", args[0]))
+    target = torch.zeros(1, 1, 100, 100)
+    target[..., 96:, :] = 1.0
+    model(torch.randn(1, 3, 100, 100), target)
+    q_map = seen["q_map"]
+    assert q_map.shape[-2:] == (13, 13)
+    torch.testing.assert_close(q_map[0, 0, 12, :12], torch.full((12,), 0.5))
+    assert q_map[0, 0, :12].abs().max() == 0
+
+
+def test_chunked_attention_equals_one_pass():
+    from armnet.model import chunked_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 37, 4), torch.randn(2, 29, 4), torch.randn(2, 29, 6)
+    expect = torch.softmax(q @ k.transpose(1, 2) * 0.5, -1) @ v        # Eq. 6 written out
+    for budget in (1, 29, 100, 29 * 37, 1 << 20):                      # 1..37 queries a chunk
+        torch.testing.assert_close(chunked_attention(q, k, v, 0.5, budget), expect,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_attention_chunk_size_bounds_the_weights(monkeypatch):
+    """Every SDPA call sees at most max_elements weights per image (max(1, budget // keys)
+    queries), so the largest temporary does not grow with the number of queries."""
+    import armnet.model as model_module
+    from armnet.model import chunked_attention
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q.shape[-2] * k.shape[-2])
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    for n in (100, 400, 1600):
+        seen.clear()
+        chunked_attention(torch.randn(1, n, 4), torch.randn(1, n, 4), torch.randn(1, n, 3), 1.0,
+                          max_elements=5000)
+        assert max(seen) <= 5000 and sum(seen) == n * n
+    seen.clear()
+    chunked_attention(torch.randn(1, 3, 4), torch.randn(1, 9000, 4), torch.randn(1, 9000, 3), 1.0,
+                      max_elements=5000)
+    assert seen == [9000] * 3  # never fewer than one query a chunk
+
+
+RSS_SCRIPT = r"""
+import resource, sys, torch
+from armnet.model import RecognitionEnhancedModule
+torch.set_num_threads(1)
+rem = RecognitionEnhancedModule(64, embed=16, unet_width=8).eval()   # armnet_tiny widths
+rem.gamma.data.fill_(1.0)
+f = torch.randn(1, 64, 128, 128)          # 16384 positions: a 1 GiB fp32 attention matrix
+with torch.no_grad():
+    rem(torch.randn(1, 64, 16, 16))       # warm up allocators and kernels at a small size
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out, _ = rem(f)
+    rem_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    # 1024 chunks of 16 queries: 1 MB of weights each, the output 4 MB in all
+    from armnet.model import chunked_attention
+    q, v = torch.randn(1, 16384, 16), torch.randn(1, 64, 16384).transpose(1, 2)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    chunked_attention(q, q, v, 0.25, max_elements=1 << 18)
+    many_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(rem_growth, many_growth)
+"""
+
+
+def test_rem_inference_memory_is_not_quadratic():
+    """Eq. 6 on a 128×128 feature map (a 1024² image) in a fresh process: the one-pass attention
+    held the 16384² matrix (1 GiB in fp32, 2.2 GB peak); chunked, the peak growth stays under
+    256 MB (64 MB of weights a chunk, plus the U-Net's activations). Many small chunks must not
+    grow the heap either: their outputs kept in a list fragmented it (+269 MB for 1024 chunks)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rem_mb, many_mb = map(float, out.stdout.split()[-2:])
+    assert rem_mb < 256, f"peak RSS grew by {rem_mb:.0f} MB"
+    assert many_mb < 64, f"peak RSS grew by {many_mb:.0f} MB over 1024 chunks"

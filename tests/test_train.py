@@ -156,11 +156,12 @@ def test_ddp_two_processes_gloo(tmp_path):
            "-m", "armnet", "train", "--model", "armnet_tiny", "--dataset", "synthetic",
            "--synth-n", "8", "--synth-size", "48", "48", "--crop-size", "48", "48",
            "--batch-size", "2", "--epochs", "1", "--max-steps", "2", "--device", "cpu",
-           "--out", str(tmp_path), "--quiet"]
+           "--out", str(tmp_path), "--quiet", "--val-every", "1", "--val-max-images", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["summary"]["world_size"] == 2 and log["summary"]["steps"] == 2
+    assert [v["step"] for v in log["val"]] == [1, 2]      # rank 0 validates, rank 1 waits
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
     assert not any(k.startswith("module.") for k in ckpt["model"])   # saved unwrapped
 
@@ -223,3 +224,126 @@ def test_loader_workers_see_each_epoch():
         ds.set_epoch(epoch)
         seen += [int(v) for batch in loader for v in batch["image"].flatten()]
     assert seen == [0, 0, 1, 1]
+
+
+# ---- validation during training, teacher forcing, CPU notices ---------------------------------------
+
+def test_val_every_scores_with_eval_and_keeps_the_best(tmp_path, capsys):
+    """6 steps, --val-every 4: validation at step 4 and after the last step (6), on 4 images
+    rendered with seed --synth-seed + 1; best.pt is the checkpoint with the highest F, and the
+    `eval` command on it reproduces the logged scores."""
+    summary = train(_train_args(tmp_path, "--val-every", "4", "--val-max-images", "4",
+                                "--lr", "2e-3"))
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert [v["step"] for v in log["val"]] == [4, 6]
+    assert all(v["images"] == 4 and 0 <= v["F"] <= 1 for v in log["val"])
+    best = max(log["val"], key=lambda v: v["F"])          # the first of equals
+    assert summary["best"]["step"] == best["step"] and summary["best"]["F"] == best["F"]
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert ckpt["iteration"] == best["step"]
+    assert not (tmp_path / "val.pt").exists()
+    from armnet.cli import main
+    out_json = tmp_path / "again.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "best.pt"), "--dataset", "synthetic",
+                 "--synth-n", "4", "--synth-seed", "1", "--synth-size", "48", "48",
+                 "--out-json", str(out_json), "--quiet"]) == 0
+    again = json.loads(out_json.read_text())["metrics"]
+    assert again["F"] == pytest.approx(best["F"]) and again["P"] == pytest.approx(best["P"])
+
+
+def test_val_every_keeps_the_checkpoint_with_the_highest_f(tmp_path, monkeypatch):
+    import armnet.evaluate as evaluate_module
+    scores = iter([0.2, 0.5, 0.3])
+    seen = []
+
+    def fake_evaluate(eval_args):
+        seen.append(eval_args)
+        return {"metrics": {"F": next(scores), "P": 0.0, "R": 0.0, "images": 1}}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    summary = train(_train_args(tmp_path, "--val-every", "2", "--val-synth-seed", "77"))
+    assert summary["best"]["F"] == 0.5 and summary["best"]["step"] == 4
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["iteration"] == 4
+    assert [a.synth_seed for a in seen] == [77] * 3 and seen[0].synth_n == 100
+    assert seen[0].checkpoint == str(tmp_path / "val.pt") and seen[0].dataset == "synthetic"
+
+
+def test_validation_args_for_a_real_dataset(tmp_path):
+    args = _train_args(tmp_path, "--val-every", "10")
+    args.dataset, args.data_root = "textseg", "/data/TextSeg"
+    ev = train_module.validation_args(args, "x.pt")
+    assert (ev.dataset, ev.data_root, ev.split, ev.checkpoint) == ("textseg", "/data/TextSeg",
+                                                                   "val", "x.pt")
+    args.val_split, args.val_max_images = "test", 7
+    ev = train_module.validation_args(args, "x.pt")
+    assert ev.split == "test" and ev.max_images == 7
+
+
+def test_val_every_must_not_be_negative(tmp_path):
+    with pytest.raises(ValueError, match="--val-every must be >= 0.*-1"):
+        train(_train_args(tmp_path, "--val-every", "-1"))
+
+
+def test_rem_teacher_forcing_flag_reaches_the_model(tmp_path):
+    from armnet.checkpoint import load_model
+    train(_train_args(tmp_path, "--max-steps", "1", "--rem-teacher-forcing"))
+    model, ckpt = load_model(str(tmp_path / "last.pt"))
+    assert ckpt["model_kwargs"]["rem_teacher_forcing"] is True and model.rem.teacher_forcing
+    plain = train_module.model_kwargs_from_args(_train_args(tmp_path))
+    assert not plain.get("rem_teacher_forcing", False)
+
+
+def test_teacher_forcing_makes_training_depend_on_the_target():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 40, 40)
+    a, b = torch.zeros(1, 1, 40, 40), torch.zeros(1, 1, 40, 40)
+    b[..., 8:24, :] = 1.0
+    for forcing in (False, True):
+        model = armnet_tiny(rem_teacher_forcing=forcing).train()
+        model.rem.gamma.data.fill_(1.0)
+        same = torch.allclose(model(x, a)["logits"], model(x, b)["logits"])
+        assert same != forcing
+
+
+def test_setup_notices_on_cpu_and_for_r50_without_weights(tmp_path):
+    args = _train_args(tmp_path)
+    notes = train_module.setup_notices(args, torch.device("cpu"))
+    assert len(notes) == 1
+    assert "armnet_tiny" in notes[0] and "48x48" in notes[0] and "s a step" in notes[0]
+    assert "--model armnet_tiny" in notes[0]
+    args.model, args.crop_size, args.batch_size = "armnet_r50", [512, 512], 8
+    cpu, warn = train_module.setup_notices(args, torch.device("cpu"))
+    assert "armnet_r50" in cpu and "512x512" in cpu and "41 s a step" in cpu
+    assert "--backbone-weights" in warn
+    assert train_module.setup_notices(args, torch.device("cuda")) == [warn]
+    args.backbone_weights = "resnet50.pth"
+    assert train_module.setup_notices(args, torch.device("cuda")) == []
+
+
+def test_train_prints_the_cpu_notice(tmp_path, capsys):
+    train(_train_args(tmp_path, "--max-steps", "1", "--device", "cpu"))
+    err = capsys.readouterr().err
+    assert "no GPU in use: training armnet_tiny on 48x48 crops" in err
+
+
+def test_resume_keeps_the_best_of_the_whole_run(tmp_path, monkeypatch):
+    import armnet.evaluate as evaluate_module
+    scores = iter([0.5, 0.3, 0.2])
+    monkeypatch.setattr(evaluate_module, "evaluate",
+                        lambda a: {"metrics": {"F": next(scores), "images": 1}})
+    train(_train_args(tmp_path, "--val-every", "2", "--max-steps", "2"))
+    summary = train(_train_args(tmp_path, "--val-every", "2", "--resume", "auto"))
+    assert summary["best"]["F"] == 0.5 and summary["best"]["step"] == 2
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["iteration"] == 2
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert [(v["step"], v["F"]) for v in log["val"]] == [(2, 0.5), (4, 0.3), (6, 0.2)]
+
+
+def test_val_split_without_images_fails_before_training(tmp_path):
+    from armnet.data import write_synthetic
+    write_synthetic(str(tmp_path / "data"), 4, 0, (48, 48), "train")
+    args = _train_args(tmp_path / "run", "--val-every", "2", "--val-split", "val")
+    args.dataset, args.data_root = "textseg", str(tmp_path / "data")
+    with pytest.raises((RuntimeError, ValueError, KeyError), match="val"):
+        train(args)
+    assert not (tmp_path / "run" / "last.pt").exists()
