@@ -34,6 +34,10 @@ import armnet_ops
 from armnet_ops import _backend
 from armnet_ops.info import SPECS
 from common import environment, print_table, time_ms, write_results
+from traffic import cca_cuda_traffic
+from traffic_triton import cca_triton_traffic
+
+TRAFFIC = {"cuda": cca_cuda_traffic, "triton": cca_triton_traffic}
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp64": torch.float64}
@@ -253,6 +257,16 @@ def measure(case: Case, backend: str, device: torch.device, dtype, smoke: bool =
         row["fwd_gb_per_s"] = round(nbytes / (fwd * 1e-3) / 1e9, 2)
     if case.op == "directional_conv2d":
         row["auto_picks"] = _backend.select(case.op, "auto", device.type, dtype)
+    model = TRAFFIC.get(backend) if case.op == "criss_cross_attention" and device.type == "cuda" else None
+    if model is not None:
+        # The forward's traffic model (the kernels' header comments) against the minimum: inputs
+        # read once, output written once. The inputs here are NCHW: the model counts the
+        # transposes to NHWC.
+        s = case.shape
+        t = model(s["N"], s["Cqk"], s["C"], s["H"], s["W"], torch.finfo(dtype).bits // 8)
+        row["fwd_traffic_mb"] = round(t["bytes"] / 1e6, 1)
+        row["fwd_traffic_vs_min"] = round(t["ratio"], 2)
+        row["fwd_model_gb_per_s"] = round(t["bytes"] / (fwd * 1e-3) / 1e9, 1)
     return row
 
 
@@ -364,7 +378,7 @@ def main(argv=None) -> None:
 # criss-cross attention, against the einsum formulation.
 COLUMNS = ["op", "shape", "dtype", "backend", "fwd_ms", "fwd_bwd_ms", "fwd_speedup",
            "fwd_bwd_speedup", "fwd_vs_einsum", "fwd_bwd_vs_einsum", "peak_extra_mib",
-           "fwd_gb_per_s", "auto_picks"]
+           "fwd_gb_per_s", "auto_picks", "fwd_traffic_mb", "fwd_traffic_vs_min"]
 
 if __name__ == "__main__":
     main()
