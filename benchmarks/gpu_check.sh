@@ -50,12 +50,12 @@ cd "$(dirname "$0")/.." || exit 2
 STEPS=(build info tests_cuda tests_triton memcheck racecheck ops fps fps_graphs)
 declare -A CAP=([build]=120 [info]=15 [tests_cuda]=70 [tests_triton]=70 [memcheck]=40
                 [racecheck]=45 [ops]=90 [fps]=45 [fps_graphs]=30)
-declare -A DRY_CAP=([build]=240 [info]=60 [tests_cuda]=120 [tests_triton]=150 [memcheck]=10
-                    [racecheck]=10 [ops]=120 [fps]=120 [fps_graphs]=120)
+declare -A DRY_CAP=([build]=240 [info]=120 [tests_cuda]=180 [tests_triton]=240 [memcheck]=10
+                    [racecheck]=10 [ops]=180 [fps]=180 [fps_graphs]=180)
 BUDGET=540  # seconds for all steps together: a step never gets more than what is left of it
 if (( DRY )); then
   for s in "${STEPS[@]}"; do CAP[$s]=${DRY_CAP[$s]}; done
-  BUDGET=1200
+  BUDGET=1500
 fi
 for kv in ${GPU_CHECK_CAPS:-}; do CAP[${kv%%=*}]=${kv#*=}; done
 

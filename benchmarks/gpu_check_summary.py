@@ -75,6 +75,8 @@ def judge(step: str, rc: str, text: str, out_dir: str, dry: bool) -> tuple[str, 
         if step == "ops" and not data.get("rows"):
             status = "FAIL"
     elif step == "build":
+        m = re.search(r"^dry run: (.*)$", text, re.MULTILINE)
+        key = m.group(1) if m else key
         if code == 0 and not glob.glob(os.path.join(REPO, "armnet_ops", "_C*.so")):
             status, key = "FAIL", "no armnet_ops/_C*.so"
     elif step == "info" and code == 0:
