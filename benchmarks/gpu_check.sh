@@ -45,11 +45,12 @@ OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 
 # ---- the step list and the per-step caps (seconds), the one place they are set --------------
-# GPU caps sum to 525 s, under the 9 minutes (540 s) of the loan's wall-clock budget; the dry-run
-# caps are for a busy 2-core CPU.
+# GPU caps sum to 535 s, under the 9 minutes (540 s) of the loan's wall-clock budget. The build
+# runs its 7 units in parallel, so it takes about its slowest unit: carafe.cu, about 100 s of CPU
+# on one core of a 2-core CI machine, plus the link. The dry-run caps are for a busy 2-core CPU.
 STEPS=(build info tests_cuda tests_triton memcheck racecheck ops fps fps_graphs)
-declare -A CAP=([build]=120 [info]=15 [tests_cuda]=70 [tests_triton]=70 [memcheck]=40
-                [racecheck]=45 [ops]=90 [fps]=45 [fps_graphs]=30)
+declare -A CAP=([build]=150 [info]=15 [tests_cuda]=70 [tests_triton]=70 [memcheck]=40
+                [racecheck]=45 [ops]=75 [fps]=40 [fps_graphs]=30)
 declare -A DRY_CAP=([build]=240 [info]=120 [tests_cuda]=180 [tests_triton]=240 [memcheck]=10
                     [racecheck]=10 [ops]=180 [fps]=180 [fps_graphs]=180)
 BUDGET=540  # seconds for all steps together: a step never gets more than what is left of it
