@@ -91,8 +91,8 @@ def extensions():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # No -std here: torch.utils.cpp_extension picks the standard its own headers need (C++20 from
-    # torch 2.10 on).
+    # No -std here: torch.utils.cpp_extension picks the standard its own headers need (C++17 in
+    # torch 2.11, C++20 in 2.13 and later), so the sources must compile as both.
     cxx = ["-O3", "-fopenmp"]
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -24,6 +24,7 @@ inline void exp_inplace(float* x, int64_t n) {
     const float f = y - r;
     const float p = 1.f + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * (c6 + f * c7))))));
     const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
-    x[i] = p * std::bit_cast<float>(bits);
+    // The builtin behind C++20's std::bit_cast: torch 2.11 and older build extensions as C++17.
+    x[i] = p * __builtin_bit_cast(float, bits);
   }
 }

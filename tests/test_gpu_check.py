@@ -1,0 +1,144 @@
+"""benchmarks/gpu_check.sh, the one command for a lent GPU, kept from rotting: its dry run (the
+same steps on the CPU with tiny shapes) must pass here, a failing or hanging step must show in the
+summary and the exit code without stopping the steps after it, and its summary must not call a
+GPU step that checked nothing a pass. benchmarks/sanitizer_cases.py runs on the C++ backend."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+STEPS = ["build", "info", "tests_cuda", "tests_triton", "memcheck", "racecheck", "ops", "fps",
+         "fps_graphs"]
+
+
+def run_check(out, *args, env=None, timeout=1500):
+    full_env = {**os.environ, **(env or {})}
+    for var in ("GPU_CHECK_STEPS", "GPU_CHECK_FAIL", "GPU_CHECK_HANG", "GPU_CHECK_CAPS"):
+        if env is None or var not in env:
+            full_env.pop(var, None)
+    return subprocess.run(["bash", SCRIPT, *args, str(out)], cwd=ROOT, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def statuses(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        return {s["step"]: s["status"] for s in json.load(f)["steps"]}
+
+
+def table_rows(stdout):
+    """{step: status} read off the printed table, which must come last."""
+    lines = stdout.rstrip().splitlines()
+    start = max(i for i, ln in enumerate(lines) if ln.startswith("gpu_check summary"))
+    rows = {}
+    for ln in lines[start + 2:]:
+        parts = ln.split()
+        rows[parts[0]] = parts[1]
+    assert "total" in rows, "the summary table must be the last thing printed"
+    return rows
+
+
+def test_dry_run_passes_and_writes_few_files(tmp_path):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    res = run_check(out, "--dry-run")
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    expected = {s: "PASS" for s in STEPS} | {"memcheck": "SKIP", "racecheck": "SKIP"}
+    assert statuses(out) == expected
+    rows = table_rows(res.stdout)
+    assert {s: rows[s] for s in STEPS} == expected and rows["total"] == "PASS"
+    # What the device tool brings back: at most 8 files, at most 2 folders deep.
+    files = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
+    assert 0 < len(files) <= 8, files
+    assert all(len(f.split(os.sep)) <= 2 for f in files), files
+    assert {"gpu_check.log", "steps.tsv", "summary.json", "ops.json", "fps.json",
+            "fps_graphs.json"} <= set(files)
+    with open(out / "fps.json") as f:
+        fps = json.load(f)
+    assert [r["ops_backend"] for r in fps["runs"]] == ["auto", "reference"]
+    with open(out / "ops.json") as f:
+        assert json.load(f)["rows"]
+    print(f"dry run took {elapsed:.0f} s")
+
+
+def test_failing_step_fails_the_run_and_later_steps_still_run(tmp_path):
+    res = run_check(tmp_path, "--dry-run", env={"GPU_CHECK_STEPS": "build,info",
+                                                "GPU_CHECK_FAIL": "build"})
+    assert res.returncode != 0
+    got = statuses(tmp_path)
+    assert got["build"] == "FAIL" and got["info"] == "PASS"
+    assert all(got[s] == "SKIP" for s in STEPS if s not in ("build", "info"))
+    rows = table_rows(res.stdout)
+    assert rows["build"] == "FAIL" and rows["total"] == "FAIL"
+    assert "injected failure" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_hanging_step_is_killed_at_its_cap(tmp_path):
+    t0 = time.monotonic()
+    res = run_check(tmp_path, "--dry-run", env={"GPU_CHECK_STEPS": "build,info",
+                                                "GPU_CHECK_HANG": "build",
+                                                "GPU_CHECK_CAPS": "build=3"})
+    assert res.returncode != 0
+    got = statuses(tmp_path)
+    assert got["build"] == "TIMEOUT" and got["info"] == "PASS"
+    with open(tmp_path / "summary.json") as f:
+        build = next(s for s in json.load(f)["steps"] if s["step"] == "build")
+    assert build["seconds"] <= 3 + 12 and build["cap"] == 3  # TERM at the cap, KILL 10 s later
+    assert time.monotonic() - t0 < 300
+
+
+def test_usage_error_without_out_dir():
+    res = subprocess.run(["bash", SCRIPT, "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "usage" in res.stderr
+
+
+def _fake_run(out, step, rc, section):
+    (out / "gpu_check.log").write_text(f"===== {step} =====\n{section}\n")
+    (out / "steps.tsv").write_text("step\trc\tseconds\tcap\tfirst_line\tlast_line\n"
+                                   f"{step}\t{rc}\t5\t60\t1\t{2 + section.count(chr(10))}\n")
+
+
+@pytest.mark.parametrize("step,section,dry,status", [
+    ("tests_cuda", "===== 120 skipped in 3.1s =====", False, "FAIL"),   # no GPU seen: nothing ran
+    ("tests_cuda", "===== 120 skipped in 3.1s =====", True, "PASS"),    # expected on a CPU
+    ("tests_triton", "===== 3 passed, 1 skipped in 3.1s =====", False, "PASS"),
+    ("tests_triton", "no closing line", False, "FAIL"),
+    ("memcheck", "sanitizer_cases: 40 cases, 0 failed, 9.0 s on cuda\n"
+                 "========= ERROR SUMMARY: 2 errors", False, "FAIL"),
+    ("memcheck", "sanitizer_cases: 40 cases, 0 failed, 9.0 s on cuda\n"
+                 "========= ERROR SUMMARY: 0 errors", False, "PASS"),
+    ("racecheck", "========= ERROR SUMMARY: 0 errors", False, "FAIL"),  # the driver never ran
+    ("ops", "wrote nothing", False, "FAIL"),                            # no JSON
+])
+def test_summary_judges_what_a_step_did(tmp_path, step, section, dry, status):
+    _fake_run(tmp_path, step, 0, section)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check_summary.py"),
+                          str(tmp_path), *(["--dry-run"] if dry else [])], capture_output=True, text=True)
+    assert statuses(tmp_path)[step] == status, res.stdout
+    assert res.returncode == (0 if status == "PASS" else 1)
+
+
+def test_summary_timeout_and_failure_codes(tmp_path):
+    for rc, status in [(124, "TIMEOUT"), (137, "TIMEOUT"), (1, "FAIL")]:
+        _fake_run(tmp_path, "fps", rc, "...")
+        subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check_summary.py"),
+                        str(tmp_path)], capture_output=True, text=True)
+        assert statuses(tmp_path)["fps"] == status
+
+
+def test_sanitizer_cases_run_on_the_cpu_backend():
+    """The driver the sanitizer runs on a GPU, here on the C++ kernels: every case is called and
+    compared with the float64 reference."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sanitizer_cases.py"),
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert ", 0 failed" in res.stdout
+    ok = [ln for ln in res.stdout.splitlines() if ln.startswith("ok ")]
+    for name in ("criss_cross_attention residual", "cca_weight", "cca_map", "carafe ", "carafe_fused",
+                 "odd offset", "directional_conv2d ", "directional_conv2d_pair"):
+        assert any(name in ln for ln in ok), f"no case of {name!r} ran"
