@@ -50,11 +50,17 @@ def time_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 10,
 
 
 def write_results(name: str, payload: dict) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
-    with open(path, "w") as f:
+    return write_json(os.path.join(RESULTS, f"{name}.json"), payload)
+
+
+def write_json(path: str, payload: dict) -> str:
+    """Writes payload to path through a temporary file, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)
     return path
 
 

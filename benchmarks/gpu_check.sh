@@ -141,7 +141,7 @@ step_ops() {
   if (( DRY )); then
     "$PY" benchmarks/ops.py --smoke --device cpu --json "$OUT/ops.json"
   else
-    "$PY" benchmarks/ops.py --dtype bf16 --dtype fp16 --dtype fp32 --json "$OUT/ops.json"
+    "$PY" benchmarks/ops.py --op cca --dtype bf16 --dtype fp16 --dtype fp32 --json "$OUT/ops.json"
   fi
 }
 

@@ -89,9 +89,17 @@ def judge(step: str, rc: str, text: str, out_dir: str, dry: bool) -> tuple[str, 
 
 
 def ops_key(data: dict) -> str:
+    """Row count, and the criss-cross goal of issue 17: each kernel backend's forward and
+    forward+backward speed-up over the einsum at [2,512,97,97] bf16, where measured."""
     rows = data.get("rows", [])
     backends = sorted({r.get("backend", "?") for r in rows})
-    return f"{len(rows)} rows, backends {','.join(backends)}"
+    key = f"{len(rows)} rows, backends {','.join(backends)}"
+    goal = [r for r in rows if r.get("shape", "").startswith("[2,512,97,97]")
+            and r.get("dtype") == "bfloat16" and r.get("backend") in ("cuda", "triton")
+            and "fwd_vs_einsum" in r]
+    for r in goal:
+        key += f"; {r['backend']} {r['fwd_vs_einsum']}x/{r['fwd_bwd_vs_einsum']}x einsum"
+    return key
 
 
 def fps_key(data: dict) -> str:

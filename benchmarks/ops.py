@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import armnet_ops
 from armnet_ops import _backend
 from armnet_ops.info import SPECS
-from common import environment, print_table, time_ms, write_results
+from common import RESULTS, environment, print_table, time_ms, write_json
 from traffic import cca_cuda_traffic
 from traffic_triton import cca_triton_traffic
 
@@ -250,7 +250,8 @@ def measure(case: Case, backend: str, device: torch.device, dtype, smoke: bool =
     row = dict(op=case.op, shape=case.label, dtype=str(dtype).replace("torch.", ""), backend=backend,
                fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwd_bwd, 4),
                peak_extra_mib=None)
-    mem = peak_memory_mib(case, backend, device, dtype)
+    # A smoke run skips the memory measurement: on a CPU it is a fresh process per row.
+    mem = None if smoke else peak_memory_mib(case, backend, device, dtype)
     row["peak_extra_mib"] = None if mem is None else round(mem, 2)
     nbytes = case.bytes_moved(dtype)
     if nbytes is not None:
@@ -345,6 +346,16 @@ def main(argv=None) -> None:
         [torch.float32] if device.type == "cpu" else [torch.float32, torch.float16, torch.bfloat16])
     only = {"cca", "carafe", "dconv"} if a.op == "all" else {a.op}
     grid = "smoke" if a.smoke else "quick" if a.quick else "full"
+    env = environment(device)
+    if a.json:
+        path = a.json
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    else:
+        name = f"ops_{device.type}" + ("" if device.type == "cpu" else "_" + env["device"].replace(" ", "-"))
+        name += {"quick": "_quick", "smoke": "_smoke", "full": ""}[grid]
+        if a.op != "all":
+            name += f"_{a.op}"
+        path = os.path.join(RESULTS, name + ".json")
     rows = []
     print("  ".join(COLUMNS))
     for case in cases(grid, device, only):
@@ -353,20 +364,11 @@ def main(argv=None) -> None:
                 rows.append(measure(case, backend, device, dtype, smoke=a.smoke))
                 add_ratios(rows)
                 print("  ".join(str(rows[-1].get(c, "")) for c in COLUMNS), flush=True)
-    env = environment(device)
-    payload = dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv), rows=rows)
-    if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        path = a.json
-    else:
-        name = f"ops_{device.type}" + ("" if device.type == "cpu" else "_" + env["device"].replace(" ", "-"))
-        name += {"quick": "_quick", "smoke": "_smoke", "full": ""}[grid]
-        if a.op != "all":
-            name += f"_{a.op}"
-        path = write_results(name, payload)
+                # Written after every row, so that a run stopped by a time cap keeps its rows.
+                write_json(path, dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv),
+                                      complete=False, rows=rows))
+    write_json(path, dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv),
+                          complete=True, rows=rows))
     print()
     print_table(rows, COLUMNS)
     print(f"\nwrote {os.path.relpath(path)}")
