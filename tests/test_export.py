@@ -116,6 +116,9 @@ def test_export_errors(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.slow  # the AOTInductor compile: 3-6 minutes on a busy 2-core CPU
+@pytest.mark.skipif(os.environ.get("ARMNET_TEST_AOTI") != "1", reason=(
+    "known to fail (below) and 3-6 minutes of compile on a 2-core CPU, so not in every test run; "
+    "run it with ARMNET_TEST_AOTI=1"))
 @pytest.mark.xfail(strict=True, reason=(
     "measured: the package matches eager to 2.4e-7 on random input but differs by 1.3e-2 on the "
     "synthetic image (logits scale 3), so the command refuses it; the exported program and "
