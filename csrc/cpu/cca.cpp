@@ -12,22 +12,24 @@
 // contiguous NCHW. The key set of pixel u = (h, w) is its row (h, z), z in [0, W), and its
 // column (j, w), j != h.
 //
-// The kernels work on pixel-major (NHWC) copies of q, k, v (and of the incoming gradient): one
-// transpose each, none for channels_last inputs. A row or a column of an image is then a set of
-// contiguous channel vectors at a fixed stride, so each line's products (energies Q Kᵀ, the
-// weighted sum P V and the four products of the backward) are single BLAS GEMMs over L x L x C,
-// with the softmax between them along the contiguous rows of the L x L energy block. This is the
-// einsum formulation's arithmetic, done line by line: no energy tensor is written, and the
-// memory beyond the inputs and outputs is one pixel-major accumulator of v's size.
+// Each line (a row or a column of an image) is handled by single BLAS GEMMs over L x L x C: the
+// energies Q Kᵀ, the weighted sum P V and the four products of the backward, with the softmax
+// between them along the contiguous rows of the L x L energy block. This is the einsum
+// formulation's arithmetic, done line by line, with no energy tensor in memory. q and k are read
+// from pixel-major (NHWC) copies (Cqk is small; no copy for channels_last inputs). v, the
+// incoming gradient and the outputs stay NCHW: a row of them is a strided matrix as it is, and
+// the column pass gathers 16 adjacent columns at a time, 16 channels at a time, through 16 x 16
+// tile transposes (cca_kernels.h). Memory beyond inputs and outputs: the pixel-major q, k and
+// per-thread scratch (the column weights of the thread's columns, three small channel blocks).
 //
 // Forward (cca_kernels.h, forward_kernel), two passes: every column first, with its own softmax
-// statistics, into the accumulator; then every row, which merges its statistics with the
-// column's (log-sum-exp), rescales the column part and adds its own, and stores the finished
-// row NCHW with the residual epilogue. Each energy is computed once. Saved: out and the
+// statistics, written unnormalised into out; then every row, which merges its statistics with
+// the column's (log-sum-exp), rescales the column part in out and adds its own with one GEMM,
+// then applies the residual epilogue. Each energy is computed once. Saved: out and the
 // log-sum-exp (N, H, W) in the op-math type.
 //
 // Backward, the same two passes over the lines: the weights are recomputed from lse, and each
-// line's dQ, dK, dV are written (columns) then added (rows) by GEMMs. Each pass writes only its
+// line's dQ, dK (pixel-major) and dV (NCHW) are written (columns) then added (rows) by GEMMs. Each pass writes only its
 // own lines' pixels and the order of the passes is fixed, so the result does not depend on the
 // thread count.
 

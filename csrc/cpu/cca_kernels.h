@@ -1,8 +1,9 @@
 // Criss-cross attention CPU kernels (see cca.cpp for the algorithm). This file has no include
 // guard and no includes on purpose: cca.cpp includes it once per instruction set, inside one
-// namespace each (baseline, AVX2+FMA, AVX-512), and picks one at run time. Every inner
-// loop runs along w, contiguous in NCHW, so that the compiler vectorises it. Summation orders are
-// fixed by the code (no dependence on threads), so results are deterministic.
+// namespace each (baseline, AVX2+FMA, AVX-512), and picks one at run time. The loops of its own
+// (softmax, transposes, the two-op API) run along contiguous memory so that the compiler
+// vectorises them; the products go to BLAS (gemm_rm in cca.cpp). Summation orders are fixed by
+// the code (no dependence on threads), so results are deterministic.
 
 #include "vec_exp.h"
 
