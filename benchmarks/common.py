@@ -49,10 +49,6 @@ def time_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 10,
     return statistics.median(times)
 
 
-def write_results(name: str, payload: dict) -> str:
-    return write_json(os.path.join(RESULTS, f"{name}.json"), payload)
-
-
 def write_json(path: str, payload: dict) -> str:
     """Writes payload to path through a temporary file, so a reader never sees half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

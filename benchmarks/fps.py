@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ for path in (ROOT, os.path.join(ROOT, "benchmarks")):
 
 import torch  # noqa: E402
 
-from common import environment, synchronize  # noqa: E402
+from common import environment, synchronize, write_json  # noqa: E402
 
 ENGINES = ("eager", "onnxruntime", "aoti")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -206,9 +205,7 @@ def main(argv=None) -> int:
         path = args.json or os.path.join(
             ROOT, "benchmarks", "results",
             f"fps_{device.type}_{engines}{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}.json")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(path, report)
         print(f"wrote {path}")
     return 0
 

@@ -349,13 +349,13 @@ def main(argv=None) -> None:
     env = environment(device)
     if a.json:
         path = a.json
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     else:
         name = f"ops_{device.type}" + ("" if device.type == "cpu" else "_" + env["device"].replace(" ", "-"))
         name += {"quick": "_quick", "smoke": "_smoke", "full": ""}[grid]
         if a.op != "all":
             name += f"_{a.op}"
         path = os.path.join(RESULTS, name + ".json")
+    args = sys.argv[1:] if argv is None else list(argv)
     rows = []
     print("  ".join(COLUMNS))
     for case in cases(grid, device, only):
@@ -365,10 +365,8 @@ def main(argv=None) -> None:
                 add_ratios(rows)
                 print("  ".join(str(rows[-1].get(c, "")) for c in COLUMNS), flush=True)
                 # Written after every row, so that a run stopped by a time cap keeps its rows.
-                write_json(path, dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv),
-                                      complete=False, rows=rows))
-    write_json(path, dict(environment=env, argv=sys.argv[1:] if argv is None else list(argv),
-                          complete=True, rows=rows))
+                write_json(path, dict(environment=env, argv=args, complete=False, rows=rows))
+    write_json(path, dict(environment=env, argv=args, complete=True, rows=rows))
     print()
     print_table(rows, COLUMNS)
     print(f"\nwrote {os.path.relpath(path)}")

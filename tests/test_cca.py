@@ -119,7 +119,7 @@ import torch, armnet_ops
 from armnet_ops import reference
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float64, torch.float32):
-    q, k, v = (torch.randn(2, c, 7, 21, generator=g, dtype=torch.float64).requires_grad_() for c in (5, 5, 19))
+    q, k, v = (torch.randn(2, c, 17, 21, generator=g, dtype=torch.float64).requires_grad_() for c in (5, 5, 19))
     ref = reference.criss_cross_attention(q, k, v, 0.6)
     want = torch.autograd.grad(ref.sum(), (q, k, v))
     x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]

@@ -81,7 +81,7 @@ template <typename T>
 void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
              const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
-  if (K == 0) {  // BLAS would not touch C with alpha·0 when beta = 0 on every implementation
+  if (K == 0) {  // C = beta·C (0 when beta = 0, NaN in C or not), which BLAS libraries differ on
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
     return;

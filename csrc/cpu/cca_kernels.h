@@ -50,8 +50,8 @@ inline void accumulate_products(T* __restrict acc, int64_t W, int64_t count, Row
 // q and k (Cqk channels, small) are read from pixel-major (NHWC) copies, where a line's channel
 // vectors sit at a fixed stride. v, the incoming gradient G and the outputs (Cv channels) stay
 // NCHW: a row of them is already a strided (Cv x W) matrix, and a column is gathered, in blocks
-// of up to kColumnBlock adjacent columns (whole cache lines), into a (Cv x H) matrix per column
-// and scattered back the same way. In a column the self key (i, i) is masked: that pixel is
+// of up to kColumnBlock adjacent columns (whole cache lines) and kChannelChunk channels, into a
+// (channels x H) matrix per column, and scattered back the same way. In a column the self key (i, i) is masked: that pixel is
 // already a key of its row.
 
 struct Line {
