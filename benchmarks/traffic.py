@@ -44,6 +44,27 @@ def pv_group(Cv: int, itemsize: int, smem_limit: int = SMEM_SM90) -> int:
     return g
 
 
+def cca_min_bytes(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
+                  pass_: str = "forward", residual: bool = False) -> int:
+    """The floor both GPU traffic models (this file's and traffic_triton.py's) are measured
+    against: every input read once and every output written once, in the element type, with the
+    saved statistics in the op-math type (fp32, fp64 for double).
+
+    forward:  q, k, v read; out written; lse written (residual: x read, y written).
+    backward: q, k, v, out and dO read (out for D = <dO, out>, as flash-attention reads O), lse
+              read; dq, dk, dv written (residual: grad_gamma's per-pixel share is in the D read).
+    """
+    if pass_ not in ("forward", "backward"):
+        raise ValueError(f"cca_min_bytes: pass_ must be 'forward' or 'backward', got {pass_!r}")
+    if itemsize not in (2, 4, 8):
+        raise ValueError(f"cca_min_bytes: itemsize must be 2, 4 or 8, got {itemsize}")
+    b, a = itemsize, (8 if itemsize == 8 else 4)
+    P, D = N * H * W, Cqk
+    if pass_ == "forward":
+        return P * (2 * D + Cv) * b + P * Cv * b + P * a + (2 * P * Cv * b if residual else 0)
+    return P * (2 * D + 3 * Cv) * b + P * a + P * (2 * D + Cv) * b
+
+
 def cca_cuda_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
                      pass_: str = "forward", channels_last: bool = False,
                      residual: bool = False) -> dict:
@@ -79,7 +100,6 @@ def cca_cuda_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
             pv += G * (P * D * b * ((1 if resident else tk) + to) + P * a * tk)  # q, k, lse
             pv += P * Cv * b * to  # v, each own tile reading the whole line's keys
         k["P·V"] = pv + 3 * P * Cv * b + out_extra  # part written, part read, out written
-        minimum = P * (2 * D + Cv) * b + P * Cv * b + P * a + out_extra
     else:
         if not channels_last:  # q, k, v, and the incoming gradient
             k["transpose q, k, v, dO to NHWC"] = 2 * P * (2 * D + 2 * Cv) * b
@@ -95,9 +115,8 @@ def cca_cuda_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
         for to, tk in passes():
             dv += G * (P * D * b * ((1 if resident else tk) + to) + P * a * tk) + P * Cv * b * to
         k["dv"] = dv + 3 * P * Cv * b
-        # q, k, v, out, dO, lse read once; dq, dk, dv written once
-        minimum = P * (2 * D + 3 * Cv) * b + P * a + P * (2 * D + Cv) * b
     total = sum(k.values())
+    minimum = cca_min_bytes(N, Cqk, Cv, H, W, itemsize, pass_, residual)
     return {"bytes": total, "min_bytes": minimum, "ratio": total / minimum, "kernels": k}
 
 

@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from traffic import cca_min_bytes  # noqa: E402  (one floor for both models)
+
 _DTYPES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
 
 
@@ -57,7 +59,6 @@ def cca_triton_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
         parts["lse (written, read, rewritten)"] = 3 * a * P
         parts["out"] = s * P * Cv
         parts["residual x, y"] = 2 * s * P * Cv if residual else 0
-        min_bytes = s * P * (2 * Cqk + Cv) + s * P * Cv + a * P + parts["residual x, y"]
     else:
         parts["transpose q, k, v, grad"] = transposed * 2 * s * P * (2 * Cqk + 2 * Cv)
         parts["D = <grad, out>"] = 2 * s * P * Cv + a * P
@@ -70,8 +71,8 @@ def cca_triton_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
                                         + 3 * a * P * t for t in passes)
         parts["partials dq, dk, dv (written, read)"] = 2 * a * P * (2 * Cqk + Cv)
         parts["dq, dk, dv"] = s * P * (2 * Cqk + Cv)
-        min_bytes = s * P * (2 * Cqk + 2 * Cv) + a * P + s * P * (2 * Cqk + Cv)
     total = sum(parts.values())
+    min_bytes = cca_min_bytes(N, Cqk, Cv, H, W, itemsize, pass_, residual)
     return {"bytes": total, "min_bytes": min_bytes, "ratio": total / min_bytes, "parts": parts}
 
 

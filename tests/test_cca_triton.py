@@ -218,7 +218,13 @@ def test_traffic_model():
     assert cl["parts"]["v lines"] == 2 * 2 * P * CV
     bwd = cca_triton_traffic(N, D, CV, H, W, 2, "backward")
     # Minimum: grad, q, k, v, out read once, lse read once, dq, dk, dv written once.
-    assert bwd["min_bytes"] == 2 * P * (2 * D + 2 * CV) + 4 * P + 2 * P * (2 * D + CV)
+    assert bwd["min_bytes"] == 2 * P * (2 * D + 3 * CV) + 4 * P + 2 * P * (2 * D + CV)
     assert bwd["bytes"] > bwd["min_bytes"]
+    # The CUDA and Triton models are held to one floor.
+    from traffic import cca_cuda_traffic
+    for pass_ in ("forward", "backward"):
+        for res in (False, True):
+            assert (cca_cuda_traffic(N, D, CV, H, W, 2, pass_, residual=res)["min_bytes"]
+                    == cca_triton_traffic(N, D, CV, H, W, 2, pass_, residual=res)["min_bytes"])
     with pytest.raises(ValueError, match="pass_"):
         cca_triton_traffic(N, D, CV, H, W, 2, "sideways")
