@@ -59,7 +59,8 @@ def package(tmp_path_factory):
 
 
 def test_ops_are_calls_in_the_exported_graph(package):
-    """The package calls our kernels (opaque custom ops), not a decomposition of them."""
+    """The graph AOTInductor compiles holds our ops as opaque calls (the package runs them through
+    its proxy executor, i.e. our C++ kernels), not as a decomposition."""
     module, example, _ = package
     ep = torch.export.export(module, (example,))
     called = {n.target._opname for n in ep.graph.nodes
