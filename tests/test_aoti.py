@@ -52,9 +52,10 @@ class ThreeOps(nn.Module):
 def package(tmp_path_factory):
     torch.manual_seed(0)
     module = ThreeOps().eval()
-    example = torch.randn(1, 3, 12, 20)
+    example = torch.randn(2, 3, 12, 20)  # batch 2: a batch of 1 would be specialised
     path = str(tmp_path_factory.mktemp("aoti") / "three_ops.pt2")
-    export_aoti(module, example, path, dynamic=False)
+    # dynamic batch, height and width (`export --dynamic`): one compile covers both modes
+    export_aoti(module, example, path, dynamic=True)
     return module, example, path
 
 
@@ -69,10 +70,12 @@ def test_ops_are_calls_in_the_exported_graph(package):
 
 
 def test_package_matches_eager_for_each_input_layout(package):
-    """Random input (contiguous and channels_last) and the export check's synthetic image
-    (channels_last): logits within 1e-4 of eager."""
+    """Random input (contiguous and channels_last), the export check's synthetic image
+    (channels_last) and, the package being dynamic, a batch of 3 at another size: logits within
+    1e-4 of eager."""
     module, example, path = package
-    inputs = check_inputs(example, dynamic=False)
+    inputs = check_inputs(example, dynamic=True)
+    assert any(t.shape[2:] != example.shape[2:] for t in inputs.values())
     x = torch.randn(example.shape, generator=torch.Generator().manual_seed(1))
     inputs["random channels_last"] = x.contiguous(memory_format=torch.channels_last)
     inputs["random, a view with a storage offset"] = torch.randn(2, *example.shape[1:])[1:]
