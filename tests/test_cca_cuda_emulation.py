@@ -1,26 +1,33 @@
 """The fused criss-cross attention CUDA kernels (csrc/cuda/cca_kernels.cuh), emulated on the host.
 
 The device code is plain C++ over a scalar type, an mma policy and the tile sizes, so it compiles
-with g++ given a few shims: one std::thread per CUDA thread, a std::barrier for __syncthreads,
-blocks of a launch run one after another (one static array is the block's shared memory), and a
-small nvcuda::wmma whose fragments hold the whole 16x16 tile in every thread (the kernels touch
-fragments only through fill/load/store/mma, so its layout does not matter).
+with g++ given the shims of tests/host_emulation.py: one std::thread per CUDA thread, a
+std::barrier for __syncthreads, blocks of a (2-D) grid run one after another (one static array is
+the block's shared memory), the host __half / __nv_bfloat16 (conversions from float round to
+nearest even, as on the device) and a small nvcuda::wmma whose fragments hold the whole 16x16 tile
+(the kernels touch fragments only through fill/load/store/mma, so its layout does not matter).
 
-The kernels are instantiated with float and double at the production tile configurations of
-csrc/cuda/cca.cu (ProdTilesFma through the scalar-FMA policy, as fp32/fp64 run on the GPU, and
-ProdTiles16 through the wmma policy, as fp16/bf16 run, with the Cv group an sm_90 gets for 2-byte
-elements; test_production_tiles_are_emulated ties the two files together) and at small tiles, so
-that small images still have several own tiles, key tiles, Cv groups and zero-padded channel
-chunks. The host driver launches them in the order of csrc/cuda/cca.cu (column pass, then row
-pass), with q, k, v, dO in NHWC, and the results are checked against armnet_ops.reference: out,
-the saved lse, the three gradients, and the residual block (y, grad_gamma). cp.async is a plain
-16-byte copy on the host: the double-buffer protocol (which buffer holds which chunk, the
-barriers) is what runs here.
+Every kernel (cca_lse_kernel, cca_pv_kernel for out and dv, cca_grad_kernel for dq and dk,
+cca_delta_kernel), forward and backward, plain and residual, runs in the launch order of
+csrc/cuda/cca.cu (column pass, then row pass; q, k, v, dO in NHWC):
+* fp16 and bf16 as on the GPU: WmmaPolicy<T, float> at ProdTiles16 (16-bit fragments, fp32
+  accumulators), with the element-type roundings (P and dS for their mma, the part buffer, the
+  outputs); checked per element within bounds derived from those roundings, against a replay of
+  the roundings in fp64, and against the einsum formulation in the same dtype (never less
+  accurate), see test_cuda_kernels_emulated_16bit;
+* float and double at both production tile configurations (ProdTilesFma through the scalar-FMA
+  policy, as fp32/fp64 run on the GPU; ProdTiles16 through the wmma policy with the Cv group an
+  sm_90 gets for 2-byte elements) and at small tiles, so that small images still have several own
+  tiles, key tiles, Cv groups and zero-padded channel chunks.
+test_production_tiles_are_emulated ties the configurations to cca.cu. Results are checked against
+armnet_ops.reference: out, the saved lse, the three gradients, and the residual block (y,
+grad_gamma). cp.async is a plain 16-byte copy on the host: the double-buffer protocol (which
+buffer holds which chunk, the barriers) is what runs here.
 
-What this cannot check: fp16/bf16 rounding, the real wmma fragment layout, the asynchrony of
-cp.async, shared-memory limits, launch configurations and timing. The needs_cuda tests at the
-end of this file (and the cuda backend of tests/test_cca.py) run the compiled kernels through
-the registered ops; tests/test_sass.py reads their machine code.
+What this cannot check: the real wmma fragment layout and the tensor cores' summation order, the
+asynchrony of cp.async, shared-memory limits, launch configurations and timing. The needs_cuda
+tests at the end of this file (and the cuda backend of tests/test_cca.py) run the compiled
+kernels through the registered ops; tests/test_sass.py reads their machine code.
 """
 import ctypes
 import os
