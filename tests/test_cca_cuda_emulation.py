@@ -402,6 +402,14 @@ def _scatter(attn, w):
     return z.grad
 
 
+def _column_keys(H, W):
+    """(1, H+W-1, 1, 1): 1 at the column keys of reference.cca_weight's layout (the first pass's
+    keys), 0 at the row keys."""
+    col = torch.ones(1, H + W - 1, 1, 1, dtype=torch.float64)
+    col[:, :W] = 0
+    return col
+
+
 def _bounds(q, k, v, go, gamma, scale, dtype, out_ref, y_ref, grads):
     """Per-element bounds of |kernel - fp64 reference| for the 16-bit kernels (q, k, v, go: fp64
     copies of the rounded inputs; gamma a float, 1 without the residual; out_ref, y_ref, grads the
@@ -436,8 +444,8 @@ def _bounds(q, k, v, go, gamma, scale, dtype, out_ref, y_ref, grads):
     e_abs = (reference.cca_weight(q.abs(), k.abs()) * scale).max().item()
     lse = torch.logsumexp(e, dim=1, keepdim=True)
     P = torch.softmax(e, dim=1)
-    P_col = P.clone()
-    P_col[:, :W] = 0                                            # the column pass's keys only
+    col = _column_keys(H, W)
+    P_col = P * col                                             # the column pass's keys only
     # lse: the energies' error acc32(D)·e_abs, the L-term sum, log of it; P: the same energy
     # error in e and in lse, the rounding of scale·e - lse, expf.
     eps_lse = U32 * (2 * (D + 2) * e_abs + 2 * (L + 8)) + 2 * U32 * lse.abs()
@@ -454,8 +462,7 @@ def _bounds(q, k, v, go, gamma, scale, dtype, out_ref, y_ref, grads):
     dD = gamma * b["gpart"][:, None]                            # the error of D_p
     Dp = gamma * (go * out_ref).sum(1, keepdim=True)
     dS = P * (gamma * reference.cca_weight(go, v) - Dp) * scale
-    dS_col = dS.clone()
-    dS_col[:, :W] = 0
+    dS_col = dS * col
     dPabs = reference.cca_weight(ago, av)
     ddS = ((u + eps_P + 4 * U32) * dS.abs() + P * scale * (gamma * acc32(Cv) * dPabs + dD)
            + eta)                                               # |dS rounded to T - dS|
@@ -477,9 +484,7 @@ def _rounding_model(q, k, v, go, x, out, gamma, scale, dtype):
     backward's D uses out, the forward's rounded output, as the kernels do. q, k, v, go, x fp64
     copies of the rounded inputs; returns out, y, gq, gk, gv in dtype (as fp64)."""
     rnd = lambda t: t.to(dtype).double()  # round to nearest even, as the device
-    W = q.shape[3]
-    col = torch.ones(1, q.shape[2] + W - 1, 1, 1, dtype=torch.float64)
-    col[:, :W] = 0                                              # the column keys (first pass)
+    col = _column_keys(*q.shape[2:])
 
     def total(M, z, gather=True, mult=1.0):
         f = reference.cca_map if gather else _scatter
