@@ -12,7 +12,9 @@ reset the peak (`5 > /proc/self/clear_refs` sets VmHWM to the current RSS), run
 argmax under `torch.inference_mode`, and read the peak (VmHWM). Printed, as one JSON line: the
 baseline, the peak and the peak beyond the baseline in MB (10⁶ bytes), and the seconds the pass
 took. RSS counts every page the process touched (torch's tensors, the allocator's slack, oneDNN's
-buffers), which is what a user's machine has to hold.
+buffers), which is what a user's machine has to hold. At small sizes glibc keeps freed tensors
+under its mmap threshold (up to 32 MB) in the heap; `MALLOC_MMAP_THRESHOLD_=1048576` in the
+environment makes them allocate as a 2048² pass's do (the test of this script sets it).
 """
 from __future__ import annotations
 
