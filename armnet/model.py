@@ -25,8 +25,8 @@ Choices the paper leaves open (each is repeated in the docstring of the module t
   Channel branch: W_c = softmax(F·Fᵀ / (H·W)) over channels (the 1/(H·W) keeps the softmax out
   of saturation; it is a mean instead of a sum of products), filter generation g = 1×1 conv on
   W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 logits and a softmax over the 9
-  taps → one normalised depthwise 3×3 kernel per sample and channel, applied to F_s by a grouped
-  convolution; the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU. Every
+  taps → one normalised depthwise 3×3 kernel per sample and channel, applied to F_s as a sum of
+  shifted taps (`depthwise_taps`); the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU. Every
   kernel sums to 1, so the branch reshapes channels but does not emphasise or suppress them as
   the paper describes (§3.3); `dpd_channel_gain=True` multiplies each kernel by a gain
   2·sigmoid(mean of its 9 logits) in (0, 2) that restores that. It is off by default: at a short
@@ -163,7 +163,7 @@ class ChannelSemanticAwareModule(nn.Module):
     `channel_gain=True` it is multiplied by 2·sigmoid(mean of the k² logits), the part of F_c that
     the softmax ignores: a gain in (0, 2) that lets a channel be emphasised or suppressed (paper
     §3.3) and keeps |output| ≤ 2·max|F_s|. The kernel is applied to the spatial branch output F_s
-    as a depthwise convolution (one grouped conv over the N·C channels of the batch). With g = 0
+    as a depthwise convolution (`depthwise_taps`, per sample and channel). With g = 0
     the kernel is a k×k mean (gain 1).
     """
 
