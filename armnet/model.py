@@ -26,11 +26,11 @@ Choices the paper leaves open (each is repeated in the docstring of the module t
   of saturation; it is a mean instead of a sum of products), filter generation g = 1×1 conv on
   W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 logits and a softmax over the 9
   taps → one normalised depthwise 3×3 kernel per sample and channel, applied to F_s as a sum of
-  shifted taps (`depthwise_taps`); the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU. Every
-  kernel sums to 1, so the branch reshapes channels but does not emphasise or suppress them as
-  the paper describes (§3.3); `dpd_channel_gain=True` multiplies each kernel by a gain
-  2·sigmoid(mean of its 9 logits) in (0, 2) that restores that. It is off by default: at a short
-  fixed step budget it did not score better (armnet/README.md, "DPD channel gain").
+  shifted taps (`depthwise_taps`); the result is added to F_s (residual) and fused by 1×1 conv +
+  BN + ReLU. Every kernel sums to 1, so the branch reshapes channels but does not emphasise or
+  suppress them as the paper describes (§3.3); `dpd_channel_gain=True` multiplies each kernel by
+  a gain 2·sigmoid(mean of its 9 logits) in (0, 2) that restores that. It is off by default: at
+  a short fixed step budget it did not score better (armnet/README.md, "DPD channel gain").
   Low-level blend: concatenation with a 1×1 projection of the backbone feature at the stage's
   output stride, then 3×3 conv + BN + ReLU. The last stage (to full resolution) has no backbone
   feature to blend.
@@ -198,12 +198,12 @@ def depthwise_taps(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 
     Taps rather than one conv with groups = N·C: a group count that depends on the batch cannot
     be exported with a dynamic batch (ONNX's Conv takes it as an attribute). With autograd on
-    (training, export) the taps are products of slices of a padded copy, summed out of place. Without
-    it (eval, predict) each tap is accumulated in place into the part of the output it reaches, with
-    no padded copy and no product tensors: that form held five tensors of x's size at once, this
-    one holds x and the output only (the DPD stages run at H/2 and H with 256 and 64 channels:
-    1 GB a tensor for a 2048² image). In place, addcmul_ may fuse each multiply-add (FMA), so the
-    two forms agree to float rounding, not bit for bit.
+    (training, export) the taps are products of slices of a padded copy, summed out of place.
+    Without it (eval, predict) each tap is accumulated in place into the part of the output it
+    reaches, with no padded copy and no product tensors: the first form holds up to five tensors
+    of x's size at once, this one x and the output only (armnet_r50's last two DPD stages filter
+    256 channels at H/2 and 64 at H: 1 GB a tensor for a 2048² image). addcmul_ may fuse each
+    multiply-add (FMA), so the two forms agree to float rounding, not bit for bit.
     """
     k = kernels.shape[-1]
     r = k // 2
