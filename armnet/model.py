@@ -25,12 +25,12 @@ Choices the paper leaves open (each is repeated in the docstring of the module t
   Channel branch: W_c = softmax(F·Fᵀ / (H·W)) over channels (the 1/(H·W) keeps the softmax out
   of saturation; it is a mean instead of a sum of products), filter generation g = 1×1 conv on
   W_c·F, zero-initialised, adaptive average pooling to k×k = 3×3 logits and a softmax over the 9
-  taps → one normalised depthwise 3×3 kernel per sample and channel, applied to F_s by a grouped
-  convolution; the result is added to F_s (residual) and fused by 1×1 conv + BN + ReLU. Every
-  kernel sums to 1, so the branch reshapes channels but does not emphasise or suppress them as
-  the paper describes (§3.3); `dpd_channel_gain=True` multiplies each kernel by a gain
-  2·sigmoid(mean of its 9 logits) in (0, 2) that restores that. It is off by default: at a short
-  fixed step budget it did not score better (armnet/README.md, "DPD channel gain").
+  taps → one normalised depthwise 3×3 kernel per sample and channel, applied to F_s as a sum of
+  shifted taps (`depthwise_taps`); the result is added to F_s (residual) and fused by 1×1 conv +
+  BN + ReLU. Every kernel sums to 1, so the branch reshapes channels but does not emphasise or
+  suppress them as the paper describes (§3.3); `dpd_channel_gain=True` multiplies each kernel by
+  a gain 2·sigmoid(mean of its 9 logits) in (0, 2) that restores that. It is off by default: at
+  a short fixed step budget it did not score better (armnet/README.md, "DPD channel gain").
   Low-level blend: concatenation with a 1×1 projection of the backbone feature at the stage's
   output stride, then 3×3 conv + BN + ReLU. The last stage (to full resolution) has no backbone
   feature to blend.
@@ -163,7 +163,7 @@ class ChannelSemanticAwareModule(nn.Module):
     `channel_gain=True` it is multiplied by 2·sigmoid(mean of the k² logits), the part of F_c that
     the softmax ignores: a gain in (0, 2) that lets a channel be emphasised or suppressed (paper
     §3.3) and keeps |output| ≤ 2·max|F_s|. The kernel is applied to the spatial branch output F_s
-    as a depthwise convolution (one grouped conv over the N·C channels of the batch). With g = 0
+    as a depthwise convolution (`depthwise_taps`, per sample and channel). With g = 0
     the kernel is a k×k mean (gain 1).
     """
 
@@ -188,18 +188,48 @@ class ChannelSemanticAwareModule(nn.Module):
             # the level of the logits, which the softmax discards, becomes the channel's gain
             kernels = kernels * (2 * torch.sigmoid(logits.mean(-1, keepdim=True)))
         kernels = kernels.reshape(n, c, k, k)
-        # The depthwise convolution as a sum of k² shifted taps rather than one conv with
-        # groups = N·C: a group count that depends on the batch cannot be exported with a
-        # dynamic batch (ONNX's Conv takes it as an attribute).
-        hs, ws = f_s.shape[-2:]
-        kernels = kernels.to(f_s.dtype)[..., None, None]  # (N, C, k, k, 1, 1)
-        padded = F.pad(f_s, (k // 2,) * 4)
+        return depthwise_taps(f_s, kernels.to(f_s.dtype))
+
+
+def depthwise_taps(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """A per-sample depthwise k×k convolution, zero padding k // 2: x (N, C, H, W), kernels
+    (N, C, k, k) → (N, C, H, W), computed as the sum of the k² shifted taps x·kernels[..., ky, kx]
+    in row-major tap order.
+
+    Taps rather than one conv with groups = N·C: a group count that depends on the batch cannot
+    be exported with a dynamic batch (ONNX's Conv takes it as an attribute). With autograd on
+    (training, export) the taps are products of slices of a padded copy, summed out of place.
+    Without it (eval, predict) each tap is accumulated in place into the part of the output it
+    reaches, with no padded copy and no product tensors: the first form holds up to five tensors
+    of x's size at once, this one x and the output only (armnet_r50's last two DPD stages filter
+    256 channels at H/2 and 64 at H: 1 GB a tensor for a 2048² image). addcmul_ may fuse each
+    multiply-add (FMA), so the two forms agree to float rounding, not bit for bit.
+    """
+    k = kernels.shape[-1]
+    r = k // 2
+    hs, ws = x.shape[-2:]
+    kernels = kernels[..., None, None]  # (N, C, k, k, 1, 1)
+    if torch.is_grad_enabled():
+        padded = F.pad(x, (r,) * 4)
         out = None
         for ky in range(k):
             for kx in range(k):
                 tap = padded[:, :, ky:ky + hs, kx:kx + ws] * kernels[:, :, ky, kx]
                 out = tap if out is None else out + tap
         return out
+
+    def reach(d: int, n: int) -> tuple[slice, slice]:
+        """Output rows i that read input row i + d inside [0, n), and those input rows."""
+        lo, hi = max(0, -d), max(0, n - max(0, d))
+        return slice(lo, hi), slice(lo + d, hi + d)
+
+    out = x.new_zeros(x.shape)
+    for ky in range(k):
+        out_y, in_y = reach(ky - r, hs)
+        for kx in range(k):
+            out_x, in_x = reach(kx - r, ws)
+            out[:, :, out_y, out_x].addcmul_(x[:, :, in_y, in_x], kernels[:, :, ky, kx])
+    return out
 
 
 class DualPerceptualDecoder(nn.Module):
@@ -224,7 +254,10 @@ class DualPerceptualDecoder(nn.Module):
 
     def forward(self, f, low=None):
         f_s = self.spatial(f)
-        y = self.fuse(f_s + self.channel(f, f_s))
+        y = self.channel(f, f_s)
+        y += f_s  # the residual F_s + channel(F_s) in place, and F_s freed before the fuse conv
+        del f_s
+        y = self.fuse(y)
         if self.low is not None:
             y = self.blend(torch.cat([y, self.low(low)], 1))
         return y
@@ -392,14 +425,18 @@ class ARMNet(nn.Module):
         ph, pw = (H + STRIDE - 1) // STRIDE * STRIDE - H, (W + STRIDE - 1) // STRIDE * STRIDE - W
         image = F.pad(image, (0, pw, 0, ph))
         feats = self.backbone(image)
-        f = self.tsm(feats["layer4"])
+        # Each backbone feature is dropped once its last reader is done (layer4 after the TSM,
+        # layer1 after the first decoder stage, the stem after the second): at 2048² the R50's
+        # layer4 output alone is 0.5 GB, and it used to live until the logits.
+        lows = [feats.pop("layer1"), feats.pop("stem"), None]
+        f = self.tsm(feats.pop("layer4"))
+        del feats
         rem_map = None
         if self.rem is not None:
             f, rem_map = self.rem(f, rem_target)
         if self.decoder is not None:
-            lows = [feats["layer1"], feats["stem"], None]
-            for stage, low in zip(self.decoder, lows):
-                f = stage(f, low)
+            for stage in self.decoder:
+                f = stage(f, lows.pop(0))
             logits = self.head(f)
         else:
             logits = F.interpolate(self.head(f), size=image.shape[-2:], mode="bilinear",

@@ -14,7 +14,7 @@ import armnet_ops
 from armnet import ARMNetLoss, armnet_r50, armnet_tiny, load_backbone_weights
 from armnet.backbone import Bottleneck, ResNet, resnet50_os8, resnet_tiny
 from armnet.model import (ChannelSemanticAwareModule, DenseTextModule, RecognitionEnhancedModule,
-                          build_model)
+                          build_model, depthwise_taps)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +203,27 @@ def test_channel_branch_matches_explicit_per_sample_depthwise_conv(gain):
     # range, whatever g does (stable in eval mode)
     torch.nn.init.normal_(mod.generate.weight, std=100.0)
     assert mod(f * 50, f_s).abs().max() <= (2 if gain else 1) * f_s.abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (6, 9)])
+def test_depthwise_taps_matches_grouped_conv_with_and_without_autograd(k, hw):
+    """Both forms of depthwise_taps (out of place under autograd, in place without it) against
+    F.conv2d with groups = C for each sample; images smaller than the kernel included."""
+    torch.manual_seed(0)
+    x, kern = torch.randn(2, 4, *hw), torch.randn(2, 4, k, k)
+    expect = torch.cat([F.conv2d(x[n:n + 1], kern[n][:, None], padding=k // 2, groups=4)
+                        for n in range(2)])
+    with torch.no_grad():
+        lean = depthwise_taps(x, kern)
+    x.requires_grad_(True)
+    taped = depthwise_taps(x, kern)
+    assert taped.requires_grad
+    torch.testing.assert_close(taped.detach(), expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lean, expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lean, taped.detach(), rtol=1e-6, atol=1e-6)  # float rounding only
+    with torch.inference_mode():
+        torch.testing.assert_close(depthwise_taps(x.detach(), kern), lean, rtol=0, atol=0)
 
 
 def test_channel_branch_keeps_a_per_channel_gain():
@@ -417,3 +438,34 @@ def test_rem_inference_memory_is_not_quadratic():
     rem_mb, many_mb = map(float, out.stdout.split()[-2:])
     assert rem_mb < 256, f"peak RSS grew by {rem_mb:.0f} MB"
     assert many_mb < 64, f"peak RSS grew by {many_mb:.0f} MB over 1024 chunks"
+
+
+# The goal (SPEC §4, issue 15): one 2048² image evaluates on the CPU within 4 GB beyond the model.
+# The activations grow with the pixel count, so a 512² image gets 1/16 of it: 250 MB. What does not
+# shrink with the image (the REM's attention chunk of 2²⁴ weights, ~150 MB of the peak at 512²;
+# library scratch) is held to the same 250 MB, so the bound is stricter than the goal, not looser.
+# glibc keeps blocks under its mmap threshold (which grows to 32 MB) in the heap after they are
+# freed, and RSS then counts the fragmentation, not the tensors alive; at 2048² every large tensor
+# is over 32 MB and mapped on its own. A fixed 1 MB threshold makes a 512² pass allocate as a
+# 2048² one does.
+EVAL_MEMORY_BUDGET_MB = {"armnet_r50": 4000 / 16, "armnet_tiny": 4000 / 16}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["armnet_tiny", "armnet_r50"])
+def test_eval_peak_memory_per_pixel_within_the_2048_goal(name):
+    """Peak RSS beyond the model of evaluating one 512² image (benchmarks/eval_memory.py: fresh
+    process, random weights, fp32, inference mode), against the 4 GB-at-2048² goal scaled to 512².
+    armnet_r50 peaked at 478 MB here when the DPD's depthwise taps were summed out of place and
+    every backbone feature lived until the logits, 218 MB after (armnet_tiny: 202 MB, 164 MB);
+    at 2048² the same script gave 7.3 GB before and 3.1 GB after (armnet/README.md)."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "eval_memory.py"),
+                          "--model", name, "--size", "512", "512", "--threads", "2"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["beyond_mb"] < EVAL_MEMORY_BUDGET_MB[name], result
