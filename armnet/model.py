@@ -30,7 +30,8 @@ Choices the paper leaves open (each is repeated in the docstring of the module t
   BN + ReLU. Every kernel sums to 1, so the branch reshapes channels but does not emphasise or
   suppress them as the paper describes (§3.3); `dpd_channel_gain=True` multiplies each kernel by
   a gain 2·sigmoid(mean of its 9 logits) in (0, 2) that restores that. It is off by default: at
-  a short fixed step budget it did not score better (armnet/README.md, "DPD channel gain").
+  a fixed step budget it scored the same as the softmax kernel within the spread of three seeds
+  (armnet/README.md, "DPD channel gain").
   Low-level blend: concatenation with a 1×1 projection of the backbone feature at the stage's
   output stride, then 3×3 conv + BN + ReLU. The last stage (to full resolution) has no backbone
   feature to blend.
