@@ -44,7 +44,8 @@ def cca_triton_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
     if itemsize not in _DTYPES:
         raise ValueError(f"cca_triton_traffic: itemsize must be 2, 4 or 8, got {itemsize}")
     s = itemsize
-    a = 8 if s == 8 else 4          # op-math type: partials, lse, D
+    a = 8 if s == 8 else 4          # op-math type: lse, D
+    b = s if s == 2 else a          # the partials: the input dtype in 16 bits, else op-math
     P = N * H * W                   # pixels
     backward = pass_ == "backward"
     passes = [_tiles_per_line(L, s, backward) for L in (H, W)]   # column pass, row pass
@@ -55,21 +56,22 @@ def cca_triton_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
         parts["q tiles"] = 2 * s * P * Cqk
         parts["k lines"] = sum(s * P * Cqk * t for t in passes)
         parts["v lines"] = sum(s * P * Cv * t for t in passes)
-        parts["partial (written, read)"] = 2 * a * P * Cv
+        parts["partial (written, read)"] = 2 * b * P * Cv
         parts["lse (written, read, rewritten)"] = 3 * a * P
         parts["out"] = s * P * Cv
         parts["residual x, y"] = 2 * s * P * Cv if residual else 0
     else:
         parts["transpose q, k, v, grad"] = transposed * 2 * s * P * (2 * Cqk + 2 * Cv)
         parts["D = <grad, out>"] = 2 * s * P * Cv + a * P
-        # query kernel: q and grad tiles, the line's k (twice: P and dq) and v, lse and D tiles.
-        parts["query kernel reads"] = sum(s * P * (Cqk + Cv) + s * P * (2 * Cqk + Cv) * t
+        # query kernel: q and grad tiles; per tile the line's k (once: P and dq) and v; lse and
+        # D tiles.
+        parts["query kernel reads"] = sum(s * P * (Cqk + Cv) + s * P * (Cqk + Cv) * t
                                           + 2 * a * P for t in passes)
-        # key kernel: k and v tiles (k twice), the line's q (three times) and grad, lse (twice)
-        # and D.
-        parts["key kernel reads"] = sum(s * P * (2 * Cqk + Cv) + s * P * (3 * Cqk + Cv) * t
-                                        + 3 * a * P * t for t in passes)
-        parts["partials dq, dk, dv (written, read)"] = 2 * a * P * (2 * Cqk + Cv)
+        # key kernel: k (twice) and v tiles; per tile the line's q (twice: P^T before the Cv loop,
+        # P^T and dk after it) and grad, lse and D.
+        parts["key kernel reads"] = sum(s * P * (2 * Cqk + Cv) + s * P * (2 * Cqk + Cv) * t
+                                        + 2 * a * P * t for t in passes)
+        parts["partials dq, dk, dv (written, read)"] = 2 * b * P * (2 * Cqk + Cv)
         parts["dq, dk, dv"] = s * P * (2 * Cqk + Cv)
     total = sum(parts.values())
     min_bytes = cca_min_bytes(N, Cqk, Cv, H, W, itemsize, pass_, residual)

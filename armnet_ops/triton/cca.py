@@ -167,20 +167,18 @@ def _times_gamma(acc, gamma_ptr, GAMMA: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
-           EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """[BP, BS] attention weights exp(scale·<q_p, k_s> - lse_p), recomputed; 0 off the key set."""
-    kt = _load_tile(k_base, d, dmask, skc, s, smask, sk_pos)
+def _probs(q_tile, kt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF: tl.constexpr,
+           ACC: tl.constexpr, PREC: tl.constexpr):
+    """[BP, BS] attention weights exp(scale·<q_p, k_s> - lse_p), recomputed from the Q tile and
+    K^T; 0 off the key set."""
     e = tl.dot(q_tile, kt, input_precision=PREC, out_dtype=ACC) * scale
     return tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), tl.exp(e - lse[:, None]), 0.0)
 
 
 @triton.jit
-def _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos, scale,
-             EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """The weights transposed, [BS, BP] (keys x pixels), recomputed from the loaded K and Q^T."""
-    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
-    qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
+def _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF: tl.constexpr,
+             ACC: tl.constexpr, PREC: tl.constexpr):
+    """The weights transposed, [BS, BP] (keys x pixels), recomputed from the K tile and Q^T."""
     et = tl.dot(k_tile, qt, input_precision=PREC, out_dtype=ACC) * scale
     valid = tl.trans(_valid(p, pmask, s, smask, EXCLUDE_SELF))
     return tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
@@ -320,13 +318,13 @@ def _bwd_query_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr, par
     dp = _contract(go_ptr + n * sgn + line * sg_line, p, pmask, sg_pos, sgc,
                    v_ptr + n * svn + line * sv_line, s, smask, svc, sv_pos, CV,
                    BP, BL, BC, STAGES, ACC, PREC)
-    k_base = k_ptr + n * skn + line * sk_line
     q_tile = _load_tile(q_ptr + n * sqn + line * sq_line, p, pmask, sq_pos, d, dmask, sqc)
     lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-    prob = _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
-                  EXCLUDE_SELF, ACC, PREC)
-    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
+    # The line's K read once: transposed for P, as it is for dq.
+    k_tile = _load_tile(k_ptr + n * skn + line * sk_line, s, smask, sk_pos, d, dmask, skc)
+    prob = _probs(q_tile, tl.trans(k_tile), lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC,
+                  PREC)
     _ds_product(prob, dp, dd[:, None], scale, k_tile, gamma_ptr, p, pmask, d, dmask,
                 part_ptr + n * spn + line * sp_line, sp_pos, spc,
                 dq_ptr + n * son + line * so_line, so_pos, soc, FINAL, GAMMA, ACC, PREC)
@@ -352,8 +350,10 @@ def _bwd_key_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr,
     q_base = q_ptr + n * sqn + line * sq_line
     k_base = k_ptr + n * skn + line * sk_line
     lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-    pt_lo = _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos,
-                     scale, EXCLUDE_SELF, ACC, PREC).to(go_ptr.dtype.element_ty)
+    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
+    qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
+    pt_lo = _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC,
+                     PREC).to(go_ptr.dtype.element_ty)
     v_base = v_ptr + n * svn + line * sv_line
     go_base = go_ptr + n * sgn + line * sg_line
     dpt = tl.zeros([BS, BL], ACC)
@@ -367,10 +367,13 @@ def _bwd_key_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr,
         _store_pass(dv, s, smask, c, cmask, dv_part_ptr + n * spvn + line * spv_line, spv_pos,
                     spvc, dv_ptr + n * sovn + line * sov_line, sov_pos, sovc, 1.0, FINAL, ACC)
     # P^T again in float32 for dS^T (cheap: Cqk channels), rather than kept through the loop.
-    pt = _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos,
-                  scale, EXCLUDE_SELF, ACC, PREC)
-    dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
+    # The line's Q is read a second time, once for both P^T and dk. The K tile is reloaded:
+    # kept live through the loop it spills in fp32 (sm_90, BL = 128, BS = 16: 120-168 bytes).
     q_tile = _load_tile(q_base, p, pmask, sq_pos, d, dmask, sqc)
+    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
+    pt = _probs_t(k_tile, tl.trans(q_tile), lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC,
+                  PREC)
+    dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     _ds_product(pt, dpt, dd[None, :], scale, q_tile, gamma_ptr, s, smask, d, dmask,
                 dk_part_ptr + n * spkn + line * spk_line, spk_pos, spkc,
                 dk_ptr + n * sokn + line * sok_line, sok_pos, sokc, FINAL, GAMMA, ACC, PREC)
@@ -482,10 +485,17 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 
 
 def _partial(like: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
-    """The column pass's (N, channels, H, W) op-math result, NHWC: read back by the row pass."""
+    """The column pass's (N, channels, H, W) result, NHWC: read back by the row pass."""
     N, _, H, W = like.shape
     return torch.empty((N, channels, H, W), dtype=dtype, device=like.device,
                        memory_format=torch.channels_last)
+
+
+def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The fused op's partials: the input dtype for fp16/bf16 (half the bytes of float32; the
+    column part of the result is rounded twice, to at most 2^-8 (bf16) / 2^-11 (fp16) of itself
+    more, tests/test_cca_triton.py), the op-math type for float32/float64 (no second rounding)."""
+    return dtype if dtype.itemsize == 2 else _acc_dtype(dtype)[1]
 
 
 def _tiles(L: int, dtype: torch.dtype, compiled: bool = not _INTERPRET, backward: bool = False):
@@ -534,7 +544,7 @@ def _forward(q, k, v, scale, residual=None, gamma=None):
     if N * H * W == 0:
         return y, out.zero_(), lse
     qn, kn, vn = _nhwc(q), _nhwc(k), _nhwc(v)
-    part = _partial(v, CV, acc_torch)
+    part = _partial(v, CV, _partial_dtype(v.dtype))
     # Unused pointers (no epilogue) point at out; EPILOGUE=False never reads them.
     x, yy, g = (residual, y, gamma) if epilogue else (out, out, out)
     BD = max(16, triton.next_power_of_2(D))
@@ -597,8 +607,9 @@ def _backward(grad, q, k, v, out, lse, scale, gamma=None):
                 grad, out, dd, W, H, CV, *_line_strides(grad, True), *_line_strides(out, True),
                 *_map_strides(dd, True), BP=BP, BC=BC, ACC=acc_tl, num_warps=4)
         qn, kn, vn, gn = _nhwc(q), _nhwc(k), _nhwc(v), _nhwc(grad)
-        dq_p, dk_p, dv_p = (_partial(q, D, acc_torch), _partial(k, D, acc_torch),
-                            _partial(v, CV, acc_torch))
+        part_dtype = _partial_dtype(q.dtype)
+        dq_p, dk_p, dv_p = (_partial(q, D, part_dtype), _partial(k, D, part_dtype),
+                            _partial(v, CV, part_dtype))
         for final, (row, L, n_lines, excl) in zip((False, True), _passes(q)):
             BT, BL = _tiles(L, q.dtype, backward=True)
             common = dict(FINAL=final, EXCLUDE_SELF=excl, GAMMA=has_gamma, BL=BL, BD=BD,
