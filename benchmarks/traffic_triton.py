@@ -8,8 +8,11 @@ once, outputs written once).
 The model counts every load and store the kernels issue, at the tiles the launch code picks
 (`_tiles`), as if nothing were served from a cache: an upper bound of DRAM traffic. A line's k
 and v (or q and grad_out in the key kernel) are read once per tile of that line; at L <= 128 in
-16 bits there is one tile per line. The NCHW -> NHWC transposes of the inputs count a read and a
-write each, unless the inputs are channels_last already.
+16 bits there is one tile per line. The NCHW -> NHWC transposes of q, k and v count a read and a
+write each, unless the inputs are channels_last already; the backward's grad_out is copied to NHWC
+by the kernel that reads it for D (its write only). channels_last=True models channels_last
+q, k, v and grad_out; autograd usually hands an NCHW grad_out (out is NCHW), whose NHWC copy
+adds s·P·Cv to that figure.
 """
 from __future__ import annotations
 
@@ -61,7 +64,9 @@ def cca_triton_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
         parts["out"] = s * P * Cv
         parts["residual x, y"] = 2 * s * P * Cv if residual else 0
     else:
-        parts["transpose q, k, v, grad"] = transposed * 2 * s * P * (2 * Cqk + 2 * Cv)
+        parts["transpose q, k, v"] = transposed * 2 * s * P * (2 * Cqk + Cv)
+        # D's kernel reads grad along rows and writes its NHWC copy from the same load.
+        parts["grad to NHWC (written by D's kernel)"] = transposed * s * P * Cv
         parts["D = <grad, out>"] = 2 * s * P * Cv + a * P
         # query kernel: q and grad tiles; per tile the line's k (once: P and dq) and v; lse and
         # D tiles.

@@ -282,11 +282,13 @@ def _fwd_line(q_ptr, k_ptr, v_ptr, lse_ptr, part_ptr, o_ptr, x_ptr, y_ptr, gamma
 
 
 @triton.jit
-def _line_dot(a_ptr, b_ptr, d_ptr, L, n_lines, C, san, sac, sa_line, sa_pos,
-              sbn, sbc, sb_line, sb_pos, sdn, sd_line, sd_pos,
-              BP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def _line_dot(a_ptr, b_ptr, d_ptr, copy_ptr, L, n_lines, C, san, sac, sa_line, sa_pos,
+              sbn, sbc, sb_line, sb_pos, sdn, sd_line, sd_pos, scn, scc, sc_line, sc_pos,
+              COPY: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     """d_u = <a_u, b_u> over the C channels, for a tile of pixels of a row: the backward's
-    D_u = <grad_u, out_u>, without a (N, C, H, W) product in memory."""
+    D_u = <grad_u, out_u>, without a (N, C, H, W) product in memory. With COPY, a is also
+    written to copy (its NHWC copy for the line kernels), from the same load: the transpose of
+    an NCHW grad costs its write only."""
     n, line = _line_of(n_lines)
     p, pmask = _tile(BP, L)
     a_base = a_ptr + n * san + line * sa_line
@@ -294,9 +296,12 @@ def _line_dot(a_ptr, b_ptr, d_ptr, L, n_lines, C, san, sac, sa_line, sa_pos,
     acc = tl.zeros([BP], ACC)
     for c0 in range(0, C, BC):
         c, cmask = _span(c0, BC, C)
-        a = _load_tile(a_base, c, cmask, sac, p, pmask, sa_pos).to(ACC)
+        a = _load_tile(a_base, c, cmask, sac, p, pmask, sa_pos)
         b = _load_tile(b_base, c, cmask, sbc, p, pmask, sb_pos).to(ACC)
-        acc += tl.sum(a * b, 0)
+        if COPY:
+            tl.store(copy_ptr + n * scn + line * sc_line + c[:, None] * scc + p[None, :] * sc_pos,
+                     a, mask=cmask[:, None] & pmask[None, :])
+        acc += tl.sum(a.to(ACC) * b, 0)
     tl.store(d_ptr + n * sdn + line * sd_line + p * sd_pos, acc, mask=pmask)
 
 
@@ -484,8 +489,9 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _partial(like: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
-    """The column pass's (N, channels, H, W) result, NHWC: read back by the row pass."""
+def _nhwc_empty(like: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """An (N, channels, H, W) NHWC buffer: a column pass's partial result (read back by the row
+    pass), or the backward's NHWC copy of grad."""
     N, _, H, W = like.shape
     return torch.empty((N, channels, H, W), dtype=dtype, device=like.device,
                        memory_format=torch.channels_last)
@@ -544,7 +550,7 @@ def _forward(q, k, v, scale, residual=None, gamma=None):
     if N * H * W == 0:
         return y, out.zero_(), lse
     qn, kn, vn = _nhwc(q), _nhwc(k), _nhwc(v)
-    part = _partial(v, CV, _partial_dtype(v.dtype))
+    part = _nhwc_empty(v, CV, _partial_dtype(v.dtype))
     # Unused pointers (no epilogue) point at out; EPILOGUE=False never reads them.
     x, yy, g = (residual, y, gamma) if epilogue else (out, out, out)
     BD = max(16, triton.next_power_of_2(D))
@@ -600,16 +606,20 @@ def _backward(grad, q, k, v, out, lse, scale, gamma=None):
     # The key kernel holds P^T, dP^T and a dv chunk: quarter-width chunks (16 channels at Cv >= 64)
     # keep it in registers (sm_90, BL = 128, bf16: 255 registers and no spill; 32 spilled).
     BC_KEY = max(16, BC // 4)
+    # grad in NHWC for the line kernels: itself when channels_last, else written by _line_dot.
+    copy = not grad.is_contiguous(memory_format=torch.channels_last)
+    gn = _nhwc_empty(grad, CV, grad.dtype) if copy else grad
     with _device_guard(q):
         if CV > 0:
             BP, _ = _tiles(W, q.dtype)
             _line_dot[_grid(N, H, W, BP)](
-                grad, out, dd, W, H, CV, *_line_strides(grad, True), *_line_strides(out, True),
-                *_map_strides(dd, True), BP=BP, BC=BC, ACC=acc_tl, num_warps=4)
-        qn, kn, vn, gn = _nhwc(q), _nhwc(k), _nhwc(v), _nhwc(grad)
+                grad, out, dd, gn, W, H, CV, *_line_strides(grad, True),
+                *_line_strides(out, True), *_map_strides(dd, True), *_line_strides(gn, True),
+                COPY=copy, BP=BP, BC=BC, ACC=acc_tl, num_warps=4)
+        qn, kn, vn = _nhwc(q), _nhwc(k), _nhwc(v)
         part_dtype = _partial_dtype(q.dtype)
-        dq_p, dk_p, dv_p = (_partial(q, D, part_dtype), _partial(k, D, part_dtype),
-                            _partial(v, CV, part_dtype))
+        dq_p, dk_p, dv_p = (_nhwc_empty(q, D, part_dtype), _nhwc_empty(k, D, part_dtype),
+                            _nhwc_empty(v, CV, part_dtype))
         for final, (row, L, n_lines, excl) in zip((False, True), _passes(q)):
             BT, BL = _tiles(L, q.dtype, backward=True)
             common = dict(FINAL=final, EXCLUDE_SELF=excl, GAMMA=has_gamma, BL=BL, BD=BD,
@@ -679,7 +689,7 @@ def _aggregate(m, y, transposed: bool, out_dtype: torch.dtype):
     if out.numel() == 0:
         return out.zero_()
     _check_energy("cca_map_triton", m)
-    part = _partial(y, C, acc_torch)
+    part = _nhwc_empty(y, C, acc_torch)
     yn = _nhwc(y)
     with _device_guard(y):
         for final, (row, L, n_lines, excl) in zip((False, True), _passes(y)):
