@@ -6,11 +6,16 @@ its row (itself included) and its column (itself excluded), SPEC §3.1.
 
 Layout. The kernels read q, k, v (and grad_out) in NHWC, channels_last: every pixel's channel
 vector is contiguous, so a [pixels, channels] tile is read with whole 32-byte sectors in the row
-pass *and* in the column pass. channels_last inputs are used without a copy; NCHW inputs go
-through one transpose each (`_nhwc`), whose cost the traffic model counts. Outputs are contiguous
-NCHW; they are written by the row pass, whose pixels are adjacent in NCHW. The column pass's
-results go to an op-math (float32; float64 for float64) NHWC buffer, the partial, which the row
-pass reads and adds.
+pass *and* in the column pass. channels_last inputs are used without a copy; NCHW q, k, v go
+through one transpose each (`_nhwc`), whose cost the traffic model counts; an NCHW grad_out is
+copied to NHWC by `_line_dot`, which reads it anyway. Outputs are contiguous NCHW; they are
+written by the row pass, whose pixels are adjacent in NCHW. The column pass's results go to an
+NHWC buffer, the partial, which the row pass reads and adds in op-math. The partial is in the
+input dtype for fp16/bf16, as in the CUDA kernels: half the bytes of float32, at the cost of a
+second rounding of the column part of the result, by at most 2^-8 (bf16) / 2^-11 (fp16) of the
+column keys' share sum_col P_s |v_s| (tests/test_cca_triton.py derives the bound and checks it,
+and that the error stays below the einsum formulation's in the same dtype). float32 and float64
+keep an op-math partial.
 
 Tiles. Every kernel works on a *line*, a row or a column, and holds the whole line along one
 axis: BL = next_pow2(L) ≥ 16 keys (the forward, dq) or pixels (dk, dv), so each program computes
@@ -24,20 +29,22 @@ register footprint. The dk/dv kernel walks Cv in 16-channel chunks (BC_KEY), the
 The backward halves its budget past 128 (BL = 256: BT = 32, mma.sync instead of wgmma, which
 spills at BT = 64).
 Grid: (N·lines, tiles per line). sm_90 build at (2, 64, 512, 97, 97) in bf16 (tests/triton_aot.py,
-Triton 3.8 and 3.6): every kernel wgmma (HGMMA), cp.async pipelined loads, no spill; 144-246
-registers (dk/dv: 255).
+Triton 3.8 and 3.6): every kernel wgmma (HGMMA), cp.async pipelined loads, no spill; registers
+forward 138-245, dq 174-186, dk/dv 226-250 (_line_dot 184-197, 4 warps).
 
 Forward, two launches of `_fwd_line` (never materialises the energy):
   1. column pass: per pixel the column log-sum-exp lse_c and the column output normalised by it,
      O_c = sum_s exp(e_s - lse_c) v_s, into the partial; lse_c into lse.
   2. row pass: the row log-sum-exp lse_r, merged with lse_c: lse = logaddexp(lse_r, lse_c) is the
      softmax state of the pixel over all H+W-1 keys. out = sum_row exp(e_s - lse) v_s
-     + exp(lse_c - lse)·O_c, rounded once; lse overwritten with the merged value; with the
-     residual epilogue also y = gamma·out + x from the same accumulator, gamma read on the device.
+     + exp(lse_c - lse)·O_c, rounded once (the column part twice in 16 bits, through the
+     partial); lse overwritten with the merged value; with the residual epilogue also
+     y = gamma·out + x from the same accumulator, gamma read on the device.
 Saved for the backward: out and lse (N, H, W) in the op-math type.
 
 Backward (recomputes P from lse; deterministic, no atomics):
-  `_line_dot`: D_u = <dO_u, O_u> per pixel (reads grad and out along rows, NCHW).
+  `_line_dot`: D_u = <dO_u, O_u> per pixel (reads grad and out along rows, NCHW; writes the
+    NHWC copy of an NCHW grad from the same load).
   dP_us = <dO_u, v_s>, dS = P (dP - D) scale.
   * `_bwd_query_line` (pixel tile × the whole line of keys): dP over all Cv chunks, then
     dq = dS·K.
@@ -51,27 +58,38 @@ Backward (recomputes P from lse; deterministic, no atomics):
 
 Traffic model: every load and store the kernels issue, nothing assumed served from a cache
 (benchmarks/traffic_triton.py computes it). With s the input itemsize, a the op-math itemsize
-(4; 8 for float64), P = N·H·W pixels, t_c = ceil(H / BT) and t_r = ceil(W / BT) tiles per column
-and per row (`_tiles`: 1 for lines up to 128 in 16 bits; BT = 16 at L = 128 in 32 bits; the
-backward's BT = 32 at 128 < L <= 256 in 16 bits), and
-X = 0 for channels_last inputs, 1 for NCHW ones (the transposes to NHWC):
+(4; 8 for float64), b the partials' (s in 16 bits, else a), P = N·H·W pixels, t_c = ceil(H / BT)
+and t_r = ceil(W / BT) tiles per column and per row (`_tiles`: 1 for lines up to 128 in 16 bits;
+BT = 16 at L = 128 in 32 bits; BT = 64 in the forward and 32 in the backward at
+128 < L <= 256 in 16 bits), and X = 0 for channels_last inputs (and grad_out), 1 for NCHW ones:
   forward  = X·2·s·P·(2·Cqk + Cv)                       transposes of q, k, v
            + 2·s·P·Cqk + s·P·(Cqk + Cv)·(t_c + t_r)      q tiles; the line's k and v per tile
-           + 2·a·P·Cv + s·P·Cv + 3·a·P                   partial written and read; out; lse
+           + 2·b·P·Cv + s·P·Cv + 3·a·P                   partial written and read; out; lse
            (+ 2·s·P·Cv with the residual: x read, y written)
-  backward = X·2·s·P·(2·Cqk + 2·Cv)                     transposes of q, k, v, grad_out
+  backward = X·s·P·(4·Cqk + 3·Cv)                       transposes of q, k, v; grad's NHWC copy
            + 2·s·P·Cv + a·P                               D = <grad_out, out>
            + sum over the two passes (t = t_c, t_r):
-               s·P·(Cqk + Cv) + s·P·(2·Cqk + Cv)·t + 2·a·P            dq kernel
-             + s·P·(2·Cqk + Cv) + s·P·(3·Cqk + Cv)·t + 3·a·P·t        dk/dv kernel
-           + 2·a·P·(2·Cqk + Cv) + s·P·(2·Cqk + Cv)      partials; dq, dk, dv
-The minimum is the inputs read once and the outputs written once. At (N, Cqk, Cv, H, W) =
-(2, 64, 512, 97, 97) in bf16 the forward is 144.7 MB against 43.4 MB (3.33x) with channels_last
-inputs and 192.9 MB (4.44x) with NCHW ones; the backward 352.5 MB / 439.2 MB against 67.5 MB
-(5.2x / 6.5x). The float32 partial is 38.5 MB of the forward (rounding it to bf16 would give
-2.9x / 4.0x, at the cost of a second rounding). The two-op kernels move: _line_pair the inputs
-per tile like the forward plus the energy written once; _line_aggregate the energy once, the
-line of y per tile, the partial and the output.
+               s·P·(Cqk + Cv)·(1 + t) + 2·a·P             dq kernel: q, grad; k, v per tile
+             + s·P·(2·Cqk + Cv)·(1 + t) + 2·a·P·t         dk/dv kernel: k twice, v; q twice,
+                                                           grad, lse, D per tile
+           + 2·b·P·(2·Cqk + Cv) + s·P·(2·Cqk + Cv)       partials; dq, dk, dv
+The minimum is the inputs read once and the outputs written once. In bf16 (python3
+benchmarks/traffic_triton.py), channels_last / NCHW inputs:
+  (2, 64, 512, 97, 97)    forward  106.2 / 154.4 MB against 43.4 MB (2.45x / 3.55x),
+                          backward 294.5 / 362.0 MB against 86.8 MB (3.39x / 4.17x);
+  (1, 64, 512, 128, 256)  forward  298.2 / 382.1 MB against 75.6 MB (3.94x / 5.05x),
+                          backward 1072.6 / 1190.0 MB against 151.1 MB (7.10x / 7.87x).
+At 97 one tile covers a line, and what is left above the minimum is the two-pass structure: both
+passes read q, k and v (a pixel's keys are a row and a column, which no program holds together),
+the column pass's share reaches the row pass through the partial (the row pass writes the NCHW
+outputs along w), and lse is written, read and rewritten (2·a·P, 0.3% of the minimum). NCHW
+inputs add the transposes: the column pass needs NHWC (a column of an NCHW tensor is one element
+per 32-byte sector); reading NCHW q, k, v directly in the row pass would save no bytes, the copy
+exists for the column pass anyway. At 128 x 256 the 256-key rows take 4 tiles in the forward and
+8 in the backward (the register budget), each reading the line's k and v (q and grad). The
+two-op kernels move: _line_pair the inputs per tile like the forward plus the energy written
+once; _line_aggregate the energy once, the line of y per tile, the op-math partial and the
+output.
 
 Accumulation is float32 (float64 for float64 inputs). float64 tl.dot runs in the interpreter; on
 GPUs Triton lowers it to FMA (or DMMA), not verified here.
