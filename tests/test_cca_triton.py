@@ -324,9 +324,14 @@ def _aot_toolchain_missing() -> str | None:
 
 
 @needs_triton
-def test_sm90_build_uses_tensor_cores_without_spills():
-    """AOT-compiles the hot kernels (forward, dq, dk/dv; column and row pass) for sm_90 in bf16 at
-    (2, 64, 512, 97, 97), from the launches the op makes, and reads the result. Protects:
+@pytest.mark.parametrize("shape,kernels", [
+    ((2, 64, 512, 97, 97), HOT_KERNELS),
+    # The forward's row pass at W = 256: the doubled 16-bit forward budget (BT = 128).
+    ((1, 64, 512, 128, 256), "_fwd_line"),
+], ids=["97x97", "128x256-forward"])
+def test_sm90_build_uses_tensor_cores_without_spills(shape, kernels):
+    """AOT-compiles the hot kernels (forward, dq, dk/dv; column and row pass) for sm_90 in bf16
+    at the shape, from the launches the op makes, and reads the result. Protects:
     tensor-core products (wgmma or mma in the PTX, HGMMA/HMMA in the SASS), and registers that
     hold the tiles (no spill bytes from ptxas, no local loads or stores), which a change of tile
     sizes or of what a loop keeps live would break."""
@@ -336,12 +341,12 @@ def test_sm90_build_uses_tensor_cores_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = os.path.join(ROOT, "build", "triton_aot_cache")
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"),
-                          "2", "64", "512", "97", "97", "--only", HOT_KERNELS],
+                          *map(str, shape), "--only", kernels],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     names = {r["kernel"] for r in reports}
-    assert names == set(HOT_KERNELS.split(",")), names
+    assert names == set(kernels.split(",")), names
     for r in reports:
         what = f"{r['kernel']} {r['constexprs']}"
         assert r["ptx_wgmma"] + r["ptx_mma"] > 0, f"{what}: no tensor-core instruction in the PTX"
@@ -376,6 +381,10 @@ def test_traffic_model():
     t = -(-H // 16)
     assert f32["parts"]["partial (written, read)"] == 2 * 4 * P * CV
     assert f32["parts"]["v lines"] == 2 * 4 * P * CV * t
+    # 128 x 256: the column pass holds a 128-pixel column in one tile, the row pass a 256-key
+    # row in two tiles of 128 pixels (the forward's 16-bit budget, 32768 elements).
+    wide = cca_triton_traffic(1, D, CV, 128, 256, 2, "forward", channels_last=True)
+    assert wide["parts"]["v lines"] == s * 128 * 256 * CV * (1 + 2)
     bwd = cca_triton_traffic(N, D, CV, H, W, 2, "backward", channels_last=True)
     # Minimum: grad, q, k, v, out read once, lse read once, dq, dk, dv written once.
     assert bwd["min_bytes"] == s * P * (2 * D + 3 * CV) + a * P + s * P * (2 * D + CV)

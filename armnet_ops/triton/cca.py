@@ -27,7 +27,8 @@ on sm_90 for fp16/bf16, fp32 accumulation; fp32 inputs use input_precision="ieee
 smaller tiles). 8 warps. Lines longer than the budget allows still run (BT = 16), with a larger
 register footprint. The dk/dv kernel walks Cv in 16-channel chunks (BC_KEY), the others in 64.
 The backward halves its budget past 128 (BL = 256: BT = 32, mma.sync instead of wgmma, which
-spills at BT = 64).
+spills at BT = 64); the forward doubles it at BL = 256 (BT = 128: a 256-pixel row in two tiles,
+wgmma, no spill, tests/test_cca_triton.py).
 Grid: (N·lines, tiles per line). sm_90 build at (2, 64, 512, 97, 97) in bf16 (tests/triton_aot.py,
 Triton 3.8 and 3.6): every kernel wgmma (HGMMA), cp.async pipelined loads, no spill; registers
 forward 138-245, dq 174-186, dk/dv 226-250 (_line_dot 184-197, 4 warps).
@@ -60,7 +61,7 @@ Traffic model: every load and store the kernels issue, nothing assumed served fr
 (benchmarks/traffic_triton.py computes it). With s the input itemsize, a the op-math itemsize
 (4; 8 for float64), b the partials' (s in 16 bits, else a), P = N·H·W pixels, t_c = ceil(H / BT)
 and t_r = ceil(W / BT) tiles per column and per row (`_tiles`: 1 for lines up to 128 in 16 bits;
-BT = 16 at L = 128 in 32 bits; BT = 64 in the forward and 32 in the backward at
+BT = 16 at L = 128 in 32 bits; BT = 128 in the forward and 32 in the backward at
 128 < L <= 256 in 16 bits), and X = 0 for channels_last inputs (and grad_out), 1 for NCHW ones:
   forward  = X·2·s·P·(2·Cqk + Cv)                       transposes of q, k, v
            + 2·s·P·Cqk + s·P·(Cqk + Cv)·(t_c + t_r)      q tiles; the line's k and v per tile
@@ -77,7 +78,7 @@ The minimum is the inputs read once and the outputs written once. In bf16 (pytho
 benchmarks/traffic_triton.py), channels_last / NCHW inputs:
   (2, 64, 512, 97, 97)    forward  106.2 / 154.4 MB against 43.4 MB (2.45x / 3.55x),
                           backward 294.5 / 362.0 MB against 86.8 MB (3.39x / 4.17x);
-  (1, 64, 512, 128, 256)  forward  298.2 / 382.1 MB against 75.6 MB (3.94x / 5.05x),
+  (1, 64, 512, 128, 256)  forward  222.7 / 306.6 MB against 75.6 MB (2.94x / 4.05x),
                           backward 1072.6 / 1190.0 MB against 151.1 MB (7.10x / 7.87x).
 At 97 one tile covers a line, and what is left above the minimum is the two-pass structure: both
 passes read q, k and v (a pixel's keys are a row and a column, which no program holds together),
@@ -85,7 +86,7 @@ the column pass's share reaches the row pass through the partial (the row pass w
 outputs along w), and lse is written, read and rewritten (2·a·P, 0.3% of the minimum). NCHW
 inputs add the transposes: the column pass needs NHWC (a column of an NCHW tensor is one element
 per 32-byte sector); reading NCHW q, k, v directly in the row pass would save no bytes, the copy
-exists for the column pass anyway. At 128 x 256 the 256-key rows take 4 tiles in the forward and
+exists for the column pass anyway. At 128 x 256 the 256-key rows take 2 tiles in the forward and
 8 in the backward (the register budget), each reading the line's k and v (q and grad). The
 two-op kernels move: _line_pair the inputs per tile like the forward plus the energy written
 once; _line_aggregate the energy once, the line of y per tile, the op-math partial and the
@@ -533,8 +534,14 @@ def _tiles(L: int, dtype: torch.dtype, compiled: bool = not _INTERPRET, backward
         budget //= WIDE_BUDGET_DIVISOR
     if backward and compiled and BL > 128:
         # The backward kernels hold two [BT, BL] tiles (P and dP); past 128 keys the 16-bit
-        # budget spills (sm_90, BL = 256: 100-700 bytes at BT = 64, 0-8 at BT = 32).
+        # budget spills (sm_90, BL = 256: 100-700 bytes at BT = 64, none at BT = 32).
         budget //= 2
+    elif compiled and dtype.itemsize == 2 and BL == 256:
+        # The forward (and the two-op kernels) hold one [BT, BL] float32 tile, the energies then
+        # P: at 256 keys twice the budget fits (sm_90: BT = 128, 224-254 registers, no spill),
+        # and a 256-pixel row pass reads its line's k and v twice rather than four times. Not
+        # at 512 (BT = 64 spills 1.1-1.4 KB).
+        budget *= 2
     return max(16, min(MAX_TILE, BL, budget // BL)), BL
 
 
