@@ -8,8 +8,11 @@ once, outputs written once).
 The model counts every load and store the kernels issue, at the tiles the launch code picks
 (`_tiles`), as if nothing were served from a cache: an upper bound of DRAM traffic. A line's k
 and v (or q and grad_out in the key kernel) are read once per tile of that line; at L <= 128 in
-16 bits there is one tile per line. The NCHW -> NHWC transposes of the inputs count a read and a
-write each, unless the inputs are channels_last already.
+16 bits there is one tile per line. The NCHW -> NHWC transposes of q, k and v count a read and a
+write each, unless the inputs are channels_last already; the backward's grad_out is copied to NHWC
+by the kernel that reads it for D (its write only). channels_last=True models channels_last
+q, k, v and grad_out; autograd usually hands an NCHW grad_out (out is NCHW), whose NHWC copy
+adds s·P·Cv to that figure.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ def cca_triton_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
     if itemsize not in _DTYPES:
         raise ValueError(f"cca_triton_traffic: itemsize must be 2, 4 or 8, got {itemsize}")
     s = itemsize
-    a = 8 if s == 8 else 4          # op-math type: partials, lse, D
+    a = 8 if s == 8 else 4          # op-math type: lse, D
+    b = s if s == 2 else a          # the partials: the input dtype in 16 bits, else op-math
     P = N * H * W                   # pixels
     backward = pass_ == "backward"
     passes = [_tiles_per_line(L, s, backward) for L in (H, W)]   # column pass, row pass
@@ -55,21 +59,24 @@ def cca_triton_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
         parts["q tiles"] = 2 * s * P * Cqk
         parts["k lines"] = sum(s * P * Cqk * t for t in passes)
         parts["v lines"] = sum(s * P * Cv * t for t in passes)
-        parts["partial (written, read)"] = 2 * a * P * Cv
+        parts["partial (written, read)"] = 2 * b * P * Cv
         parts["lse (written, read, rewritten)"] = 3 * a * P
         parts["out"] = s * P * Cv
         parts["residual x, y"] = 2 * s * P * Cv if residual else 0
     else:
-        parts["transpose q, k, v, grad"] = transposed * 2 * s * P * (2 * Cqk + 2 * Cv)
+        parts["transpose q, k, v"] = transposed * 2 * s * P * (2 * Cqk + Cv)
+        # D's kernel reads grad along rows and writes its NHWC copy from the same load.
+        parts["grad to NHWC (written by D's kernel)"] = transposed * s * P * Cv
         parts["D = <grad, out>"] = 2 * s * P * Cv + a * P
-        # query kernel: q and grad tiles, the line's k (twice: P and dq) and v, lse and D tiles.
-        parts["query kernel reads"] = sum(s * P * (Cqk + Cv) + s * P * (2 * Cqk + Cv) * t
+        # query kernel: q and grad tiles; per tile the line's k (once: P and dq) and v; lse and
+        # D tiles.
+        parts["query kernel reads"] = sum(s * P * (Cqk + Cv) + s * P * (Cqk + Cv) * t
                                           + 2 * a * P for t in passes)
-        # key kernel: k and v tiles (k twice), the line's q (three times) and grad, lse (twice)
-        # and D.
-        parts["key kernel reads"] = sum(s * P * (2 * Cqk + Cv) + s * P * (3 * Cqk + Cv) * t
-                                        + 3 * a * P * t for t in passes)
-        parts["partials dq, dk, dv (written, read)"] = 2 * a * P * (2 * Cqk + Cv)
+        # key kernel: k (twice) and v tiles; per tile the line's q (twice: P^T before the Cv loop,
+        # P^T and dk after it) and grad, lse and D.
+        parts["key kernel reads"] = sum(s * P * (2 * Cqk + Cv) + s * P * (2 * Cqk + Cv) * t
+                                        + 2 * a * P * t for t in passes)
+        parts["partials dq, dk, dv (written, read)"] = 2 * b * P * (2 * Cqk + Cv)
         parts["dq, dk, dv"] = s * P * (2 * Cqk + Cv)
     total = sum(parts.values())
     min_bytes = cca_min_bytes(N, Cqk, Cv, H, W, itemsize, pass_, residual)

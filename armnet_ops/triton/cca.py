@@ -6,11 +6,16 @@ its row (itself included) and its column (itself excluded), SPEC §3.1.
 
 Layout. The kernels read q, k, v (and grad_out) in NHWC, channels_last: every pixel's channel
 vector is contiguous, so a [pixels, channels] tile is read with whole 32-byte sectors in the row
-pass *and* in the column pass. channels_last inputs are used without a copy; NCHW inputs go
-through one transpose each (`_nhwc`), whose cost the traffic model counts. Outputs are contiguous
-NCHW; they are written by the row pass, whose pixels are adjacent in NCHW. The column pass's
-results go to an op-math (float32; float64 for float64) NHWC buffer, the partial, which the row
-pass reads and adds.
+pass *and* in the column pass. channels_last inputs are used without a copy; NCHW q, k, v go
+through one transpose each (`_nhwc`), whose cost the traffic model counts; an NCHW grad_out is
+copied to NHWC by `_line_dot`, which reads it anyway. Outputs are contiguous NCHW; they are
+written by the row pass, whose pixels are adjacent in NCHW. The column pass's results go to an
+NHWC buffer, the partial, which the row pass reads and adds in op-math. The partial is in the
+input dtype for fp16/bf16, as in the CUDA kernels: half the bytes of float32, at the cost of a
+second rounding of the column part of the result, by at most 2^-8 (bf16) / 2^-11 (fp16) of the
+column keys' share sum_col P_s |v_s| (tests/test_cca_triton.py derives the bound and checks it,
+and that the error stays below the einsum formulation's in the same dtype). float32 and float64
+keep an op-math partial.
 
 Tiles. Every kernel works on a *line*, a row or a column, and holds the whole line along one
 axis: BL = next_pow2(L) ≥ 16 keys (the forward, dq) or pixels (dk, dv), so each program computes
@@ -22,22 +27,25 @@ on sm_90 for fp16/bf16, fp32 accumulation; fp32 inputs use input_precision="ieee
 smaller tiles). 8 warps. Lines longer than the budget allows still run (BT = 16), with a larger
 register footprint. The dk/dv kernel walks Cv in 16-channel chunks (BC_KEY), the others in 64.
 The backward halves its budget past 128 (BL = 256: BT = 32, mma.sync instead of wgmma, which
-spills at BT = 64).
+spills at BT = 64); the forward doubles it at BL = 256 (BT = 128: a 256-pixel row in two tiles,
+wgmma, no spill, tests/test_cca_triton.py).
 Grid: (N·lines, tiles per line). sm_90 build at (2, 64, 512, 97, 97) in bf16 (tests/triton_aot.py,
-Triton 3.8 and 3.6): every kernel wgmma (HGMMA), cp.async pipelined loads, no spill; 144-246
-registers (dk/dv: 255).
+Triton 3.8 and 3.6): every kernel wgmma (HGMMA), cp.async pipelined loads, no spill; registers
+forward 138-245, dq 174-186, dk/dv 226-250 (_line_dot 184-197, 4 warps).
 
 Forward, two launches of `_fwd_line` (never materialises the energy):
   1. column pass: per pixel the column log-sum-exp lse_c and the column output normalised by it,
      O_c = sum_s exp(e_s - lse_c) v_s, into the partial; lse_c into lse.
   2. row pass: the row log-sum-exp lse_r, merged with lse_c: lse = logaddexp(lse_r, lse_c) is the
      softmax state of the pixel over all H+W-1 keys. out = sum_row exp(e_s - lse) v_s
-     + exp(lse_c - lse)·O_c, rounded once; lse overwritten with the merged value; with the
-     residual epilogue also y = gamma·out + x from the same accumulator, gamma read on the device.
+     + exp(lse_c - lse)·O_c, rounded once (the column part twice in 16 bits, through the
+     partial); lse overwritten with the merged value; with the residual epilogue also
+     y = gamma·out + x from the same accumulator, gamma read on the device.
 Saved for the backward: out and lse (N, H, W) in the op-math type.
 
 Backward (recomputes P from lse; deterministic, no atomics):
-  `_line_dot`: D_u = <dO_u, O_u> per pixel (reads grad and out along rows, NCHW).
+  `_line_dot`: D_u = <dO_u, O_u> per pixel (reads grad and out along rows, NCHW; writes the
+    NHWC copy of an NCHW grad from the same load).
   dP_us = <dO_u, v_s>, dS = P (dP - D) scale.
   * `_bwd_query_line` (pixel tile × the whole line of keys): dP over all Cv chunks, then
     dq = dS·K.
@@ -51,27 +59,38 @@ Backward (recomputes P from lse; deterministic, no atomics):
 
 Traffic model: every load and store the kernels issue, nothing assumed served from a cache
 (benchmarks/traffic_triton.py computes it). With s the input itemsize, a the op-math itemsize
-(4; 8 for float64), P = N·H·W pixels, t_c = ceil(H / BT) and t_r = ceil(W / BT) tiles per column
-and per row (`_tiles`: 1 for lines up to 128 in 16 bits; BT = 16 at L = 128 in 32 bits; the
-backward's BT = 32 at 128 < L <= 256 in 16 bits), and
-X = 0 for channels_last inputs, 1 for NCHW ones (the transposes to NHWC):
+(4; 8 for float64), b the partials' (s in 16 bits, else a), P = N·H·W pixels, t_c = ceil(H / BT)
+and t_r = ceil(W / BT) tiles per column and per row (`_tiles`: 1 for lines up to 128 in 16 bits;
+BT = 16 at L = 128 in 32 bits; BT = 128 in the forward and 32 in the backward at
+128 < L <= 256 in 16 bits), and X = 0 for channels_last inputs (and grad_out), 1 for NCHW ones:
   forward  = X·2·s·P·(2·Cqk + Cv)                       transposes of q, k, v
            + 2·s·P·Cqk + s·P·(Cqk + Cv)·(t_c + t_r)      q tiles; the line's k and v per tile
-           + 2·a·P·Cv + s·P·Cv + 3·a·P                   partial written and read; out; lse
+           + 2·b·P·Cv + s·P·Cv + 3·a·P                   partial written and read; out; lse
            (+ 2·s·P·Cv with the residual: x read, y written)
-  backward = X·2·s·P·(2·Cqk + 2·Cv)                     transposes of q, k, v, grad_out
+  backward = X·s·P·(4·Cqk + 3·Cv)                       transposes of q, k, v; grad's NHWC copy
            + 2·s·P·Cv + a·P                               D = <grad_out, out>
            + sum over the two passes (t = t_c, t_r):
-               s·P·(Cqk + Cv) + s·P·(2·Cqk + Cv)·t + 2·a·P            dq kernel
-             + s·P·(2·Cqk + Cv) + s·P·(3·Cqk + Cv)·t + 3·a·P·t        dk/dv kernel
-           + 2·a·P·(2·Cqk + Cv) + s·P·(2·Cqk + Cv)      partials; dq, dk, dv
-The minimum is the inputs read once and the outputs written once. At (N, Cqk, Cv, H, W) =
-(2, 64, 512, 97, 97) in bf16 the forward is 144.7 MB against 43.4 MB (3.33x) with channels_last
-inputs and 192.9 MB (4.44x) with NCHW ones; the backward 352.5 MB / 439.2 MB against 67.5 MB
-(5.2x / 6.5x). The float32 partial is 38.5 MB of the forward (rounding it to bf16 would give
-2.9x / 4.0x, at the cost of a second rounding). The two-op kernels move: _line_pair the inputs
-per tile like the forward plus the energy written once; _line_aggregate the energy once, the
-line of y per tile, the partial and the output.
+               s·P·(Cqk + Cv)·(1 + t) + 2·a·P             dq kernel: q, grad; k, v per tile
+             + s·P·(2·Cqk + Cv)·(1 + t) + 2·a·P·t         dk/dv kernel: k twice, v; q twice,
+                                                           grad, lse, D per tile
+           + 2·b·P·(2·Cqk + Cv) + s·P·(2·Cqk + Cv)       partials; dq, dk, dv
+The minimum is the inputs read once and the outputs written once. In bf16 (python3
+benchmarks/traffic_triton.py), channels_last / NCHW inputs:
+  (2, 64, 512, 97, 97)    forward  106.2 / 154.4 MB against 43.4 MB (2.45x / 3.55x),
+                          backward 294.5 / 362.0 MB against 86.8 MB (3.39x / 4.17x);
+  (1, 64, 512, 128, 256)  forward  222.7 / 306.6 MB against 75.6 MB (2.94x / 4.05x),
+                          backward 1072.6 / 1190.0 MB against 151.1 MB (7.10x / 7.87x).
+At 97 one tile covers a line, and what is left above the minimum is the two-pass structure: both
+passes read q, k and v (a pixel's keys are a row and a column, which no program holds together),
+the column pass's share reaches the row pass through the partial (the row pass writes the NCHW
+outputs along w), and lse is written, read and rewritten (2·a·P, 0.3% of the minimum). NCHW
+inputs add the transposes: the column pass needs NHWC (a column of an NCHW tensor is one element
+per 32-byte sector); reading NCHW q, k, v directly in the row pass would save no bytes, the copy
+exists for the column pass anyway. At 128 x 256 the 256-key rows take 2 tiles in the forward and
+8 in the backward (the register budget), each reading the line's k and v (q and grad). The
+two-op kernels move: _line_pair the inputs per tile like the forward plus the energy written
+once; _line_aggregate the energy once, the line of y per tile, the op-math partial and the
+output.
 
 Accumulation is float32 (float64 for float64 inputs). float64 tl.dot runs in the interpreter; on
 GPUs Triton lowers it to FMA (or DMMA), not verified here.
@@ -167,20 +186,18 @@ def _times_gamma(acc, gamma_ptr, GAMMA: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
-           EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """[BP, BS] attention weights exp(scale·<q_p, k_s> - lse_p), recomputed; 0 off the key set."""
-    kt = _load_tile(k_base, d, dmask, skc, s, smask, sk_pos)
+def _probs(q_tile, kt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF: tl.constexpr,
+           ACC: tl.constexpr, PREC: tl.constexpr):
+    """[BP, BS] attention weights exp(scale·<q_p, k_s> - lse_p), recomputed from the Q tile and
+    K^T; 0 off the key set."""
     e = tl.dot(q_tile, kt, input_precision=PREC, out_dtype=ACC) * scale
     return tl.where(_valid(p, pmask, s, smask, EXCLUDE_SELF), tl.exp(e - lse[:, None]), 0.0)
 
 
 @triton.jit
-def _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos, scale,
-             EXCLUDE_SELF: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """The weights transposed, [BS, BP] (keys x pixels), recomputed from the loaded K and Q^T."""
-    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
-    qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
+def _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF: tl.constexpr,
+             ACC: tl.constexpr, PREC: tl.constexpr):
+    """The weights transposed, [BS, BP] (keys x pixels), recomputed from the K tile and Q^T."""
     et = tl.dot(k_tile, qt, input_precision=PREC, out_dtype=ACC) * scale
     valid = tl.trans(_valid(p, pmask, s, smask, EXCLUDE_SELF))
     return tl.where(valid, tl.exp(et - lse[None, :]), 0.0)
@@ -284,11 +301,13 @@ def _fwd_line(q_ptr, k_ptr, v_ptr, lse_ptr, part_ptr, o_ptr, x_ptr, y_ptr, gamma
 
 
 @triton.jit
-def _line_dot(a_ptr, b_ptr, d_ptr, L, n_lines, C, san, sac, sa_line, sa_pos,
-              sbn, sbc, sb_line, sb_pos, sdn, sd_line, sd_pos,
-              BP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def _line_dot(a_ptr, b_ptr, d_ptr, copy_ptr, L, n_lines, C, san, sac, sa_line, sa_pos,
+              sbn, sbc, sb_line, sb_pos, sdn, sd_line, sd_pos, scn, scc, sc_line, sc_pos,
+              COPY: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     """d_u = <a_u, b_u> over the C channels, for a tile of pixels of a row: the backward's
-    D_u = <grad_u, out_u>, without a (N, C, H, W) product in memory."""
+    D_u = <grad_u, out_u>, without a (N, C, H, W) product in memory. With COPY, a is also
+    written to copy (its NHWC copy for the line kernels), from the same load: the transpose of
+    an NCHW grad costs its write only."""
     n, line = _line_of(n_lines)
     p, pmask = _tile(BP, L)
     a_base = a_ptr + n * san + line * sa_line
@@ -296,9 +315,12 @@ def _line_dot(a_ptr, b_ptr, d_ptr, L, n_lines, C, san, sac, sa_line, sa_pos,
     acc = tl.zeros([BP], ACC)
     for c0 in range(0, C, BC):
         c, cmask = _span(c0, BC, C)
-        a = _load_tile(a_base, c, cmask, sac, p, pmask, sa_pos).to(ACC)
+        a = _load_tile(a_base, c, cmask, sac, p, pmask, sa_pos)
         b = _load_tile(b_base, c, cmask, sbc, p, pmask, sb_pos).to(ACC)
-        acc += tl.sum(a * b, 0)
+        if COPY:
+            tl.store(copy_ptr + n * scn + line * sc_line + c[:, None] * scc + p[None, :] * sc_pos,
+                     a, mask=cmask[:, None] & pmask[None, :])
+        acc += tl.sum(a.to(ACC) * b, 0)
     tl.store(d_ptr + n * sdn + line * sd_line + p * sd_pos, acc, mask=pmask)
 
 
@@ -320,13 +342,13 @@ def _bwd_query_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr, par
     dp = _contract(go_ptr + n * sgn + line * sg_line, p, pmask, sg_pos, sgc,
                    v_ptr + n * svn + line * sv_line, s, smask, svc, sv_pos, CV,
                    BP, BL, BC, STAGES, ACC, PREC)
-    k_base = k_ptr + n * skn + line * sk_line
     q_tile = _load_tile(q_ptr + n * sqn + line * sq_line, p, pmask, sq_pos, d, dmask, sqc)
     lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-    prob = _probs(q_tile, k_base, lse, p, pmask, s, smask, d, dmask, skc, sk_pos, scale,
-                  EXCLUDE_SELF, ACC, PREC)
-    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
+    # The line's K read once: transposed for P, as it is for dq.
+    k_tile = _load_tile(k_ptr + n * skn + line * sk_line, s, smask, sk_pos, d, dmask, skc)
+    prob = _probs(q_tile, tl.trans(k_tile), lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC,
+                  PREC)
     _ds_product(prob, dp, dd[:, None], scale, k_tile, gamma_ptr, p, pmask, d, dmask,
                 part_ptr + n * spn + line * sp_line, sp_pos, spc,
                 dq_ptr + n * son + line * so_line, so_pos, soc, FINAL, GAMMA, ACC, PREC)
@@ -352,8 +374,10 @@ def _bwd_key_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr,
     q_base = q_ptr + n * sqn + line * sq_line
     k_base = k_ptr + n * skn + line * sk_line
     lse = tl.load(lse_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
-    pt_lo = _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos,
-                     scale, EXCLUDE_SELF, ACC, PREC).to(go_ptr.dtype.element_ty)
+    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
+    qt = _load_tile(q_base, d, dmask, sqc, p, pmask, sq_pos)
+    pt_lo = _probs_t(k_tile, qt, lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC,
+                     PREC).to(go_ptr.dtype.element_ty)
     v_base = v_ptr + n * svn + line * sv_line
     go_base = go_ptr + n * sgn + line * sg_line
     dpt = tl.zeros([BS, BL], ACC)
@@ -367,10 +391,13 @@ def _bwd_key_line(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, dd_ptr, gamma_ptr,
         _store_pass(dv, s, smask, c, cmask, dv_part_ptr + n * spvn + line * spv_line, spv_pos,
                     spvc, dv_ptr + n * sovn + line * sov_line, sov_pos, sovc, 1.0, FINAL, ACC)
     # P^T again in float32 for dS^T (cheap: Cqk channels), rather than kept through the loop.
-    pt = _probs_t(q_base, k_base, lse, p, pmask, s, smask, d, dmask, sqc, sq_pos, skc, sk_pos,
-                  scale, EXCLUDE_SELF, ACC, PREC)
-    dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
+    # The line's Q is read a second time, once for both P^T and dk. The K tile is reloaded:
+    # kept live through the loop it spills in fp32 (sm_90, BL = 128, BS = 16: 120-168 bytes).
     q_tile = _load_tile(q_base, p, pmask, sq_pos, d, dmask, sqc)
+    k_tile = _load_tile(k_base, s, smask, sk_pos, d, dmask, skc)
+    pt = _probs_t(k_tile, tl.trans(q_tile), lse, p, pmask, s, smask, scale, EXCLUDE_SELF, ACC,
+                  PREC)
+    dd = tl.load(dd_ptr + n * sln + line * sl_line + p * sl_pos, mask=pmask, other=0.0)
     _ds_product(pt, dpt, dd[None, :], scale, q_tile, gamma_ptr, s, smask, d, dmask,
                 dk_part_ptr + n * spkn + line * spk_line, spk_pos, spkc,
                 dk_ptr + n * sokn + line * sok_line, sok_pos, sokc, FINAL, GAMMA, ACC, PREC)
@@ -481,11 +508,19 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _partial(like: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
-    """The column pass's (N, channels, H, W) op-math result, NHWC: read back by the row pass."""
+def _nhwc_empty(like: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """An (N, channels, H, W) NHWC buffer: a column pass's partial result (read back by the row
+    pass), or the backward's NHWC copy of grad."""
     N, _, H, W = like.shape
     return torch.empty((N, channels, H, W), dtype=dtype, device=like.device,
                        memory_format=torch.channels_last)
+
+
+def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The fused op's partials: the input dtype for fp16/bf16 (half the bytes of float32; the
+    column part of the result is rounded twice, to at most 2^-8 (bf16) / 2^-11 (fp16) of itself
+    more, tests/test_cca_triton.py), the op-math type for float32/float64 (no second rounding)."""
+    return dtype if dtype.itemsize == 2 else _acc_dtype(dtype)[1]
 
 
 def _tiles(L: int, dtype: torch.dtype, compiled: bool = not _INTERPRET, backward: bool = False):
@@ -499,8 +534,14 @@ def _tiles(L: int, dtype: torch.dtype, compiled: bool = not _INTERPRET, backward
         budget //= WIDE_BUDGET_DIVISOR
     if backward and compiled and BL > 128:
         # The backward kernels hold two [BT, BL] tiles (P and dP); past 128 keys the 16-bit
-        # budget spills (sm_90, BL = 256: 100-700 bytes at BT = 64, 0-8 at BT = 32).
+        # budget spills (sm_90, BL = 256: 100-700 bytes at BT = 64, none at BT = 32).
         budget //= 2
+    elif compiled and dtype.itemsize == 2 and BL == 256:
+        # The forward (and the two-op kernels) hold one [BT, BL] float32 tile, the energies then
+        # P: at 256 keys twice the budget fits (sm_90: BT = 128, 224-254 registers, no spill),
+        # and a 256-pixel row pass reads its line's k and v twice rather than four times. Not
+        # at 512 (BT = 64 spills 1.1-1.4 KB).
+        budget *= 2
     return max(16, min(MAX_TILE, BL, budget // BL)), BL
 
 
@@ -534,7 +575,7 @@ def _forward(q, k, v, scale, residual=None, gamma=None):
     if N * H * W == 0:
         return y, out.zero_(), lse
     qn, kn, vn = _nhwc(q), _nhwc(k), _nhwc(v)
-    part = _partial(v, CV, acc_torch)
+    part = _nhwc_empty(v, CV, _partial_dtype(v.dtype))
     # Unused pointers (no epilogue) point at out; EPILOGUE=False never reads them.
     x, yy, g = (residual, y, gamma) if epilogue else (out, out, out)
     BD = max(16, triton.next_power_of_2(D))
@@ -590,15 +631,20 @@ def _backward(grad, q, k, v, out, lse, scale, gamma=None):
     # The key kernel holds P^T, dP^T and a dv chunk: quarter-width chunks (16 channels at Cv >= 64)
     # keep it in registers (sm_90, BL = 128, bf16: 255 registers and no spill; 32 spilled).
     BC_KEY = max(16, BC // 4)
+    # grad in NHWC for the line kernels: itself when channels_last, else written by _line_dot.
+    copy = not grad.is_contiguous(memory_format=torch.channels_last)
+    gn = _nhwc_empty(grad, CV, grad.dtype) if copy else grad
     with _device_guard(q):
         if CV > 0:
             BP, _ = _tiles(W, q.dtype)
             _line_dot[_grid(N, H, W, BP)](
-                grad, out, dd, W, H, CV, *_line_strides(grad, True), *_line_strides(out, True),
-                *_map_strides(dd, True), BP=BP, BC=BC, ACC=acc_tl, num_warps=4)
-        qn, kn, vn, gn = _nhwc(q), _nhwc(k), _nhwc(v), _nhwc(grad)
-        dq_p, dk_p, dv_p = (_partial(q, D, acc_torch), _partial(k, D, acc_torch),
-                            _partial(v, CV, acc_torch))
+                grad, out, dd, gn, W, H, CV, *_line_strides(grad, True),
+                *_line_strides(out, True), *_map_strides(dd, True), *_line_strides(gn, True),
+                COPY=copy, BP=BP, BC=BC, ACC=acc_tl, num_warps=4)
+        qn, kn, vn = _nhwc(q), _nhwc(k), _nhwc(v)
+        part_dtype = _partial_dtype(q.dtype)
+        dq_p, dk_p, dv_p = (_nhwc_empty(q, D, part_dtype), _nhwc_empty(k, D, part_dtype),
+                            _nhwc_empty(v, CV, part_dtype))
         for final, (row, L, n_lines, excl) in zip((False, True), _passes(q)):
             BT, BL = _tiles(L, q.dtype, backward=True)
             common = dict(FINAL=final, EXCLUDE_SELF=excl, GAMMA=has_gamma, BL=BL, BD=BD,
@@ -668,7 +714,7 @@ def _aggregate(m, y, transposed: bool, out_dtype: torch.dtype):
     if out.numel() == 0:
         return out.zero_()
     _check_energy("cca_map_triton", m)
-    part = _partial(y, C, acc_torch)
+    part = _nhwc_empty(y, C, acc_torch)
     yn = _nhwc(y)
     with _device_guard(y):
         for final, (row, L, n_lines, excl) in zip((False, True), _passes(y)):
