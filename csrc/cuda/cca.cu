@@ -321,15 +321,8 @@ void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto a = qkv_args(q, k, v, scale);
   a.lse_out = aptr<acc_t>(lse);
-  const auto passes = line_passes<Tl>(H, W, {q, k, v});
-  for (int pass = 0; pass < 2; ++pass) {
-    launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, passes[pass], N, 1,
-                     S::bytes_lse, op, a, passes[pass], pass == 1);
-  }
-  if (Cv == 0) return;
   // The column pass's result, NHWC in the element type (read back once by the row pass).
   const at::Tensor part = at::empty({N * H * W * Cv}, out.options());
-  a.lse = aptr<acc_t>(lse);
   a.part = dptr<T, scalar_t>(part);
   a.out = dptr<T, scalar_t>(out);
   if (residual.defined()) {
@@ -337,6 +330,27 @@ void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at
     a.gamma = aptr<acc_t>(gamma);
     a.y = dptr<T, scalar_t>(y);
   }
+  const auto passes = line_passes<Tl>(H, W, {q, k, v});
+  // Lines whose energies and P fit in shared memory (fp16/bf16 on an sm_90: up to 256 positions,
+  // fp32 384, fp64 160): one kernel per pass, P formed once per own tile, one softmax state per
+  // pixel carried from the column pass into the row pass through lse and part.
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  if (S::line_fits(static_cast<int>(H), static_cast<int>(W),
+                   static_cast<int64_t>(prop->sharedMemPerBlockOptin))) {
+    for (int pass = 0; pass < 2; ++pass) {
+      launch_lines<Tl>(cca_cuda::cca_fwd_line_kernel<Pol, Tl, T, acc_t>, passes[pass], N, 1,
+                       S::bytes_line(passes[pass].L), op, a, passes[pass], pass == 1);
+    }
+    return;
+  }
+  // Longer lines: the final lse first (cca_lse_kernel), then P·V with P recomputed from it per
+  // Cv group (cca_pv_kernel), whose shared memory does not grow with the line.
+  for (int pass = 0; pass < 2; ++pass) {
+    launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, passes[pass], N, 1,
+                     S::bytes_lse, op, a, passes[pass], pass == 1);
+  }
+  if (Cv == 0) return;
+  a.lse = aptr<acc_t>(lse);
   a.group = pv_group<S>(Cv, op);
   const int64_t groups = (Cv + a.group - 1) / a.group;
   for (int pass = 0; pass < 2; ++pass) {
