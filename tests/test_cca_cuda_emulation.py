@@ -159,6 +159,14 @@ static void passes(int H, int W, std::initializer_list<const T*> operands, LineP
 
 static int64_t lines(const LinePass& g, int N) { return int64_t(N) * g.n_lines * g.tiles; }
 
+// Whether the forward runs cca_fwd_line_kernel (as the glue decides it: both lines fit in
+// smem_limit with elem_bytes-byte elements), else cca_lse_kernel + cca_pv_kernel.
+template <class Tl, typename T>
+static bool uses_line_kernel(int H, int W, int elem_bytes, int64_t limit) {
+  return elem_bytes == 2 ? Smem<std::uint16_t, T, Tl>::line_fits(H, W, limit)
+                         : Smem<T, T, Tl>::line_fits(H, W, limit);
+}
+
 // The launch sequence of csrc/cuda/cca.cu. q, k, v, go NHWC; go_nchw, residual and the outputs
 // NCHW. The Cv group is what the glue picks on an sm_90 (smem_limit = 0) for an element of
 // elem_bytes bytes (2: the fp16/bf16 production kernels), or for a smaller smem_limit (to get
@@ -178,12 +186,18 @@ static void run(int bwd, const T* q, const T* k, const T* v, const T* go, const 
   const int64_t groups = a.group > 0 ? (Cv + a.group - 1) / a.group : 0;
   const int64_t d_tiles = (D + Tl::CT - 1) / Tl::CT;
   if (!bwd) {
-    a.lse_out = lse;
+    a.lse_out = lse; a.out = out;
+    if (residual) { a.residual = residual; a.gamma = gamma; a.y = y; }
+    if (uses_line_kernel<Tl, T>(H, W, elem_bytes, limit)) {
+      for (int i = 0; i < 2; ++i)
+        launch(lines(g[i], N), 1, Tl::kThreads,
+               [&] { cca_fwd_line_kernel<Pol, Tl, T, T>(a, g[i], i == 1); });
+      return;
+    }
     for (int i = 0; i < 2; ++i)
       launch(lines(g[i], N), 1, Tl::kThreads,
              [&] { cca_lse_kernel<Pol, Tl, T, T>(a, g[i], i == 1); });
-    a.lse = lse; a.out = out;
-    if (residual) { a.residual = residual; a.gamma = gamma; a.y = y; }
+    a.lse = lse;
     for (int i = 0; i < 2; ++i)
       launch(lines(g[i], N), groups, Tl::kThreads,
              [&] { cca_pv_kernel<Pol, Tl, T, T, false>(a, g[i], i == 1); });
@@ -246,6 +260,20 @@ static int group_of(int cfg, int Cv, int64_t smem_limit) {
   }
 }
 
+// Whether the harness's forward runs the line kernel (what the glue launches) for a configuration.
+template <typename T>
+static int line_of(int cfg, int H, int W, int64_t smem_limit) {
+  const int64_t limit = smem_limit > 0 ? smem_limit : kSmemSm90;
+  switch (cfg) {
+    case 0: return uses_line_kernel<ProdTilesFma, T>(H, W, sizeof(T), limit);
+    case 1: return uses_line_kernel<ProdTiles16, T>(H, W, 2, limit);
+    case 2: return uses_line_kernel<Tiles<16, 16, 16>, T>(H, W, sizeof(T), limit);
+    case 3: return uses_line_kernel<Tiles<32, 16, 16>, T>(H, W, sizeof(T), limit);
+    case 4: return uses_line_kernel<Tiles<16, 32, 16>, T>(H, W, sizeof(T), limit);
+    default: return 0;
+  }
+}
+
 extern "C" {
 #define EMULATE(NAME, T)                                                                          \
   void NAME(int cfg, int bwd, const T* q, const T* k, const T* v, const T* go, const T* go_nchw,  \
@@ -263,6 +291,12 @@ int cca_group_f32(int cfg, int Cv, long long smem_limit) {
 int cca_group_f64(int cfg, int Cv, long long smem_limit) {
   return group_of<double>(cfg, Cv, smem_limit);
 }
+int cca_line_f32(int cfg, int H, int W, long long smem_limit) {
+  return line_of<float>(cfg, H, W, smem_limit);
+}
+int cca_line_f64(int cfg, int H, int W, long long smem_limit) {
+  return line_of<double>(cfg, H, W, smem_limit);
+}
 }
 """
 
@@ -278,6 +312,8 @@ def emulation(tmp_path_factory):
     lib = build_harness(tmp_path_factory.mktemp("cca_emulation"), "cca_emulation", HARNESS)
     for fn in (lib.cca_group_f32, lib.cca_group_f64):
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
+    for fn in (lib.cca_line_f32, lib.cca_line_f64):
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
     return lib
 
 
@@ -356,11 +392,13 @@ CASES = [
     (0, 1, 72, 40, 70, 3, torch.float32, True, 0),    # 2 own tiles, 3 key tiles, Cqk > 2·CT
     (0, 1, 16, 300, 3, 4, torch.float64, True, 0),    # Cv = 300: two groups (256 + 44) in fp64
     (0, 1, 8, 12, 34, 33, torch.float32, False, 0),   # 16-byte channel vectors (cp.async path)
+    (0, 1, 72, 40, 70, 3, torch.float32, True, 64 << 10),  # a 70-line does not fit: lse + P·V
     # production tiles of fp16/bf16 (wmma, BO = 128, BK = 64, CT = 32), in float / double
     (1, 1, 64, 32, 6, 97, torch.float32, True, 0),    # CCNet's Cqk, W = 97 in one own tile
     (1, 1, 20, 17, 17, 18, torch.float64, True, 0),   # scalar loads, tails
     (1, 1, 8, 300, 3, 5, torch.float32, True, 0),     # Cv = 300 > 288: two Cv groups
     (1, 1, 70, 9, 130, 2, torch.float64, False, 0),   # H = 130: 2 own tiles, 3 key tiles
+    (1, 1, 70, 300, 130, 2, torch.float32, False, 150 << 10),  # lse + P·V, 3 Cv groups
     (1, 2, 5, 7, 1, 3, torch.float64, True, 0),
     # small test tiles: many tiles and groups on small images
     (2, 2, 5, 33, 17, 21, torch.float64, True, 21 << 10),  # fma 16/16/16, 3 Cv groups
