@@ -23,6 +23,7 @@ end of this file (and the cuda backend of tests/test_cca.py) run the compiled ke
 the registered ops; tests/test_sass.py reads their machine code.
 """
 import ctypes
+import math
 import os
 import re
 import sys
@@ -450,9 +451,10 @@ def test_cuda_kernels_emulated(emulation, cfg, N, D, Cv, H, W, dtype, with_resid
 
 
 def test_cv_groups_as_launched(emulation):
-    """The Cv groups the cases rely on: the fp16/bf16 production kernel fits 288 channels per
-    group on an sm_90 (two groups at CCNet's Cv = 512, P computed twice per tile pair), the fp64
-    one 256 (two groups at Cv = 300), and the small limits give several groups."""
+    """The Cv groups of cca_pv_kernel (the forward's fallback for long lines, and dv) the cases
+    rely on: the fp16/bf16 production kernel fits 288 channels per group on an sm_90 (two groups
+    at CCNet's Cv = 512), the fp64 one 256 (two groups at Cv = 300), and the small limits give
+    several groups."""
     assert emulation.cca_group_f32(1, 512, 0) == 288
     assert emulation.cca_group_f32(1, 300, 0) == 288
     assert emulation.cca_group_f64(0, 300, 0) == 256
@@ -469,6 +471,84 @@ def test_traffic_model_uses_the_launched_tiles(emulation):
         assert traffic.pv_group(cv, 2) == emulation.cca_group_f32(1, cv, 0), cv
         assert traffic.pv_group(cv, 4) == emulation.cca_group_f32(0, cv, 0), cv
         assert traffic.pv_group(cv, 8) == emulation.cca_group_f64(0, cv, 0), cv
+    # the forward's kernel choice (line kernel or lse + P·V), at and around the limits: fp16/bf16
+    # lines up to 256, fp32 384, fp64 160 on an sm_90
+    for h, w in ((1, 1), (97, 97), (128, 256), (256, 257), (160, 3), (161, 3), (384, 2), (385, 2)):
+        assert traffic.line_fits(h, w, 2) == bool(emulation.cca_line_f32(1, h, w, 0)), (h, w)
+        assert traffic.line_fits(h, w, 4) == bool(emulation.cca_line_f32(0, h, w, 0)), (h, w)
+        assert traffic.line_fits(h, w, 8) == bool(emulation.cca_line_f64(0, h, w, 0)), (h, w)
+    assert traffic.line_fits(128, 256, 2) and not traffic.line_fits(257, 3, 2)
+    assert traffic.line_fits(384, 1, 4) and not traffic.line_fits(385, 1, 4)
+    assert traffic.line_fits(160, 1, 8) and not traffic.line_fits(161, 1, 8)
+    # the modelled forward at (2, 64, 512, 97, 97) bf16 runs the line kernel, within 3x the minimum
+    fwd = traffic.cca_cuda_traffic(2, 64, 512, 97, 97, 2, "forward", channels_last=True)
+    assert list(fwd["kernels"]) == ["line (q·k, P, P·V)"] and fwd["ratio"] <= 3.0, fwd
+
+
+def test_both_forward_paths_are_emulated(emulation):
+    """The cases run the line kernel and the lse + P·V fallback at both production tile
+    configurations (the glue picks by the shared-memory fit of the longer line)."""
+    paths = set()
+    for cfg, _, _, _, H, W, dtype, _, smem in CASES:
+        fn = emulation.cca_line_f64 if dtype == torch.float64 else emulation.cca_line_f32
+        paths.add((cfg, bool(fn(cfg, H, W, smem))))
+    assert {(0, True), (0, False), (1, True), (1, False)} <= paths, paths
+
+
+def _line_forward_model(q, k, v, scale, dtype):
+    """The rounding points of cca_fwd_line_kernel in fp16/bf16, modelled in torch (this harness
+    instantiates the kernels with float and double only): q, k, v rounded to dtype; energies and
+    each pass's softmax state (m, l) in fp32; P rounded to dtype; P·V accumulated in fp32; the
+    column pass's part = P_c·V / l_c rounded to dtype; out = exp(m_r - lse)·P_r·V +
+    exp(lse_c - lse)·part with lse = logaddexp(lse_c, lse_r), rounded once to dtype."""
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))
+    H = q.shape[2]
+    e_col = (torch.einsum("nchw,ncgw->nhwg", q, k) * scale).float()
+    e_col = e_col.masked_fill(torch.eye(H, dtype=torch.bool)[None, :, None, :], float("-inf"))
+    e_row = (torch.einsum("nchw,nchg->nhwg", q, k) * scale).float()
+
+    def state(e):
+        m = e.amax(-1, keepdim=True)
+        p = torch.exp(e - m)
+        return m, p.sum(-1, keepdim=True), p.to(dtype).double()
+
+    (m_c, l_c, p_c), (m_r, l_r, p_r) = state(e_col), state(e_row)
+    acc_c = torch.einsum("nhwg,ncgw->nchw", p_c, v).float()
+    acc_r = torch.einsum("nhwg,nchg->nchw", p_r, v).float()
+    per_pixel = lambda t: t[..., 0][:, None]  # (N, H, W, 1) -> (N, 1, H, W)
+    part = (acc_c / per_pixel(l_c)).to(dtype)
+    lse_c, lse_r = m_c + torch.log(l_c), m_r + torch.log(l_r)
+    lse = torch.logaddexp(lse_c, lse_r)
+    out = (acc_r * per_pixel(torch.exp(m_r - lse))
+           + part.float() * per_pixel(torch.exp(lse_c - lse)))
+    return out.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,D,Cv,H,W,scale", [
+    (2, 64, 512, 23, 29, 64 ** -0.5),  # CCNet's channels
+    (1, 16, 64, 40, 40, 3.0),          # peaked softmax: large energies
+])
+def test_line_forward_16bit_rounding(N, D, Cv, H, W, scale, dtype):
+    """The line forward's 16-bit error bound: storing the column pass's part in the element type
+    (which keeps the traffic model under 3x the minimum) rounds the column contribution twice.
+    Against the fp64 reference of the rounded inputs, the modelled output stays within 1 ulp of
+    the output scale (2^floor(log2 max|ref|) · eps), and within the tests' rule for 16-bit
+    outputs (tests/numerics.py: twice the error of the reference formulation run in dtype, the
+    einsum one, plus half an eps). Measured when written: 0.6-0.8 ulp (0.4-0.5 ulp with an fp32
+    part) against 1.3-10 ulp for the einsum formulation in the same dtype. A model of the rounding
+    points, not the compiled kernel: the real fp16/bf16 kernels run only in the needs_cuda tests."""
+    torch.manual_seed(N + D + H)
+    q, k = torch.randn(N, D, H, W, dtype=torch.float64), torch.randn(N, D, H, W, dtype=torch.float64)
+    v = torch.randn(N, Cv, H, W, dtype=torch.float64)
+    low = [t.to(dtype) for t in (q, k, v)]
+    ref = reference.criss_cross_attention(*(t.double() for t in low), scale)
+    out = _line_forward_model(q, k, v, scale, dtype)
+    ulp = 2.0 ** math.floor(math.log2(ref.abs().max().item())) * torch.finfo(dtype).eps
+    err = (out.double() - ref).abs().max().item()
+    assert err <= ulp, f"{dtype}: line forward model error {err:.3e} > 1 ulp ({ulp:.3e})"
+    einsum_lowp = reference.criss_cross_attention(*low, scale)
+    assert_close(out, ref, einsum_lowp, f"line forward model {dtype}")
 
 
 def test_backward_is_deterministic(emulation):
