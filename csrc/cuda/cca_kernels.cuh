@@ -32,6 +32,7 @@
 // Pipelining. Channel chunks of CT are streamed through two shared-memory buffers: chunk i + 1 is
 // in flight (cp.async) while the mma of chunk i runs. The own operand of the energy contraction
 // stays resident across key tiles when it fits its two buffers (C <= 2·CT: Cqk = 64 at CT = 32).
+// The forward's line kernel streams v the same way, over (Cv chunk, key tile) steps.
 #pragma once
 
 #include <cmath>
