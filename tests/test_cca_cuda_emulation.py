@@ -596,7 +596,9 @@ def _skip_without_bf16(dtype):
     (2, 5, 7, 1, 70),       # H = 1
     (1, 3, 130, 65, 1),     # W = 1, a Cv tail
     (1, 16, 16, 64, 64),    # 16-byte channel vectors (cp.async) in 16-bit and fp32
-    (1, 64, 300, 130, 9),   # two own tiles along h, Cv = 300: two Cv groups in fp16/bf16
+    (1, 64, 300, 130, 9),   # two own tiles along h, Cv = 300 (line kernel in every dtype)
+    (1, 8, 300, 300, 3),    # H = 300: fp16/bf16 take the lse + P·V fallback (two Cv groups)
+    (1, 4, 24, 2, 400),     # W = 400: fp32 takes the fallback too
 ])
 def test_cuda_ops_on_gpu(dtype, N, D, Cv, H, W):
     _skip_without_bf16(dtype)
