@@ -12,12 +12,16 @@ ProdTiles16 through the wmma policy, as fp16/bf16 run, with the Cv group an sm_9
 elements; test_production_tiles_are_emulated ties the two files together) and at small tiles, so
 that small images still have several own tiles, key tiles, Cv groups and zero-padded channel
 chunks. The host driver launches them in the order of csrc/cuda/cca.cu (column pass, then row
-pass), with q, k, v, dO in NHWC, and the results are checked against armnet_ops.reference: out,
+pass; the forward through cca_fwd_line_kernel where the longer line fits the shared-memory limit,
+through cca_lse_kernel and cca_pv_kernel otherwise, as the glue picks, and the cases cover both
+at both production configurations by their `smem` limit), with q, k, v, dO in NHWC, and the
+results are checked against armnet_ops.reference: out,
 the saved lse, the three gradients, and the residual block (y, grad_gamma). cp.async is a plain
 16-byte copy on the host: the double-buffer protocol (which buffer holds which chunk, the
 barriers) is what runs here.
 
-What this cannot check: fp16/bf16 rounding, the real wmma fragment layout, the asynchrony of
+What this cannot check: fp16/bf16 rounding (test_line_forward_16bit_rounding models the line
+forward's rounding points in torch instead), the real wmma fragment layout, the asynchrony of
 cp.async, shared-memory limits, launch configurations and timing. The needs_cuda tests at the
 end of this file (and the cuda backend of tests/test_cca.py) run the compiled kernels through
 the registered ops; tests/test_sass.py reads their machine code.
