@@ -398,12 +398,14 @@ CASES = [
     (0, 1, 16, 300, 3, 4, torch.float64, True, 0),    # Cv = 300: two groups (256 + 44) in fp64
     (0, 1, 8, 12, 34, 33, torch.float32, False, 0),   # 16-byte channel vectors (cp.async path)
     (0, 1, 72, 40, 70, 3, torch.float32, True, 64 << 10),  # a 70-line does not fit: lse + P·V
+    (0, 1, 8, 12, 2, 384, torch.float32, False, 0),   # the longest fp32 line that fits
     # production tiles of fp16/bf16 (wmma, BO = 128, BK = 64, CT = 32), in float / double
     (1, 1, 64, 32, 6, 97, torch.float32, True, 0),    # CCNet's Cqk, W = 97 in one own tile
     (1, 1, 20, 17, 17, 18, torch.float64, True, 0),   # scalar loads, tails
     (1, 1, 8, 300, 3, 5, torch.float32, True, 0),     # Cv = 300 > 288: two Cv groups
     (1, 1, 70, 9, 130, 2, torch.float64, False, 0),   # H = 130: 2 own tiles, 3 key tiles
     (1, 1, 70, 300, 130, 2, torch.float32, False, 150 << 10),  # lse + P·V, 3 Cv groups
+    (1, 1, 16, 40, 2, 256, torch.float32, True, 0),   # the longest line that fits (226 KiB)
     (1, 2, 5, 7, 1, 3, torch.float64, True, 0),
     # small test tiles: many tiles and groups on small images
     (2, 2, 5, 33, 17, 21, torch.float64, True, 21 << 10),  # fma 16/16/16, 3 Cv groups
