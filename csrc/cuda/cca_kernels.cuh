@@ -445,11 +445,11 @@ __device__ __forceinline__ void store_strip(acc_t* es, int ld,
 }
 
 // es[i][j] (warp strips, leading dimension lde) = sum_c X(x0 + i, c) · Y(y0 + j, c) over C
-// channels, CT at a time,
-// X the block's BO own positions, Y BK other positions. Chunk i of X lives in xs at column
-// (i & 1)·CT and of Y in ys buffer i & 1; chunk i + 1 is copied while chunk i is multiplied.
-// With load_own = false, X is already resident in xs (C <= 2·CT, loaded by an earlier call).
-// Syncs on entry and before returning; the caller reads es after a __syncthreads.
+// channels, CT at a time, X the block's BO own positions, Y BK other positions. Chunk i of X
+// lives in xs at column (i & 1)·CT and of Y in ys buffer i & 1; chunk i + 1 is copied while
+// chunk i is multiplied. With load_own = false, X is already resident in xs (C <= 2·CT, loaded by
+// an earlier call). Syncs on entry and before returning; the caller reads es after a
+// __syncthreads.
 template <class Pol, class Tl, typename T, typename acc_t>
 __device__ void contract(acc_t* es, const T* __restrict__ x, int x0, const T* __restrict__ y,
                          int y0, int C, const LinePass& g, bool load_own, T* xs, T* ys,
