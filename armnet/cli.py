@@ -96,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--rem-teacher-forcing", action="store_true",
                    help="train the REM attention with the target map as Q (paper: the "
                         "recognizer's map)")
+    t.add_argument("--dpd-channel-gain", action="store_true",
+                   help="DPD channel branch: scale each channel's kernel by a gain in (0, 2) "
+                        "(armnet/README.md, 'DPD channel gain')")
     for name in ("tsm", "gtm", "dtm", "dpd", "rem"):
         t.add_argument(f"--no-{name}", action="store_true", help=f"ablation: drop the {name.upper()}")
 

@@ -20,6 +20,10 @@ Total-Text release has ``groundtruth_pixel/Train/img61.JPG``).
   accepted): {word_key: {"text", "bbox": polygon, "char": {char_key: {"text", "bbox": polygon,
   "mask_value"}}}} with a polygon as a flat [x1, y1, x2, y2, ...] list (nested [[x, y], ...] and the
   keys "poly", "polygon", "points" are accepted too). The REM target comes from it (below).
+  A character's "mask_value" is its value in the character instance mask ``<id>_mask.png``
+  (looked up in ``annotation/``, then in TexRNet's ``instance_label/``); TexRNet takes its
+  character boxes from that mask, and so do we for a character that has no polygon. An
+  annotation that has words but yields no geometry at all warns once, naming the keys it saw.
 * Total-Text: ``Images/{Train,Test}/<id>.<ext>``, ``groundtruth_pixel/{Train,Test}/<id>.<ext>``
   (text where the grey value > 127, as TexRNet thresholds the JPEG-compressed masks).
 * ICDAR-2013 Focused Scene Text, three layouts (`ICDAR13Dataset.layout` says which was found):
@@ -60,6 +64,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -283,6 +288,7 @@ class Sample(NamedTuple):
     image: str
     label: str
     annotation: str | None = None    # character / word geometry (json or txt), optional
+    instance: str | None = None      # TextSeg's character instance mask, optional
 
 
 class SegmentationDataset(Dataset):
@@ -401,6 +407,7 @@ class TextSegDataset(FileDataset):
         self.labels = labels
         images, label_folder = _Folder(image_dir), _Folder(label_dir)
         annos = [_Folder(os.path.join(root, d)) for d in ("annotation", "bpoly_label")]
+        instances = [_Folder(os.path.join(root, d)) for d in ("annotation", "instance_label")]
         splits = self._split_file(root)
         if splits is not None:
             if split not in splits:
@@ -418,7 +425,9 @@ class TextSegDataset(FileDataset):
                     f"{sid}: no label {label_folder.describe(sid + '_maskfg', ('.png',))}")
             if ipath and lpath:
                 anno = next(filter(None, (f.find(f"{sid}_anno", (".json",)) for f in annos)), None)
-                self.items.append(Sample(sid, ipath, lpath, anno))
+                inst = next(filter(None, (f.find(f"{sid}_mask", (".png",)) for f in instances)),
+                            None)
+                self.items.append(Sample(sid, ipath, lpath, anno, inst))
         self._finish(validate)
 
     @staticmethod
@@ -448,7 +457,10 @@ class TextSegDataset(FileDataset):
         mask = np.full(raw.shape, IGNORE, np.uint8)
         mask[(raw == 0) | (raw == 200)] = 0
         mask[raw == 100] = 1
-        regions = read_textseg_annotation(s.annotation) if s.annotation else None
+        regions = None
+        if s.annotation:
+            instance = load_label(s.instance) if s.instance else None
+            regions = read_textseg_annotation(s.annotation, instance)
         return load_image(s.image), mask, regions
 
 
@@ -468,25 +480,59 @@ def _polygon(entry) -> np.ndarray | None:
     return None
 
 
-def read_textseg_annotation(path: str) -> TextRegions:
-    """A TextSeg ``<id>_anno.json`` (module docstring) as TextRegions: the bounding box of each
-    character polygon, and the polygon of each word that has no character polygons."""
-    boxes, words = [], []
+def _instance_box(instance: np.ndarray | None, value) -> tuple | None:
+    """The box (x0, y0, x1, y1), in pixel indices, of the pixels of `instance` equal to `value`
+    (a character's "mask_value"); None without a mask, a value or such pixels."""
+    if instance is None or value is None or isinstance(value, bool):
+        return None
+    ys, xs = np.nonzero(instance == int(value))
+    if len(xs) == 0:
+        return None
+    return (xs.min(), ys.min(), xs.max(), ys.max())
+
+
+_warned_annotations: set = set()
+
+
+def read_textseg_annotation(path: str, instance: np.ndarray | None = None) -> TextRegions:
+    """A TextSeg ``<id>_anno.json`` (module docstring) as TextRegions: a box per character (its
+    polygon's bounding box, else the box of its "mask_value" pixels in the character instance mask
+    `instance`), and the polygon of each word that has no character geometry."""
+    boxes, words, keys = [], [], set()
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         for word in (data.values() if isinstance(data, dict) else data):
             if not isinstance(word, dict):
                 raise ValueError(f"a word entry is a {type(word).__name__}, not an object")
+            keys.update(word)
             chars = word.get("char") or {}
-            chars = chars.values() if isinstance(chars, dict) else chars
-            polys = [p for p in map(_polygon, chars) if p is not None]
-            if polys:
-                boxes += [(*p.min(0), *p.max(0)) for p in polys]
+            chars = list(chars.values() if isinstance(chars, dict) else chars)
+            found = []
+            for c in chars:
+                p = _polygon(c)
+                if p is not None:
+                    found.append((*p.min(0), *p.max(0)))
+                else:
+                    keys.update(c)
+                    box = _instance_box(instance, c.get("mask_value"))
+                    if box is not None:
+                        found.append(box)
+            if found:
+                boxes += found
             elif (p := _polygon(word)) is not None:
                 words.append(p)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"cannot read annotation {path!r}: {e}") from e
+    if keys and not boxes and not words and path not in _warned_annotations:
+        # The REM target silently falling back to the blurred mask would hide a format we do not
+        # read; say so once per file.
+        _warned_annotations.add(path)
+        warnings.warn(f"{path}: no character or word geometry found (keys seen: "
+                      f"{sorted(map(str, keys))}; expected a polygon under 'bbox', 'poly', "
+                      f"'polygon' or 'points', or a character 'mask_value' with the instance "
+                      f"mask <id>_mask.png); the REM target falls back to the blurred text mask",
+                      stacklevel=2)
     return TextRegions(np.asarray(boxes, np.float32).reshape(-1, 4) if boxes else None, words)
 
 

@@ -8,7 +8,11 @@ output) as
   Runs anywhere ONNX runs: `python -m armnet predict --onnx F`, without torch.
 * aoti: an AOTInductor package (.pt2), compiled C++ for this machine's CPU (or GPU). The package
   calls the armnet_ops kernels through the dispatcher, so `import armnet_ops` before
-  `torch._inductor.aoti_load_package(F)`.
+  `torch._inductor.aoti_load_package(F)`. It is compiled for a contiguous (NCHW) input and reads
+  whatever it is given with those strides: AOTInductor does not check them (unless the
+  environment sets AOTI_RUNTIME_CHECK_INPUTS=1), so a channels_last image, such as numpy's
+  HWC -> CHW transpose gives, is silently read as garbage. `load_aoti` returns the package
+  behind a wrapper that makes its input contiguous.
 
 --fp16 on a machine without CUDA traces the ops' reference backend (the C++ CPU kernels are
 fp32/fp64 only), so that graph holds the reference's ATen ops, whose criss-cross mask is -inf,
@@ -91,8 +95,18 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: str, dynamic: bo
 
 
 def export_aoti(module: nn.Module, example: torch.Tensor, path: str, dynamic: bool) -> None:
-    ep = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes() if dynamic else None)
+    """Compiles the package for a contiguous input: the layout `load_aoti` feeds it."""
+    ep = torch.export.export(module, (example.contiguous(),),
+                             dynamic_shapes=dynamic_shapes() if dynamic else None)
     torch._inductor.aoti_compile_and_package(ep, package_path=path)
+
+
+def load_aoti(path: str):
+    """The AOTInductor package at `path` as a function image -> logits (tensors). The input is
+    made contiguous first: the compiled code indexes it with the strides it was traced with
+    (contiguous, see export_aoti) and never looks at the strides it is given."""
+    runner = torch._inductor.aoti_load_package(path)
+    return lambda x: runner(x.contiguous())
 
 
 def load_runner(path: str, fmt: str, threads: int = 0):
@@ -101,18 +115,23 @@ def load_runner(path: str, fmt: str, threads: int = 0):
         from .onnx_infer import OnnxSegmenter
         seg = OnnxSegmenter(path, threads)
         return lambda x: seg.logits(x.float().numpy() if isinstance(x, torch.Tensor) else x)
-    runner = torch._inductor.aoti_load_package(path)
+    runner = load_aoti(path)
     return lambda x: runner(x).float().numpy()
 
 
 def check_inputs(example: torch.Tensor, dynamic: bool, seed: int = 0) -> dict[str, torch.Tensor]:
     """Named inputs to compare on: random and a synthetic image at the export size; with
-    `dynamic`, also a batch of 3 at a size that is not a multiple of 8."""
+    `dynamic`, also a batch of 3 at a size that is not a multiple of 8.
+
+    The synthetic image is laid out channels_last, as numpy's HWC -> CHW transpose leaves an
+    image loaded with normalize_array: the runners must give eager's logits for either layout
+    (an AOTInductor package fed a channels_last tensor as is does not)."""
     N, _, H, W = example.shape
     g = torch.Generator().manual_seed(seed)
     image = normalize_array(Image.fromarray(render_sample(np.random.default_rng(seed), (H, W))[0]))
     inputs = {f"random {N}x3x{H}x{W}": torch.randn(example.shape, generator=g),
-              f"synthetic image {H}x{W}": torch.from_numpy(image)[None]}
+              f"synthetic image {H}x{W}": torch.from_numpy(image)[None].contiguous(
+                  memory_format=torch.channels_last)}
     if dynamic:
         h, w = (H + 3 if (H + 3) % 8 else H + 5), (W + 5 if (W + 5) % 8 else W + 3)
         inputs[f"random 3x3x{h}x{w}"] = torch.randn((3, 3, h, w), generator=g)

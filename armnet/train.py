@@ -120,6 +120,8 @@ def model_kwargs_from_args(args) -> dict:
           "use_gtm": not args.no_gtm, "use_dtm": not args.no_dtm}
     if getattr(args, "rem_teacher_forcing", False):
         kw["rem_teacher_forcing"] = True
+    if getattr(args, "dpd_channel_gain", False):
+        kw["dpd_channel_gain"] = True
     return kw
 
 

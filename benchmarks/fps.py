@@ -70,7 +70,7 @@ def engine_forward(args, engine: str, model, x):
     """forward(x) -> logits on `engine`: eager, or the model exported at x's shape."""
     if engine == "eager":
         return lambda inp: model(inp)["logits"]
-    from armnet.export import LogitsOnly, export_aoti, export_onnx
+    from armnet.export import LogitsOnly, export_aoti, export_onnx, load_aoti
     folder = tempfile.mkdtemp(prefix="armnet_fps_")
     if engine == "onnxruntime":
         from armnet.onnx_infer import OnnxSegmenter
@@ -81,7 +81,7 @@ def engine_forward(args, engine: str, model, x):
         return lambda inp: seg.session.run(None, feed)
     path = os.path.join(folder, "model.pt2")
     export_aoti(LogitsOnly(model), x, path, dynamic=False)
-    return torch._inductor.aoti_load_package(path)
+    return load_aoti(path)
 
 
 def time_one(args, backend: str, device: torch.device, dtype: torch.dtype, state,

@@ -143,7 +143,8 @@ def cases(grid: str, device: torch.device, only: set[str]) -> list[Case]:
                      dict(N=N, C=Cv, Cqk=Cqk, H=H, W=W)) for N, Cqk, Cv, H, W in shapes]
     if "carafe" in only:
         shapes = ([dict(N=1, C=8, H=8, W=8, k=3, G=1, s=2)] if smoke else
-                  [dict(N=1, C=64, H=64, W=64, k=5, G=1, s=2)] if quick else
+                  [dict(N=1, C=64, H=64, W=64, k=5, G=1, s=2),      # toy
+                   dict(N=1, C=256, H=64, W=64, k=5, G=1, s=2)] if quick else  # ARM-Net R50 DPD
                   [dict(N=2, C=256, H=64, W=64, k=5, G=1, s=2),
                    dict(N=4, C=128, H=128, W=128, k=5, G=1, s=2),
                    dict(N=2, C=64, H=128, W=128, k=5, G=4, s=4)])
@@ -154,14 +155,20 @@ def cases(grid: str, device: torch.device, only: set[str]) -> list[Case]:
         if smoke:
             grid_ = [dict(N=1, C=8, Co=8, H=16, W=16, kh=1, kw=3, dilation=(1, 2))]
         elif quick:
+            # toy shapes, then ARM-Net R50's DTM at 512² (64x64 features, 3x3 kernels: the
+            # first stage 512 -> 256 channels, the later ones 256 -> 256)
             grid_ = [dict(N=1, C=64, Co=64, H=64, W=64, kh=1, kw=3, dilation=(1, 2)),
-                     dict(N=1, C=64, Co=64, H=64, W=64, kh=3, kw=1, dilation=(6, 1))]
+                     dict(N=1, C=64, Co=64, H=64, W=64, kh=3, kw=1, dilation=(6, 1)),
+                     dict(N=1, C=512, Co=256, H=64, W=64, kh=3, kw=3, dilation=(1, 1)),
+                     dict(N=1, C=256, Co=256, H=64, W=64, kh=3, kw=3, dilation=(6, 1))]
         else:
             grid_ = [dict(N=N, C=C, Co=C, H=H, W=H, kh=3, kw=3, dilation=dil, channels_last=cl)
                      for N in (1, 8) for C in (512, 256) for H in (64, 128)
                      for d in (1, 2, 3, 6) for dil in ((1, d), (d, 1)) for cl in (True, False)]
         out += [Case("directional_conv2d",
-                     f"[{s['N']},{s['C']},{s['H']},{s['W']}] {s['kh']}x{s['kw']} d={s['dilation']}"
+                     f"[{s['N']},{s['C']},{s['H']},{s['W']}]"
+                     + (f"->{s['Co']}" if s["Co"] != s["C"] else "")
+                     + f" {s['kh']}x{s['kw']} d={s['dilation']}"
                      + (" cl" if s.get("channels_last") else ""), s) for s in grid_]
     return out
 

@@ -33,10 +33,11 @@ def build_harness(directory, name: str, source: str) -> ctypes.CDLL:
 # ---- C++ snippets for harnesses (paste them into the source before the kernel header) ----------
 
 # The CUDA execution model on the host: dim3, blockIdx / threadIdx (per thread), blockDim,
-# __syncthreads as a std::barrier, uint4, the qualifiers as nothing, and launch(blocks, threads,
-# body): one std::thread per CUDA thread for the whole launch, the blocks of a 1-D grid one after
-# another with a barrier between them (so one set of static arrays can be every block's shared
-# memory). The harness defines __shared__ and __align__ to suit its kernels.
+# __syncthreads as a std::barrier, uint4, the qualifiers (and __launch_bounds__, of any arity) as
+# nothing, and launch(gx, [gy,] threads, body): one std::thread per CUDA thread for the whole
+# launch, the blocks of a 1-D or 2-D grid one after another (x fastest) with a barrier between them
+# (so one set of static arrays can be every block's shared memory). The harness defines __shared__
+# and __align__ to suit its kernels.
 HOST_CUDA = r"""
 #include <barrier>
 #include <cstdint>
@@ -55,10 +56,11 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 
 template <typename F>
-static void launch(int64_t blocks, int threads, F body) {
+static void launch(int64_t gx, int64_t gy, int threads, F body) {
+  if (gx == 0 || gy == 0) return;
   std::barrier<> bar(threads);
   g_barrier = &bar;
   blockDim.x = threads;
@@ -66,13 +68,20 @@ static void launch(int64_t blocks, int threads, F body) {
   for (int t = 0; t < threads; ++t)
     pool.emplace_back([&, t] {
       threadIdx.x = t;
-      for (int64_t b = 0; b < blocks; ++b) {
-        blockIdx.x = static_cast<unsigned>(b);
-        body();
-        bar.arrive_and_wait();
-      }
+      for (int64_t by = 0; by < gy; ++by)
+        for (int64_t bx = 0; bx < gx; ++bx) {
+          blockIdx.x = static_cast<unsigned>(bx);
+          blockIdx.y = static_cast<unsigned>(by);
+          body();
+          bar.arrive_and_wait();
+        }
     });
   for (auto& th : pool) th.join();
+}
+
+template <typename F>
+static void launch(int64_t blocks, int threads, F body) {
+  launch(blocks, 1, threads, body);
 }
 """
 
@@ -166,10 +175,13 @@ void host_widen_bf16(const uint16_t* in, float* out, int64_t n) {
 }
 """
 
-# A host nvcuda::wmma (16 × 16 × 16 fragments): every thread of a warp holds (and computes) the
-# whole tile, products and sums in the accumulator type (fp16 × fp16 and bf16 × bf16 products are
-# exact in fp32, as on the tensor cores; the summation order differs); a store is done once per
-# warp, by lane 0 (kernels sync before anyone reads what was stored). Needs threadIdx.
+# A host nvcuda::wmma (16 × 16 × 16 fragments): every thread of a warp holds a whole tile, but only
+# lane 0 computes the products and stores (32 times cheaper; kernels must touch fragments only
+# through fill / load / mma / store, and sync before anyone reads what was stored, as the CUDA
+# ones do). Products and sums in the accumulator type: fp16 × fp16 and bf16 × bf16 products are
+# exact in fp32, as on the tensor cores; the summation order (and the tensor cores' truncation
+# within a 16-term sum) differs. Accumulator fragments load and store row- or column-major. Needs
+# threadIdx.
 HOST_WMMA = r"""
 #include <algorithm>
 #include <type_traits>
@@ -203,14 +215,26 @@ void mma_sync(fragment<accumulator, 16, 16, 16, Tc>& d,
               const fragment<matrix_a, 16, 16, 16, T, La>& a,
               const fragment<matrix_b, 16, 16, 16, T, Lb>& b,
               const fragment<accumulator, 16, 16, 16, Tc>& c) {
-  Tc r[256];
+  if ((threadIdx.x & 31) != 0) return;  // only lane 0's tile is ever stored (see above)
+  Tc av[256], bv[256], r[256];           // operands widened once (exact)
+  for (int e = 0; e < 256; ++e) {
+    av[e] = static_cast<Tc>(a.x[e]);
+    bv[e] = static_cast<Tc>(b.x[e]);
+  }
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
       Tc s = c.x[i * 16 + j];
-      for (int k = 0; k < 16; ++k) s += Tc(a.x[i * 16 + k]) * Tc(b.x[k * 16 + j]);
+      for (int k = 0; k < 16; ++k) s += av[i * 16 + k] * bv[k * 16 + j];
       r[i * 16 + j] = s;
     }
   std::copy(r, r + 256, d.x);
+}
+template <typename T>
+void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p, unsigned ld,
+                      layout_t layout) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j)
+      f.x[i * 16 + j] = p[layout == mem_row_major ? i * ld + j : j * ld + i];
 }
 template <typename T>
 void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& f, unsigned ld,

@@ -160,6 +160,30 @@ def test_textseg_rem_target_from_character_then_word_polygons(textseg_v1_root):
     assert test["rem_target"][0, 17, 22] == 0 and test["rem_target"].max() == pytest.approx(1.0)
 
 
+def test_textseg_character_boxes_from_the_instance_mask(textseg_v1_root):
+    """A character without a polygon takes the box of its "mask_value" pixels in the instance
+    mask <id>_mask.png (how TexRNet gets its character boxes), in annotation/ or instance_label/."""
+    anno = {"0000": {"text": "AB", "char": {"00": {"text": "A", "mask_value": 3},
+                                            "01": {"text": "B", "mask_value": 7}}}}
+    (textseg_v1_root / "annotation" / "a01_anno.json").write_text(json.dumps(anno))
+    inst = np.zeros((24, 32), np.uint8)
+    inst[2:9, 3:6] = 3        # A: columns 3-5, rows 2-8
+    inst[4:7, 20:30] = 7      # B: columns 20-29, rows 4-6
+    inst[0, 0] = 255          # TexRNet's ignore value, no character
+    for folder in ("annotation", "instance_label"):
+        (textseg_v1_root / folder).mkdir(exist_ok=True)
+        _grey(inst).save(textseg_v1_root / folder / "a01_mask.png")
+        regions = TextSegDataset(str(textseg_v1_root), "train").read(0)[2]
+        np.testing.assert_array_equal(regions.char_boxes, [[3, 2, 5, 8], [20, 4, 29, 6]])
+        r = TextSegDataset(str(textseg_v1_root), "train")[0]["rem_target"][0]
+        assert r[5, 4] == pytest.approx(1.0) and min(r[5, 24], r[5, 25]) > 0.9  # the centres
+        (textseg_v1_root / folder / "a01_mask.png").unlink()
+    # without the mask there is no geometry at all: a warning names the keys it saw, once
+    with pytest.warns(UserWarning, match=r"no character or word geometry.*'mask_value'"):
+        regions = read_textseg_annotation(str(textseg_v1_root / "annotation" / "a01_anno.json"))
+    assert regions.char_boxes is None and regions.word_polygons == []
+
+
 def test_textseg_rem_target_is_pluggable_and_sees_the_regions(textseg_v1_root):
     seen = []
     ds = TextSegDataset(str(textseg_v1_root), "train",

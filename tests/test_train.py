@@ -293,6 +293,16 @@ def test_rem_teacher_forcing_flag_reaches_the_model(tmp_path):
     assert not plain.get("rem_teacher_forcing", False)
 
 
+def test_dpd_channel_gain_flag_reaches_the_model(tmp_path):
+    from armnet.checkpoint import load_model
+    train(_train_args(tmp_path, "--max-steps", "1", "--dpd-channel-gain"))
+    model, ckpt = load_model(str(tmp_path / "last.pt"))
+    assert ckpt["model_kwargs"]["dpd_channel_gain"] is True
+    gains = [m.channel_gain for m in model.modules() if hasattr(m, "channel_gain")]
+    assert gains and all(gains)
+    assert "dpd_channel_gain" not in train_module.model_kwargs_from_args(_train_args(tmp_path))
+
+
 def test_teacher_forcing_makes_training_depend_on_the_target():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 40, 40)

@@ -4,8 +4,8 @@
 //   y = act(conv2d(x, weight, bias, padding = (dh*(kh-1)/2, dw*(kw-1)/2), dilation = (dh, dw))
 //           * scale + shift)
 //
-// The forward calls ATen's convolution (oneDNN / the dilated slow path) and applies the epilogue in
-// place on its fresh output. The backward never needs the pre-scale convolution output z:
+// The forward calls ATen's convolution (oneDNN / the dilated slow path) with scale and shift
+// folded into its weight and bias, and applies the ReLU in place on its fresh output. The backward never needs the pre-scale convolution output z:
 //
 //   g_act   = grad_y * (y > 0)                      (the ReLU mask read off y; grad_y without ReLU)
 //   gw_act  = wgrad(x, g_act)                       (the weight gradient of an unscaled conv)
@@ -72,13 +72,6 @@ std::array<int64_t, 2> same_padding(const Tensor& weight, at::IntArrayRef dilati
   return {dilation[0] * (weight.size(2) - 1) / 2, dilation[1] * (weight.size(3) - 1) / 2};
 }
 
-// The epilogue, in place on a fresh conv output (bias already added by the convolution).
-void apply_epilogue(Tensor& y, const OptTensor& scale, const OptTensor& shift, bool relu) {
-  if (scale.has_value()) y.mul_(scale->view({1, -1, 1, 1}));
-  if (shift.has_value()) y.add_(shift->view({1, -1, 1, 1}));
-  if (relu) y.relu_();
-}
-
 Tensor forward_aten(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                     at::IntArrayRef dilation, const OptTensor& scale, const OptTensor& shift,
                     bool relu) {
@@ -88,10 +81,27 @@ Tensor forward_aten(const Tensor& x, const Tensor& weight, const OptTensor& bias
   if (x.size(0) == 0) {
     return at::empty({0, weight.size(0), x.size(2), x.size(3)}, x.options()).contiguous(fmt);
   }
-  Tensor y = at::convolution(x, weight, bias, {1, 1}, pad, dilation, /*transposed=*/false,
-                             {0, 0}, /*groups=*/1);
+  // The affine part of the epilogue is folded into the convolution, (conv(x, w) + b)·s + t =
+  // conv(x, w·s) + (b·s + t): the per-channel products cost C_out·C_in·kh·kw multiplies instead
+  // of two passes over y, which leaves one pass (the ReLU, NaN-keeping like torch.relu). The
+  // folded weights are formed in the op-math type and rounded once to x's dtype.
+  Tensor w = weight;
+  OptTensor b = bias;
+  if (scale.has_value() || shift.has_value()) {
+    const auto acc = at::toOpMathType(x.scalar_type());
+    const OptTensor s = scale.has_value() ? OptTensor(scale->to(acc)) : std::nullopt;
+    OptTensor b_acc = bias.has_value() ? OptTensor(bias->to(acc)) : std::nullopt;
+    if (s.has_value()) {
+      w = (weight.to(acc) * s->view({-1, 1, 1, 1})).to(x.scalar_type());
+      if (b_acc.has_value()) b_acc = *b_acc * *s;
+    }
+    if (shift.has_value()) b_acc = b_acc.has_value() ? *b_acc + shift->to(acc) : shift->to(acc);
+    if (b_acc.has_value()) b = b_acc->to(x.scalar_type());
+  }
+  Tensor y = at::convolution(x, w, b, {1, 1}, pad, dilation, /*transposed=*/false, {0, 0},
+                             /*groups=*/1);
   y = y.contiguous(fmt);
-  apply_epilogue(y, scale, shift, relu);
+  if (relu) y.relu_();
   return y;
 }
 
