@@ -493,7 +493,9 @@ def _bounds(q, k, v, go, gamma, scale, dtype, out_ref, y_ref, grads):
       tensor cores' truncating adds);
     * lse in fp32 (online softmax over the L = H+W-1 keys, expf/logf within 2 ulp), and so
       P = exp(scale·e - lse) in fp32 with relative error eps_P (below, from the energies' error,
-      the lse's and the exp's);
+      the lse's and the exp's); the forward's line kernel forms exp(scale·e - m) at each pass's
+      max m and scales its P·V by exp(m - lse) in fp32 (the column pass's through 1/l_c and
+      exp(lse_c - lse)): the same relative errors to first order, a few u32 more;
     * P (forward, dv) and dS = P·(gamma·dP - D)·scale (dq, dk) rounded to T for their mma: u·|P|,
       u·|dS| (+ eta) per key, summed with the other operand's |values| (cca_map / _scatter of the
       absolute values); the fp32 sums over the keys 2(L+2)·u32·sum|terms|;
