@@ -65,10 +65,11 @@
 // The two-op API (below) is one thread per output element, SIMT, correct and simple: it exists
 // for CCNet compatibility and materialises the energy by definition.
 //
-// What is verified where: the tiled kernels at the production tiles (ProdTiles16 in float and
-// double through a host nvcuda::wmma, ProdTilesFma) and at small tiles run on the host in
-// tests/test_cca_cuda_emulation.py; tests/test_sass.py checks the sm_90 SASS (no local memory,
-// HMMA in the fp16/bf16 kernels, 16-byte cp.async operand loads). The real fp16/bf16 wmma path,
+// What is verified where: the tiled kernels (both forward paths) at the production tiles
+// (ProdTiles16 in fp16, bf16, float and double through a host nvcuda::wmma, ProdTilesFma) and at
+// small tiles run on the host in tests/test_cca_cuda_emulation.py; tests/test_sass.py checks the
+// sm_90 SASS (no local memory, HMMA in the fp16/bf16 kernels, 16-byte cp.async operand loads).
+// The real wmma fragment layout,
 // the cp.async instructions' behaviour, launch configurations, shared-memory limits and speed are
 // checked only by the needs_cuda tests (the same file, and the cuda backend of tests/test_cca.py).
 // What remains (performance): wgmma/TMA (sm_90) instead of mma.sync and cp.async; the backward
