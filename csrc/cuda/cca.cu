@@ -69,9 +69,9 @@
 // (ProdTiles16 in fp16, bf16, float and double through a host nvcuda::wmma, ProdTilesFma) and at
 // small tiles run on the host in tests/test_cca_cuda_emulation.py; tests/test_sass.py checks the
 // sm_90 SASS (no local memory, HMMA in the fp16/bf16 kernels, 16-byte cp.async operand loads).
-// The real wmma fragment layout,
-// the cp.async instructions' behaviour, launch configurations, shared-memory limits and speed are
-// checked only by the needs_cuda tests (the same file, and the cuda backend of tests/test_cca.py).
+// The real wmma fragment layout, the cp.async instructions' behaviour, launch configurations,
+// shared-memory limits and speed are checked only by the needs_cuda tests (the same file, and the
+// cuda backend of tests/test_cca.py).
 // What remains (performance): wgmma/TMA (sm_90) instead of mma.sync and cp.async; the backward
 // recomputes dP = dO·V^T per Cqk tile (CT = 32: twice at Cqk = 64) and reloads dO per key tile
 // (benchmarks/traffic.py: about 8x its minimum at (2, 64, 512, 97, 97) bf16); the forward
