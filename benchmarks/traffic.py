@@ -11,8 +11,10 @@ L2 hits, so on a GPU DRAM traffic is at most this.
 Terms: P = N·H·W pixels, b the element size, a the op-math size (4, or 8 for fp64). A pass walks
 lines of L positions (the column pass L = H, the row pass L = W) in own tiles of BO positions
 (T_o = ceil(L / BO) per line) and key tiles of BK (T_k = ceil(L / BK)); channels stream in chunks
-of CT; the P·V kernel holds a group of Cv channels per block (the widest that fits in an sm_90's
-shared memory), G = ceil(Cv / group) groups.
+of CT. The forward runs cca_fwd_line_kernel per pass where a whole line's energies and P fit in an
+sm_90's shared memory (`line_fits`), else cca_lse_kernel and cca_pv_kernel; the P·V kernel (that
+fallback, and dv in the backward) holds a group of Cv channels per block (the widest that fits),
+G = ceil(Cv / group) groups.
 
     python3 benchmarks/traffic.py            # the figures at the benchmark shapes
 """
@@ -42,6 +44,23 @@ def pv_group(Cv: int, itemsize: int, smem_limit: int = SMEM_SM90) -> int:
     while g > 0 and fixed + _align128(BO * (g + 4) * acc) > smem_limit:
         g -= CT
     return g
+
+
+def line_bytes(L: int, itemsize: int) -> int:
+    """Shared memory of cca_fwd_line_kernel for a line of L positions: Smem::bytes_line of
+    cca_kernels.cuh (operand tiles, per-row statistics, the line's energies in op-math and P in
+    the element type, keys padded to a multiple of BK)."""
+    BO, BK, CT = TILES[itemsize]
+    acc = 8 if itemsize == 8 else 4
+    Lp = math.ceil(L / BK) * BK
+    return (_align128(BO * (2 * CT + 8) * itemsize) + _align128(2 * BK * (CT + 8) * itemsize)
+            + _align128(4 * BO * acc) + _align128(BO * (Lp + 4) * acc)
+            + _align128(BO * (Lp + 8) * itemsize))
+
+
+def line_fits(H: int, W: int, itemsize: int, smem_limit: int = SMEM_SM90) -> bool:
+    """Whether the forward runs cca_fwd_line_kernel (Smem::line_fits: both passes' lines fit)."""
+    return line_bytes(max(H, W), itemsize) <= smem_limit
 
 
 def cca_min_bytes(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
@@ -91,7 +110,15 @@ def cca_cuda_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
         for L in (H, W):  # column pass (first), row pass (final)
             yield math.ceil(L / BO), math.ceil(L / BK)
 
-    if pass_ == "forward":
+    if pass_ == "forward" and line_fits(H, W, itemsize):
+        if not channels_last:
+            k["transpose q, k, v to NHWC"] = 2 * P * (2 * D + Cv) * b
+        line = 0
+        for to, tk in passes():  # q, k for the energies; v once per own tile
+            line += P * D * b * ((1 if resident else tk) + to) + P * Cv * b * to
+        # part written and read, out written; lse written, then read and written
+        k["line (q·k, P, P·V)"] = line + 3 * P * Cv * b + out_extra + 3 * P * a
+    elif pass_ == "forward":
         if not channels_last:
             k["transpose q, k, v to NHWC"] = 2 * P * (2 * D + Cv) * b
         k["lse"] = sum(P * D * b * ((1 if resident else tk) + to) for to, tk in passes()) + 3 * P * a
@@ -124,6 +151,8 @@ def _main() -> None:
     shapes = [(2, 64, 512, 97, 97), (1, 64, 512, 64, 64), (1, 64, 512, 128, 256)]
     for shape in shapes:
         for itemsize, name in ((2, "bf16"), (4, "fp32")):
+            kernel = "line kernel" if line_fits(*shape[3:], itemsize) else "lse + P·V"
+            print(f"{shape} {name} forward: {kernel}")
             for pass_ in ("forward", "backward"):
                 for cl in (False, True):
                     t = cca_cuda_traffic(*shape, itemsize, pass_, channels_last=cl)

@@ -18,8 +18,10 @@ emulation checks results, not speed):
   multiple of 16 bytes, the per-pixel statistics and the partial sums are plain LDG and are not
   operand tiles.)
 
-Hot kernels: cca_lse_kernel, cca_pv_kernel and cca_grad_kernel for fp16, bf16 and fp32. The fp64
-instantiations exist for gradcheck and are only held to the load check.
+Hot kernels: cca_fwd_line_kernel (the forward where a line fits in shared memory), cca_lse_kernel
+and cca_pv_kernel (the forward's fallback for long lines; pv also gives dv) and cca_grad_kernel,
+for fp16, bf16 and fp32. The fp64 instantiations exist for gradcheck and are only held to the
+load check.
 
 Skips, with the reason, when the extension is not built, was built without CUDA (CPU_ONLY), has no
 sm_90 code, or no cuobjdump is found; with FORCE_CUDA=1 in the environment (the CI job that builds
@@ -43,7 +45,7 @@ FORCED = os.environ.get("FORCE_CUDA") == "1"
 # Kernel family and dtype from substrings of the Itanium-mangled names (no demangler needed):
 # cca_cuda::cca_pv_kernel<WmmaPolicy<__nv_bfloat16, float>, ...> mangles to
 # "..cca_cuda13cca_pv_kernelINS0_10WmmaPolicyI13__nv_bfloat16fEE..".
-FAMILIES = ("cca_lse_kernel", "cca_pv_kernel", "cca_grad_kernel")
+FAMILIES = ("cca_fwd_line_kernel", "cca_lse_kernel", "cca_pv_kernel", "cca_grad_kernel")
 DTYPES = {"WmmaPolicyI13__nv_bfloat16f": "bf16", "WmmaPolicyI6__halff": "fp16",
           "FmaPolicyIff": "fp32", "FmaPolicyIdd": "fp64"}
 HOT_DTYPES = ("fp16", "bf16", "fp32")
@@ -140,7 +142,7 @@ def kernels() -> dict[tuple[str, str], list[str]]:
 
 
 def test_every_tiled_kernel_is_present(kernels):
-    """All three families in all four dtypes: a missing one would make the other checks vacuous."""
+    """All four families in all four dtypes: a missing one would make the other checks vacuous."""
     missing = [(f, d) for f in FAMILIES for d in DTYPES.values() if (f, d) not in kernels]
     assert not missing, f"tiled criss-cross kernels missing from the SASS: {missing}"
 

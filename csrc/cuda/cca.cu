@@ -20,17 +20,29 @@
 // of the same tiles for fp32/fp64 (ProdTilesFma: BO = 64, BK = 32, CT = 32, 4 warps; no TF32,
 // so fp32 stays exact to fp32 rounding).
 //
-//   forward  1. cca_lse_kernel, column pass then row pass: per pixel the log-sum-exp of its
+//   forward  cca_fwd_line_kernel, column pass then row pass, where the longer line's energies
+//            and P fit in shared memory (Smem::line_fits: fp16/bf16 lines up to 256 positions on
+//            an sm_90, fp32 384, fp64 160; CCNet's 97x97 and Cityscapes' 128x256 included). Per
+//            block of BO own positions: q·k against every key tile of the line, the pass's
+//            softmax state (m, l) per pixel and P = exp(e - m) in the element type, formed once;
+//            then P·V over Cv in chunks of CT in registers (v read once per own tile, no Cv
+//            groups). The column pass writes part = P·V / l (NHWC, element type) and
+//            lse_c = m + log l; the row pass merges the two states per pixel,
+//            lse = logaddexp(lse_c, lse_r), out = exp(m_r - lse)·P_r·V + exp(lse_c - lse)·part,
+//            rounds once into out (so fp16/bf16 out carries two roundings of the column part;
+//            tests/test_cca_cuda_emulation.py bounds the error at 1 ulp of the output scale),
+//            writes y = gamma·out + residual for the residual op (gamma read on the device) and
+//            overwrites lse with the merged value. Saved: out, lse (N, H, W) in op-math type.
+//            Longer lines (the fallback, chosen on the host):
+//            1. cca_lse_kernel, column pass then row pass: per pixel the log-sum-exp of its
 //               scaled energies by an online softmax over key tiles; the row pass merges its
-//               value into the column pass's by logaddexp. Saved: lse (N, H, W), op-math type.
+//               value into the column pass's by logaddexp. Saved: lse.
 //            2. cca_pv_kernel<KEY=false>, grid (image·line·pixel tile, Cv group): P recomputed
 //               from the final lse once per (pixel tile, key tile) and used for every Cv chunk
 //               of the group (op-math accumulators in shared memory; the group is the widest
-//               that fits: fp16/bf16 288 channels on an sm_90, so Cv = 512 is two groups; fp32
-//               all of Cv up to 704). The column pass writes an NHWC buffer in the element type,
-//               the row pass adds it in fp32 and rounds once more into out (so fp16/bf16 out
-//               carries two roundings of the column part); the residual op's row pass also
-//               writes y = gamma·out + residual (gamma read on the device). Saved: out.
+//               that fits: fp16/bf16 288 channels on an sm_90, fp32 all of Cv up to 704). The
+//               column pass writes part as above (weighted by the final lse), the row pass adds
+//               it in fp32 and rounds once more into out, and writes y. Saved: out.
 //   backward 1. cca_delta_kernel: D_u = gamma·<grad_y_u, out_u> (gamma = 1 for cca_backward),
 //               and for the residual op the per-pixel <grad_y_u, out_u>, summed by at::sum
 //               (a fixed-shape reduction) into grad_gamma.
@@ -44,25 +56,28 @@
 //
 // Extra memory: lse (and D) (N, H, W) in op-math type; one element-type buffer of out's size in
 // the forward and of N·max(Cqk, Cv)·H·W in the backward (the column pass's results); the NHWC
-// copies of NCHW inputs. Shared memory per block (sm_90 opt-in up to 227 KiB): fp16/bf16 lse
-// 81 KiB, dq/dk 115 KiB, P·V 81 KiB + 512 B per Cv channel of the group (227 KiB at 288).
+// copies of NCHW inputs. Shared memory per block (sm_90 opt-in up to 227 KiB): fp16/bf16 line
+// kernel 34 KiB + 768 B per position of the line padded to 64 (130 KiB at 97 -> 128, 226 KiB at
+// 256), lse 81 KiB, dq/dk 115 KiB, P·V 81 KiB + 512 B per Cv channel of the group.
 // bfloat16 needs sm_80, fp16 sm_70: the glue refuses older GPUs with an error (their device code
 // compiles to scalar FMA). cp.async needs sm_80; older GPUs get plain 16-byte copies.
 //
 // The two-op API (below) is one thread per output element, SIMT, correct and simple: it exists
 // for CCNet compatibility and materialises the energy by definition.
 //
-// What is verified where: the tiled kernels at the production tiles (ProdTiles16 in float and
-// double through a host nvcuda::wmma, ProdTilesFma) and at small tiles run on the host in
-// tests/test_cca_cuda_emulation.py; tests/test_sass.py checks the sm_90 SASS (no local memory,
-// HMMA in the fp16/bf16 kernels, 16-byte cp.async operand loads). The real fp16/bf16 wmma path,
-// the cp.async instructions' behaviour, launch configurations, shared-memory limits and speed are
-// checked only by the needs_cuda tests (the same file, and the cuda backend of tests/test_cca.py).
+// What is verified where: the tiled kernels (both forward paths) at the production tiles
+// (ProdTiles16 in fp16, bf16, float and double through a host nvcuda::wmma, ProdTilesFma) and at
+// small tiles run on the host in tests/test_cca_cuda_emulation.py; tests/test_sass.py checks the
+// sm_90 SASS (no local memory, HMMA in the fp16/bf16 kernels, 16-byte cp.async operand loads).
+// The real wmma fragment layout, the cp.async instructions' behaviour, launch configurations,
+// shared-memory limits and speed are checked only by the needs_cuda tests (the same file, and the
+// cuda backend of tests/test_cca.py).
 // What remains (performance): wgmma/TMA (sm_90) instead of mma.sync and cp.async; the backward
 // recomputes dP = dO·V^T per Cqk tile (CT = 32: twice at Cqk = 64) and reloads dO per key tile
-// (benchmarks/traffic.py: about 8x its minimum at (2, 64, 512, 97, 97) bf16); a row/column fused
-// forward (one online-softmax state per pixel carried from the column pass into the row pass)
-// would drop the lse kernel; fp32 could use 3xTF32 tensor-core products.
+// (benchmarks/traffic.py: about 8x its minimum at (2, 64, 512, 97, 97) bf16); the forward
+// (2.45x its minimum there with channels_last inputs, 3.55x with NCHW ones, of which the
+// transposes are 1.1x) could read NCHW v in the row pass without a transpose; fp32 could use
+// 3xTF32 tensor-core products.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -321,15 +336,8 @@ void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t N = q.size(0), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto a = qkv_args(q, k, v, scale);
   a.lse_out = aptr<acc_t>(lse);
-  const auto passes = line_passes<Tl>(H, W, {q, k, v});
-  for (int pass = 0; pass < 2; ++pass) {
-    launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, passes[pass], N, 1,
-                     S::bytes_lse, op, a, passes[pass], pass == 1);
-  }
-  if (Cv == 0) return;
   // The column pass's result, NHWC in the element type (read back once by the row pass).
   const at::Tensor part = at::empty({N * H * W * Cv}, out.options());
-  a.lse = aptr<acc_t>(lse);
   a.part = dptr<T, scalar_t>(part);
   a.out = dptr<T, scalar_t>(out);
   if (residual.defined()) {
@@ -337,6 +345,27 @@ void Fused<scalar_t>::forward(const at::Tensor& q, const at::Tensor& k, const at
     a.gamma = aptr<acc_t>(gamma);
     a.y = dptr<T, scalar_t>(y);
   }
+  const auto passes = line_passes<Tl>(H, W, {q, k, v});
+  // Lines whose energies and P fit in shared memory (fp16/bf16 on an sm_90: up to 256 positions,
+  // fp32 384, fp64 160): one kernel per pass, P formed once per own tile, one softmax state per
+  // pixel carried from the column pass into the row pass through lse and part.
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  if (S::line_fits(static_cast<int>(H), static_cast<int>(W),
+                   static_cast<int64_t>(prop->sharedMemPerBlockOptin))) {
+    for (int pass = 0; pass < 2; ++pass) {
+      launch_lines<Tl>(cca_cuda::cca_fwd_line_kernel<Pol, Tl, T, acc_t>, passes[pass], N, 1,
+                       S::bytes_line(passes[pass].L), op, a, passes[pass], pass == 1);
+    }
+    return;
+  }
+  // Longer lines: the final lse first (cca_lse_kernel), then P·V with P recomputed from it per
+  // Cv group (cca_pv_kernel), whose shared memory does not grow with the line.
+  for (int pass = 0; pass < 2; ++pass) {
+    launch_lines<Tl>(cca_cuda::cca_lse_kernel<Pol, Tl, T, acc_t>, passes[pass], N, 1,
+                     S::bytes_lse, op, a, passes[pass], pass == 1);
+  }
+  if (Cv == 0) return;
+  a.lse = aptr<acc_t>(lse);
   a.group = pv_group<S>(Cv, op);
   const int64_t groups = (Cv + a.group - 1) / a.group;
   for (int pass = 0; pass < 2; ++pass) {

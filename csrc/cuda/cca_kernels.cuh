@@ -32,6 +32,7 @@
 // Pipelining. Channel chunks of CT are streamed through two shared-memory buffers: chunk i + 1 is
 // in flight (cp.async) while the mma of chunk i runs. The own operand of the energy contraction
 // stays resident across key tiles when it fits its two buffers (C <= 2·CT: Cqk = 64 at CT = 32).
+// The forward's line kernel streams v the same way, over (Cv chunk, key tile) steps.
 #pragma once
 
 #include <cmath>
@@ -81,6 +82,14 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x)
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
+}
+
+// log(e^x + e^y), exact when one side is -inf (a column pass without keys, H = 1): the merge of
+// the column pass's log-sum-exp into the row pass's, the one formula both forwards use.
+template <typename acc_t>
+__device__ __forceinline__ acc_t log_add_exp(acc_t x, acc_t y) {
+  const acc_t hi = x > y ? x : y, lo = x > y ? y : x;
+  return hi == neg_inf<acc_t>() ? hi : hi + log1p(exp(lo - hi));
 }
 
 // ---- tile sizes and the shared-memory layout --------------------------------------------------
@@ -142,6 +151,28 @@ struct Smem {
     int g = cv_pad;
     while (g > 0 && bytes_pv(g) > smem_limit) g -= Tl::CT;
     return g;
+  }
+
+  // The forward line kernel (cca_fwd_line_kernel) keeps a whole line's energies and P: xs and ys
+  // as above, then lst [4][BO] (per-row statistics, op-math), les [BO][line_lde] (the energies
+  // against every key of the line, op-math) and lps [BO][line_ldp] (P, element type), with the
+  // line's L keys padded to Lp = a multiple of BK. The leading dimensions keep every 16x16 tile
+  // origin 32-byte aligned, as LDE and LDP do.
+  static constexpr int line_pad(int L) { return (L + Tl::BK - 1) / Tl::BK * Tl::BK; }
+  static constexpr int line_lde(int L) { return line_pad(L) + 4; }
+  static constexpr int line_ldp(int L) { return line_pad(L) + 8; }
+  static constexpr int64_t lst = ps;
+  static constexpr int64_t les = lst + align128(int64_t(4) * Tl::BO * sizeof(acc_t));
+  static constexpr int64_t lps(int L) {
+    return les + align128(int64_t(Tl::BO) * line_lde(L) * sizeof(acc_t));
+  }
+  static constexpr int64_t bytes_line(int L) {
+    return lps(L) + align128(int64_t(Tl::BO) * line_ldp(L) * sizeof(T));
+  }
+  // Whether the forward runs the line kernel in both passes (both lines fit in smem_limit);
+  // otherwise it runs cca_lse_kernel and cca_pv_kernel (the glue's fallback for long lines).
+  static constexpr bool line_fits(int H, int W, int64_t smem_limit) {
+    return bytes_line(H > W ? H : W) <= smem_limit;
   }
 };
 
@@ -413,14 +444,16 @@ __device__ __forceinline__ void store_strip(acc_t* es, int ld,
   for (int j = 0; j < N / 16; ++j) Pol::store(es + 16 * warp * ld + 16 * j, ld, acc[j]);
 }
 
-// es[i][j] (warp strips, LDE) = sum_c X(x0 + i, c) · Y(y0 + j, c) over C channels, CT at a time,
-// X the block's BO own positions, Y BK other positions. Chunk i of X lives in xs at column
-// (i & 1)·CT and of Y in ys buffer i & 1; chunk i + 1 is copied while chunk i is multiplied.
-// With load_own = false, X is already resident in xs (C <= 2·CT, loaded by an earlier call).
-// Syncs on entry and before returning; the caller reads es after a __syncthreads.
+// es[i][j] (warp strips, leading dimension lde) = sum_c X(x0 + i, c) · Y(y0 + j, c) over C
+// channels, CT at a time, X the block's BO own positions, Y BK other positions. Chunk i of X
+// lives in xs at column (i & 1)·CT and of Y in ys buffer i & 1; chunk i + 1 is copied while
+// chunk i is multiplied. With load_own = false, X is already resident in xs (C <= 2·CT, loaded by
+// an earlier call). Syncs on entry and before returning; the caller reads es after a
+// __syncthreads.
 template <class Pol, class Tl, typename T, typename acc_t>
 __device__ void contract(acc_t* es, const T* __restrict__ x, int x0, const T* __restrict__ y,
-                         int y0, int C, const LinePass& g, bool load_own, T* xs, T* ys) {
+                         int y0, int C, const LinePass& g, bool load_own, T* xs, T* ys,
+                         int lde = Tl::LDE) {
   const int warp = threadIdx.x >> 5;
   const bool vec = vec_ok<T>(g, C);
   typename Pol::Acc acc[Tl::BK / 16];
@@ -460,18 +493,18 @@ __device__ void contract(acc_t* es, const T* __restrict__ x, int x0, const T* __
     }
     __syncthreads();  // buffer i & 1 is refilled by the next issue
   }
-  store_strip<Pol, Tl::BK>(es, Tl::LDE, acc);
+  store_strip<Pol, Tl::BK>(es, lde, acc);
 }
 
-// acc[j] += ps(this warp's own rows, [0, n_other)) · Z(other positions, channels 16j..) with Z
-// in zs as [position][channel] (LDC).
+// acc[j] += ps(this warp's own rows, [0, n_other)) · Z(other positions, channels 16j..) with ps
+// [own][other] (leading dimension ldp) and Z in zs as [position][channel] (LDC).
 template <class Pol, class Tl, typename T>
 __device__ __forceinline__ void product_pz(typename Pol::Acc (&acc)[Tl::CT / 16], const T* ps,
-                                           const T* zs, int n_other) {
+                                           const T* zs, int n_other, int ldp = Tl::LDP) {
   const int warp = threadIdx.x >> 5;
   for (int kk = 0; kk < n_other; kk += 16) {
     typename Pol::template FragA<true> fa;
-    Pol::load_a(fa, ps + 16 * warp * Tl::LDP + kk, Tl::LDP);
+    Pol::load_a(fa, ps + 16 * warp * ldp + kk, ldp);
 #pragma unroll
     for (int j = 0; j < Tl::CT / 16; ++j) {
       typename Pol::template FragB<true> fb;
@@ -482,25 +515,28 @@ __device__ __forceinline__ void product_pz(typename Pol::Acc (&acc)[Tl::CT / 16]
 }
 
 // Writes the block's [BO own positions] x [width channels from c0] output tile, held in src (ld),
-// times mult. The first (column) pass stores it, rounded to the element type, in the NHWC
-// buffer part, along channels. The final (row) pass adds part in op-math, rounds once into the
+// times mult (and times row_mult[i] for own row i when row_mult is not null). The first (column)
+// pass stores it, rounded to the element type, in the NHWC buffer part, along channels. The
+// final (row) pass adds part (times part_mult[i] when not null) in op-math, rounds once into the
 // NCHW output dst along positions (contiguous along w), and, for the residual forward,
 // y = gamma·total + residual. src is updated in place; one __syncthreads inside.
 template <class Tl, typename T, typename acc_t>
-__device__ __forceinline__ void store_tile(acc_t* src, int ld, int width, acc_t mult, bool final,
-                                           T* part, T* dst, T* y, const T* __restrict__ residual,
-                                           acc_t g_res, const Block& b, int c0, int C,
-                                           const LinePass& g) {
+__device__ __forceinline__ void store_tile(acc_t* src, int ld, int width, acc_t mult,
+                                           const acc_t* row_mult, const acc_t* part_mult,
+                                           bool final, T* part, T* dst, T* y,
+                                           const T* __restrict__ residual, acc_t g_res,
+                                           const Block& b, int c0, int C, const LinePass& g) {
   for (int e = threadIdx.x; e < Tl::BO * width; e += Tl::kThreads) {
     const int i = e / width, c = e % width;
     if (b.own0 + i >= g.L || c0 + c >= C) continue;
     const int64_t idx =
         (b.n * g.HW + b.line_off + static_cast<int64_t>(b.own0 + i) * g.s_pos) * C + c0 + c;
-    const acc_t val = mult * src[i * ld + c];
+    const acc_t val = (row_mult != nullptr ? mult * row_mult[i] : mult) * src[i * ld + c];
     if (!final) {
       part[idx] = from_acc<T>(val);
     } else {
-      src[i * ld + c] = val + to_acc<acc_t>(part[idx]);
+      const acc_t pv = to_acc<acc_t>(part[idx]);
+      src[i * ld + c] = val + (part_mult != nullptr ? part_mult[i] * pv : pv);
     }
   }
   if (!final) return;
@@ -616,11 +652,7 @@ cca_lse_kernel(Args<T, acc_t> a, LinePass g, bool final) {
     acc_t lse = neg_inf<acc_t>();
     if (mx != neg_inf<acc_t>()) lse = mx + log(l * exp(m - mx) + l1 * exp(m1 - mx));
     acc_t* dst = a.lse_out + pix0 + static_cast<int64_t>(own) * g.s_pos;
-    if (final) {
-      const acc_t first = *dst;  // the column pass's value, -inf when it had no keys
-      const acc_t hi = first > lse ? first : lse, lo = first > lse ? lse : first;
-      if (hi != neg_inf<acc_t>()) lse = hi + log1p(exp(lo - hi));
-    }
+    if (final) lse = log_add_exp(*dst, lse);  // *dst: the column pass's value
     *dst = lse;
   }
 }
@@ -684,8 +716,142 @@ cca_pv_kernel(Args<T, acc_t> a, LinePass g, bool final) {
   }
   __syncthreads();
   const acc_t gm = a.gamma != nullptr ? *a.gamma : acc_t(1);
-  store_tile<Tl>(sh.ac, lda, width, KEY ? gm : acc_t(1), final, a.part, a.out,
+  store_tile<Tl>(sh.ac, lda, width, KEY ? gm : acc_t(1), static_cast<const acc_t*>(nullptr),
+                 static_cast<const acc_t*>(nullptr), final, a.part, a.out,
                  KEY ? nullptr : a.y, a.residual, gm, f.b, c_begin, a.Cv, g);
+}
+
+// cca_fwd_line_kernel: the forward of one pass in one kernel, for lines that fit in shared
+// memory (Smem::line_fits; otherwise the glue runs cca_lse_kernel and cca_pv_kernel). A block
+// owns BO positions of one line (a whole line of up to 128 in ProdTiles16) and
+//   1. contracts q·k against every key tile of the line into les (op-math), then forms, per own
+//      position p, the pass's softmax state m_p = max_s e(p, s), l_p = sum_s exp(e(p, s) - m_p)
+//      over the pass's keys (e = scale·<q_p, k_s>) and P(p, s) = exp(e(p, s) - m_p) in the
+//      element type in lps: P is formed once, before any channel of v is read;
+//   2. walks Cv in chunks of CT, each chunk accumulating P·V over the line's key tiles in
+//      registers (v tiles double-buffered by cp.async across (chunk, key tile) steps), so v is
+//      read once per own tile and there are no Cv groups;
+//   3. per chunk, the epilogue: the column pass writes part = P·V / l (normalised by its own
+//      state, rounded to the element type, NHWC) and lse_c = m + log l (-inf without keys, H = 1)
+//      to lse_out; the row pass merges the two states, lse = logaddexp(lse_c, lse_r), writes
+//      out = exp(m_r - lse)·P_r·V + exp(lse_c - lse)·part (= the softmax over all H+W-1 keys;
+//      NCHW, residual y = gamma·out + x), and overwrites lse_out with the merged lse, which is
+//      what the backward reads (the same value cca_lse_kernel would save, up to the order of
+//      the exp sums).
+// The part buffer rounds the column pass's contribution to the element type once before the
+// final rounding of out (as the fallback does); tests/test_cca_cuda_emulation.py bounds the
+// effect in 16-bit.
+// Traffic per pass: q P·D·b·r, k P·D·b·T_o, v P·Cv·b·T_o; lse P·a written by the column pass,
+// read and written by the row pass; part P·Cv·b written by the column pass and read by the row
+// pass, out P·Cv·b written (residual op: also residual read and y written, P·Cv·b each).
+template <class Pol, class Tl, typename T, typename acc_t>
+__global__ void __launch_bounds__(Tl::kThreads, 1)
+cca_fwd_line_kernel(Args<T, acc_t> a, LinePass g, bool final) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  using S = Smem<T, acc_t, Tl>;
+  T* xs = reinterpret_cast<T*>(smem_raw + S::xs);
+  T* ys = reinterpret_cast<T*>(smem_raw + S::ys);
+  acc_t* st = reinterpret_cast<acc_t*>(smem_raw + S::lst);  // [4][BO]: exchange, row factors
+  acc_t* es = reinterpret_cast<acc_t*>(smem_raw + S::les);
+  T* ps = reinterpret_cast<T*>(smem_raw + S::lps(g.L));
+  const int lde = S::line_lde(g.L), ldp = S::line_ldp(g.L), Lp = S::line_pad(g.L);
+  const Block b = decode_block(g, Tl::BO);
+  const int64_t pix0 = b.n * g.HW + b.line_off;
+  const bool resident = a.D <= 2 * Tl::CT;
+
+  // 1. Energies of the own positions against the whole line, then the softmax state and P.
+  for (int o0 = 0; o0 < g.L; o0 += Tl::BK)
+    contract<Pol, Tl>(es + o0, a.q + pix0 * a.D, b.own0, a.k + pix0 * a.D, o0, a.D, g,
+                      o0 == 0 || !resident, xs, ys, lde);
+  // The first v tile is in flight while P is formed (ys is free after contract's last sync).
+  const T* v = a.v + pix0 * a.Cv;
+  const bool vvec = vec_ok<T>(g, a.Cv);
+  const int key_tiles = Lp / Tl::BK, chunks = (a.Cv + Tl::CT - 1) / Tl::CT;
+  const int steps = chunks * key_tiles;  // (chunk, key tile), key tiles innermost
+  auto issue = [&](int i) {
+    load_tile<Tl, Tl::BK>(ys + (i & 1) * Tl::BK * Tl::LDC, Tl::LDC, v, (i % key_tiles) * Tl::BK,
+                          (i / key_tiles) * Tl::CT, a.Cv, g.L, g.s_pos, vvec);
+    async_commit();
+  };
+  if (steps > 0) issue(0);
+  __syncthreads();  // es is complete
+  // Two threads per own row (kThreads = 2·BO), each over alternate keys, merged through st.
+  const int r = threadIdx.x >> 1, half = threadIdx.x & 1;
+  const int own = b.own0 + r;
+  acc_t m = neg_inf<acc_t>();
+  for (int j = half; j < g.L; j += 2) {
+    if (!key_valid(own, j, g.L, g.exclude_self)) continue;
+    const acc_t x = es[r * lde + j] * a.scale;
+    m = x > m ? x : m;
+  }
+  st[threadIdx.x] = m;
+  __syncthreads();
+  const acc_t m1 = st[threadIdx.x ^ 1];
+  m = m1 > m ? m1 : m;
+  acc_t l = acc_t(0);
+  for (int j = half; j < Lp; j += 2) {
+    acc_t p = acc_t(0);
+    if (key_valid(own, j, g.L, g.exclude_self)) {
+      p = exp(es[r * lde + j] * a.scale - m);
+      l += p;
+    }
+    ps[r * ldp + j] = from_acc<T>(p);
+  }
+  __syncthreads();  // every thread has read its partner's m
+  st[threadIdx.x] = l;
+  __syncthreads();
+  l += st[threadIdx.x ^ 1];
+  // Per own row: the factor of this pass's P·V (acc_mult) and, in the row pass, of part.
+  acc_t* acc_mult = st + 2 * Tl::BO;
+  acc_t* part_mult = st + 3 * Tl::BO;
+  if (half == 0) {
+    acc_t fa = acc_t(0), fp = acc_t(0);
+    if (own < g.L) {
+      acc_t* lse = a.lse_out + pix0 + static_cast<int64_t>(own) * g.s_pos;
+      // l = 0 only for a column without keys (H = 1): lse -inf, part 0
+      const acc_t lse_pass = l > acc_t(0) ? m + log(l) : neg_inf<acc_t>();
+      if (!final) {
+        fa = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
+        *lse = lse_pass;
+      } else {
+        const acc_t lse_c = *lse;  // read and overwritten by this thread only
+        const acc_t merged = log_add_exp(lse_c, lse_pass);
+        fa = exp(m - merged);
+        fp = exp(lse_c - merged);
+        *lse = merged;
+      }
+    }
+    acc_mult[r] = fa;
+    part_mult[r] = fp;
+  }
+
+  // 2. P·V, CT channels at a time, over the line's key tiles; 3. the epilogue per chunk.
+  const acc_t gm = a.gamma != nullptr ? *a.gamma : acc_t(1);
+  typename Pol::Acc acc[Tl::CT / 16];
+  for (int i = 0; i < steps; ++i) {
+    const int kt = i % key_tiles;
+    if (kt == 0) {
+#pragma unroll
+      for (int j = 0; j < Tl::CT / 16; ++j) Pol::zero(acc[j]);
+    }
+    if (i + 1 < steps) {
+      issue(i + 1);
+    } else {
+      async_commit();  // an empty group: "all but one" still means "step i has landed"
+    }
+    async_wait_all_but_one();
+    __syncthreads();  // step i's v tile (and, the first time, ps and the row factors) visible
+    product_pz<Pol, Tl>(acc, ps + kt * Tl::BK, ys + (i & 1) * Tl::BK * Tl::LDC,
+                        other_extent<Tl>(g.L, kt * Tl::BK), ldp);
+    __syncthreads();  // buffer i & 1 is refilled by the next step's issue
+    if (kt == key_tiles - 1) {
+      // es is free since P was formed: it stages the chunk's [BO][CT] result.
+      store_strip<Pol, Tl::CT>(es, Tl::CT + 4, acc);
+      __syncthreads();
+      store_tile<Tl>(es, Tl::CT + 4, Tl::CT, acc_t(1), acc_mult, part_mult, final, a.part,
+                     a.out, a.y, a.residual, gm, b, (i / key_tiles) * Tl::CT, a.Cv, g);
+    }
+  }
 }
 
 // cca_grad_kernel, KEY = false (dq): for a tile of pixels and a tile of Cqk,
@@ -736,7 +902,8 @@ cca_grad_kernel(Args<T, acc_t> a, LinePass g, bool final) {
   __syncthreads();
   store_strip<Pol, Tl::CT>(sh.es, Tl::LDE, acc);
   __syncthreads();
-  store_tile<Tl>(sh.es, Tl::LDE, Tl::CT, acc_t(1), final, a.part, a.out, static_cast<T*>(nullptr),
+  store_tile<Tl>(sh.es, Tl::LDE, Tl::CT, acc_t(1), static_cast<const acc_t*>(nullptr),
+                 static_cast<const acc_t*>(nullptr), final, a.part, a.out, static_cast<T*>(nullptr),
                  static_cast<const T*>(nullptr), acc_t(0), f.b, c0, a.D, g);
 }
 
