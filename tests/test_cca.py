@@ -648,6 +648,35 @@ def test_module_loads_mmcv_state_dict(backend, device, layout):
     assert not torch.allclose(out.double().cpu(), x.double(), atol=1e-3), "gamma != 0 must change the output"
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_projections_channels_last(bias):
+    """The GPU path of CrissCrossAttention computes its 1x1 projections as batched GEMMs that
+    write NHWC (the layout the GPU kernels read without a transpose): the same values and
+    gradients as the convolution, in fp64, channels_last strides, also under autocast."""
+    from armnet_ops.cca import _project_channels_last
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 5, 1, bias=bias).double()
+    for x in (torch.randn(3, 12, 7, 9, dtype=torch.float64),
+              torch.randn(3, 12, 7, 9, dtype=torch.float64).contiguous(
+                  memory_format=torch.channels_last),
+              torch.randn(3, 12, 7, 18, dtype=torch.float64)[..., ::2]):    # neither layout
+        x.requires_grad_(True)
+        y = _project_channels_last(x, conv)
+        ref = conv(x)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert_close(y, ref, what="projection")
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad(y, [x, *conv.parameters()], g)
+        want = torch.autograd.grad(ref, [x, *conv.parameters()], g)
+        for a, b in zip(got, want):
+            assert_close(a, b, what="projection gradient")
+    conv = conv.float()
+    x = torch.randn(2, 12, 5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = _project_channels_last(x, conv), conv(x)
+    assert y.dtype == ref.dtype == torch.bfloat16
+
+
 def test_module_state_dict_rejects_bad_gate():
     """A gate of more than one element is no CCNet/mmcv checkpoint: a clear error, not a
     silent broadcast."""
