@@ -27,15 +27,20 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+# The checkout's package first: the GPU check builds the extension in place and installs nothing.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-import armnet_ops
-from armnet_ops import _backend
-from armnet_ops.info import SPECS
-from common import RESULTS, environment, print_table, time_ms, write_json
-from traffic import cca_cuda_traffic
-from traffic_triton import cca_triton_traffic
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import armnet_ops  # noqa: E402
+from armnet_ops import _backend  # noqa: E402
+from armnet_ops.info import SPECS  # noqa: E402
+from common import RESULTS, environment, print_table, time_ms, write_json  # noqa: E402
+from traffic import cca_cuda_traffic  # noqa: E402
+from traffic_triton import cca_triton_traffic  # noqa: E402
 
 TRAFFIC = {"cuda": cca_cuda_traffic, "triton": cca_triton_traffic}
 

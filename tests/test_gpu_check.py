@@ -142,3 +142,36 @@ def test_sanitizer_cases_run_on_the_cpu_backend():
     for name in ("criss_cross_attention residual", "cca_weight", "cca_map", "carafe ", "carafe_fused",
                  "odd offset", "directional_conv2d ", "directional_conv2d_pair"):
         assert any(name in ln for ln in ok), f"no case of {name!r} ran"
+
+
+# Runs a benchmark script as `python3 benchmarks/X.py` would, with any installed armnet_ops
+# (an editable install's finder or path entry) hidden: only the checkout itself may serve it.
+_NOT_INSTALLED = r"""
+import importlib.util, os, runpy, sys
+root, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+sys.path = [p for p in sys.path if p and os.path.abspath(p) != root
+            and not os.path.isdir(os.path.join(p, "armnet_ops"))]
+assert importlib.util.find_spec("armnet_ops") is None, "could not hide the installed armnet_ops"
+sys.path.insert(0, os.path.dirname(script))
+sys.argv = [script, *args]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script,args", [
+    ("ops.py", ["--smoke", "--op", "dconv", "--json", "{tmp}/ops.json"]),
+    ("fps.py", ["--model", "armnet_tiny", "--resolution", "32", "32", "--warmup", "1", "--iters",
+                "1", "--device", "cpu", "--json", "{tmp}/fps.json"]),
+    ("sanitizer_cases.py", ["--device", "cpu"]),
+])
+def test_benchmark_scripts_run_from_a_checkout_without_an_install(tmp_path, script, args):
+    """The GPU check builds the extension in place and installs nothing (the device machine has
+    no armnet_ops installed), then runs these scripts by path: each must find the checkout's
+    package itself."""
+    path = os.path.join(ROOT, "benchmarks", script)
+    res = subprocess.run([sys.executable, "-c", _NOT_INSTALLED, ROOT, path,
+                          *[a.format(tmp=tmp_path) for a in args]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
