@@ -178,13 +178,13 @@ def forward_op(spec: OpSpec, backend: str):
 def autocast_inputs(*tensors):
     """Autocast does not reach custom ops, so the public functions apply it themselves: under an
     active autocast region, floating inputs are cast to its dtype (the ops are matmul-like: they
-    run in low precision and accumulate in fp32). None entries pass through. Device types without
-    autocast (meta, used to build models without memory) pass through too: asking
-    `is_autocast_enabled` about them raises "unknown device type for autocast"."""
+    run in low precision and accumulate in fp32). None entries pass through. Meta tensors (models
+    built without memory) pass through too: asking `is_autocast_enabled` about the meta device
+    raises "unknown device type for autocast". (Not `torch.amp.is_autocast_available`: Dynamo in
+    torch 2.11, the GPU machine's, cannot trace it, so torch.compile(fullgraph=True) would fail.)"""
     first = next(t for t in tensors if t is not None)
     device_type = first.device.type
-    if not (torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
