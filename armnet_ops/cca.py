@@ -249,10 +249,6 @@ if EXTENSION_ERROR is None:
 
 # ---- module ---------------------------------------------------------------------------------
 
-def _project(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    return conv(x)
-
-
 def _project_channels_last(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(x) for a 1x1 `conv`, laid out channels_last: (N, Cout, H, W) with NHWC strides.
 
@@ -308,16 +304,15 @@ class CrissCrossAttention(nn.Module):
             state_dict[prefix + "gamma"] = scale.reshape(1)
 
     def forward(self, x):
+        convs = (self.query_conv, self.key_conv, self.value_conv)
         if x.is_cuda and self.backend != "reference":
             # The GPU kernels read q, k and v in NHWC and transpose NCHW inputs first (three
             # copies: 1.1x the op's minimum traffic at CCNet's shape). Projections written as
             # batched GEMMs over x[n]^T emit NHWC directly and read NCHW x as it is.
-            proj = _project_channels_last
+            q, k, v = (_project_channels_last(x, conv) for conv in convs)
         else:  # the CPU kernel wants v in NCHW (it makes q, k pixel-major itself)
-            proj = _project
-        return criss_cross_attention(proj(x, self.query_conv), proj(x, self.key_conv),
-                                     proj(x, self.value_conv), backend=self.backend,
-                                     gamma=self.gamma, residual=x)
+            q, k, v = (conv(x) for conv in convs)
+        return criss_cross_attention(q, k, v, backend=self.backend, gamma=self.gamma, residual=x)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, backend={self.backend!r}"

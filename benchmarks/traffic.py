@@ -110,17 +110,15 @@ def cca_cuda_traffic(N: int, Cqk: int, Cv: int, H: int, W: int, itemsize: int,
         for L in (H, W):  # column pass (first), row pass (final)
             yield math.ceil(L / BO), math.ceil(L / BK)
 
+    if pass_ == "forward" and not channels_last:
+        k["transpose q, k, v to NHWC"] = 2 * P * (2 * D + Cv) * b
     if pass_ == "forward" and line_fits(H, W, itemsize):
-        if not channels_last:
-            k["transpose q, k, v to NHWC"] = 2 * P * (2 * D + Cv) * b
         line = 0
         for to, tk in passes():  # q, k for the energies; v once per own tile
             line += P * D * b * ((1 if resident else tk) + to) + P * Cv * b * to
         # part written and read, out written; lse written, then read and written
         k["line (q·k, P, P·V)"] = line + 3 * P * Cv * b + out_extra + 3 * P * a
     elif pass_ == "forward":
-        if not channels_last:
-            k["transpose q, k, v to NHWC"] = 2 * P * (2 * D + Cv) * b
         k["lse"] = sum(P * D * b * ((1 if resident else tk) + to) for to, tk in passes()) + 3 * P * a
         pv = 0
         for to, tk in passes():

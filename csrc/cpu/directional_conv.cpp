@@ -5,7 +5,8 @@
 //           * scale + shift)
 //
 // The forward calls ATen's convolution (oneDNN / the dilated slow path) with scale and shift
-// folded into its weight and bias, and applies the ReLU in place on its fresh output. The backward never needs the pre-scale convolution output z:
+// folded into its weight and bias, and applies the ReLU in place on its fresh output. The
+// backward never needs the pre-scale convolution output z:
 //
 //   g_act   = grad_y * (y > 0)                      (the ReLU mask read off y; grad_y without ReLU)
 //   gw_act  = wgrad(x, g_act)                       (the weight gradient of an unscaled conv)
