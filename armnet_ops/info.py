@@ -37,6 +37,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment(device: torch.device) -> dict:
     triton_version = None
     if importlib.util.find_spec("triton") is not None:
@@ -51,6 +62,11 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "device_type": device.type,
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        # The vector ISA torch's kernels run with, which our CPU kernels pick the same way
+        # (csrc/cpu/isa_variants.h): the same core count gives 2x the FLOP rate with AVX-512.
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa_cap": os.environ.get("ARMNET_OPS_CPU_ISA"),
         "cpu_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":

@@ -159,7 +159,8 @@ def test_cpu_gemm_without_blas():
 
 @pytest.mark.parametrize("shape", [(2, 9, 70, 19, 37), (1, 3, 5, 33, 1), (1, 3, 5, 1, 33)])
 def test_cpu_column_blocks(shape):
-    """The CPU kernel gathers columns in blocks of 16 adjacent ones (csrc/cpu/cca_kernels.h):
+    """The CPU kernel takes columns a SIMD vector of adjacent ones at a time (4, 8 or 16 in fp32,
+    csrc/cpu/cca_kernels.h), the last block zero-padded:
     widths across several blocks with a tail, one-pixel lines, and channel counts that are no
     multiple of a vector, against the fp64 reference; and the same bits with 1 and 2 threads."""
     N, Cqk, Cv, H, W = shape

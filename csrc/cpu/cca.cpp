@@ -8,19 +8,19 @@
 // D_u = <grad_y_u, out_u> (which the backward needs anyway, times gamma) also gives
 // grad_gamma = sum_u D_u.
 //
-// Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W), any strides; outputs and gradients are
-// contiguous NCHW. The key set of pixel u = (h, w) is its row (h, z), z in [0, W), and its
-// column (j, w), j != h.
+// Layout: q, k (N, Cqk, H, W), v (N, Cv, H, W), any strides (read as contiguous NCHW, a copy
+// only when they are not); outputs and gradients are contiguous NCHW. The key set of pixel
+// u = (h, w) is its row (h, z), z in [0, W), and its column (j, w), j != h.
 //
-// Each line (a row or a column of an image) is handled by single BLAS GEMMs over L x L x C: the
-// energies Q Kᵀ, the weighted sum P V and the four products of the backward, with the softmax
-// between them along the contiguous rows of the L x L energy block. This is the einsum
-// formulation's arithmetic, done line by line, with no energy tensor in memory. q and k are read
-// from pixel-major (NHWC) copies (Cqk is small; no copy for channels_last inputs). v, the
-// incoming gradient and the outputs stay NCHW: a row of them is a strided matrix as it is, and
-// the column pass gathers 16 adjacent columns at a time, 16 channels at a time, through 16 x 16
-// tile transposes (cca_kernels.h). Memory beyond inputs and outputs: the pixel-major q, k and
-// per-thread scratch (the column weights of the thread's columns, three small channel blocks).
+// Each line is handled by GEMMs over L x L x C, the energies Q Kᵀ, the weighted sum P V and the
+// four products of the backward, with the softmax between them along the rows of the line's
+// L x L weights: the einsum formulation's arithmetic, line by line, with no energy tensor in
+// memory. A row's products are BLAS calls on the NCHW tensors as they are (a row is a strided
+// matrix). Columns are taken a SIMD vector of adjacent columns at a time (8 in AVX2 fp32, 16 in
+// AVX-512), by register-tiled GEMMs whose every multiply-add is one vector instruction across
+// those columns (cca_kernels.h, lane_gemm): NCHW is read in place, without transposes. Memory
+// beyond inputs and outputs: per-thread scratch (a block's H x H weights, and in the backward
+// their gradient).
 //
 // Forward (cca_kernels.h, forward_kernel), two passes: every column first, with its own softmax
 // statistics, written unnormalised into out; then every row, which merges its statistics with
@@ -29,8 +29,8 @@
 // log-sum-exp (N, H, W) in the op-math type.
 //
 // Backward, the same two passes over the lines: the weights are recomputed from lse, and each
-// line's dQ, dK (pixel-major) and dV (NCHW) are written (columns) then added (rows) by GEMMs. Each pass writes only its
-// own lines' pixels and the order of the passes is fixed, so the result does not depend on the
+// line's dQ, dK and dV are written (columns) then added (rows). Each pass writes only its own
+// lines' pixels and the order of the passes is fixed, so the result does not depend on the
 // thread count.
 
 #include <ATen/OpMathType.h>
@@ -66,6 +66,8 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
+// mkl.h's mkl_set_num_threads_local is a macro for this (the lowercase symbol is the Fortran one).
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 bool use_blas() {
@@ -88,6 +90,15 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T
   }
   TORCH_CHECK(std::max({M, N, K, lda, ldb, ldc}) <= std::numeric_limits<int>::max(),
               "criss-cross attention (CPU): a line's GEMM exceeds 32-bit BLAS sizes");
+  // One MKL thread (at::mm goes to MKL too): the kernels parallelise over lines themselves, and a
+  // GEMM split between threads (as MKL may when a pass has a single line) would sum in another
+  // order than with one thread, so results would depend on the thread count.
+  struct OneMklThread {
+    int before = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    ~OneMklThread() {
+      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(before);
+    }
+  } one_thread;
   if (use_blas()) {
     const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
@@ -119,9 +130,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               ": expected CPU tensors");
 }
 
-// A pixel-major (NHWC) contiguous copy; no copy for a channels_last tensor.
-at::Tensor pixel_major(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
-
 // The fused forward: (y, out, lse). With `residual` defined (the residual op) the kernel also
 // writes y = gamma · out + residual from the accumulator of out; otherwise y is undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
@@ -138,12 +146,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, cons
     y = at::empty({N, Cv, H, W}, v.options());
   }
   if (N * H * W == 0) return {y, out, lse};
-  auto Q = pixel_major(q), K = pixel_major(k), vc = v.contiguous();
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   auto mcol = at::empty({N, H, W}, q.options()), scol = at::empty({N, H, W}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_forward_cpu", [&] {
     // A CPU tensor: reading gamma here costs no device synchronisation.
     const scalar_t g = epilogue ? gamma.item<scalar_t>() : scalar_t(0);
-    ARMNET_CPU_KERNEL(forward_kernel<scalar_t>, Q.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
+    ARMNET_CPU_KERNEL(forward_kernel<scalar_t>, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                       vc.data_ptr<scalar_t>(), mcol.data_ptr<scalar_t>(),
                       scol.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                       lse.data_ptr<scalar_t>(), N, Cqk, Cv, H, W, static_cast<scalar_t>(scale),
@@ -182,15 +190,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto gv = at::empty({N, Cv, H, W}, v.options());
   auto D = at::empty({N, H, W}, q.options());
   if (N * H * W == 0) return {gq.zero_(), gk.zero_(), gv.zero_(), D};
-  auto Q = pixel_major(q), K = pixel_major(k), vc = v.contiguous();
-  auto dQ = at::empty_like(Q), dK = at::empty_like(K);
+  auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "cca_backward_cpu", [&] {
     ARMNET_CPU_KERNEL(pixel_dots<scalar_t>, go.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                       D.data_ptr<scalar_t>(), N, Cv, H, W);
-    ARMNET_CPU_KERNEL(backward_kernel<scalar_t>, Q.data_ptr<scalar_t>(), K.data_ptr<scalar_t>(),
+    ARMNET_CPU_KERNEL(backward_kernel<scalar_t>, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                       vc.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                      D.data_ptr<scalar_t>(), dQ.data_ptr<scalar_t>(), dK.data_ptr<scalar_t>(),
-                      gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
+                      D.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
                       gv.data_ptr<scalar_t>(), N, Cqk, Cv, H, W, static_cast<scalar_t>(scale),
                       static_cast<scalar_t>(gamma));
   });

@@ -1,29 +1,12 @@
 // Criss-cross attention CPU kernels (see cca.cpp for the algorithm). This file has no include
 // guard and no includes on purpose: cca.cpp includes it once per instruction set, inside one
-// namespace each (baseline, AVX2+FMA, AVX-512), and picks one at run time. The loops of its own
-// (softmax, transposes, the two-op API) run along contiguous memory so that the compiler
-// vectorises them; the products go to BLAS (gemm_rm in cca.cpp). Summation orders are fixed by
-// the code (no dependence on threads), so results are deterministic.
+// namespace each (baseline, AVX2+FMA, AVX-512), and picks one at run time. The products of a
+// row go to BLAS (gemm_rm in cca.cpp), those of a block of columns to lane_gemm, a register-tiled
+// GEMM vectorised across the columns; the other loops (softmax, the two-op API) run along
+// contiguous memory so that the compiler vectorises them. Summation orders are fixed by the code
+// (no dependence on threads), so results are deterministic.
 
 #include "vec_exp.h"
-
-// acc[w] += sum_r coef(r) · row(r)[w] for r < count. Four rows per sweep over acc: one load and
-// one store of acc per four FMAs (the loops are bound by loads and stores, not by FMAs). acc never
-// overlaps the rows read (__restrict: no run-time alias checks before the vector loop).
-template <typename T, typename Row, typename Coef>
-inline void accumulate_rows(T* __restrict acc, int64_t W, int64_t count, Row row, Coef coef) {
-  int64_t r = 0;
-  for (; r + 4 <= count; r += 4) {
-    const T *x0 = row(r), *x1 = row(r + 1), *x2 = row(r + 2), *x3 = row(r + 3);
-    const T a0 = coef(r), a1 = coef(r + 1), a2 = coef(r + 2), a3 = coef(r + 3);
-    for (int64_t w = 0; w < W; ++w) acc[w] += (a0 * x0[w] + a1 * x1[w]) + (a2 * x2[w] + a3 * x3[w]);
-  }
-  for (; r < count; ++r) {
-    const T* x = row(r);
-    const T a = coef(r);
-    for (int64_t w = 0; w < W; ++w) acc[w] += a * x[w];
-  }
-}
 
 // acc[w] += sum_r x(r)[w] · y(r)[w] for r < count, four pairs of rows per sweep.
 template <typename T, typename RowX, typename RowY>
@@ -41,133 +24,22 @@ inline void accumulate_products(T* __restrict acc, int64_t W, int64_t count, Row
   }
 }
 
-// ---- fused forward and backward: GEMMs over lines -----------------------------------------
-// A line is one row (L = W pixels) or one column (L = H pixels) of an image. Every product of
-// the attention over a line is one GEMM, with the softmax between them along the contiguous rows
-// of the line's L x L energy block:
-//   E = scale·Q_l K_lᵀ,  O_lᵀ = V_lᵀ Pᵀ,  dP = G_l V_lᵀ,  dQ_l = dS K_l,  dK_l = dSᵀ Q_l,
-//   dV_lᵀ = G_lᵀ P.
-// q and k (Cqk channels, small) are read from pixel-major (NHWC) copies, where a line's channel
-// vectors sit at a fixed stride. v, the incoming gradient G and the outputs (Cv channels) stay
-// NCHW: a row of them is already a strided (Cv x W) matrix, and a column is gathered, in blocks
-// of up to kColumnBlock adjacent columns (whole cache lines) and kChannelChunk channels, into a
-// (channels x H) matrix per column, and scattered back the same way. In a column the self key (i, i) is masked: that pixel is
-// already a key of its row.
-
-struct Line {
-  int64_t length, first, stride;
-  bool column;
-};
-
-inline Line row_line(int64_t W, int64_t h) { return {W, h * W, 1, false}; }
-inline Line column_line(int64_t H, int64_t W, int64_t w) { return {H, w, W, true}; }
-
-constexpr int64_t kColumnBlock = 16;
-// The column pass keeps the weights of all its columns (H x H each) and walks v's channels in
-// chunks, outermost: a chunk's planes (kChannelChunk·H·W elements; 600 KB in fp32 at 97 x 97)
-// and the output's stay in a core's L2 while its column blocks are gathered, multiplied and
-// scattered, so v and out are each read from memory once, in whole rows.
-constexpr int64_t kChannelChunk = 16;
-
-template <typename T>
-void line_energies(const T* Q, const T* K, int64_t C, const Line& l, T scale, T* E) {
-  const int64_t L = l.length, ld = l.stride * C;
-  gemm_rm(false, true, L, L, C, scale, Q + l.first * C, ld, K + l.first * C, ld, T(0), E, L);
-}
-
-// dst[b][c][j] = src[c][j][w0 + b] for the nb <= kColumnBlock columns from w0 of one NCHW
-// image (C planes of H x W). Transposed through a kColumnBlock x kColumnBlock tile, so that both
-// the reads (nb adjacent columns) and the writes (adjacent j) are runs of contiguous memory.
-// The loops are written out (no memcpy calls for 16 elements) and have constant trip counts
-// for whole tiles, so that they compile to vector moves.
-template <typename T, int64_t NB, int64_t NJ>
-inline void transpose_tile(const T* src, int64_t src_ld, T* dst, int64_t dst_ld, int64_t nb,
-                           int64_t nj) {
-  T tile[kColumnBlock][kColumnBlock];
-  const int64_t b_end = NB ? NB : nb, j_end = NJ ? NJ : nj;
-  for (int64_t j = 0; j < j_end; ++j)
-    for (int64_t b = 0; b < b_end; ++b) tile[b][j] = src[j * src_ld + b];
-  for (int64_t b = 0; b < b_end; ++b)
-    for (int64_t j = 0; j < j_end; ++j) dst[b * dst_ld + j] = tile[b][j];
-}
-
-// A whole 16 x 16 float tile in sixteen 64-byte vectors: four stages that each swap one bit
-// between the row and the column index (blocks of 8, 4, 2, 1 exchanged across the diagonal),
-// 64 two-source shuffles in all instead of 256 scalar moves each way (one vpermt2ps each with
-// AVX-512; the other instruction sets get GCC's lowering of the same shuffles).
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-template <int D>
-inline void swap_bit(f32x16* r) {
-  // lo[k] = (k & D) ? b[k - D] : a[k];  hi[k] = (k & D) ? b[k] : a[k + D]  (b is index 16+)
-  constexpr i32x16 lo = D == 8 ? i32x16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}
-                      : D == 4 ? i32x16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}
-                      : D == 2 ? i32x16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}
-                               : i32x16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-  constexpr i32x16 hi = lo + D;
-  for (int i = 0; i < 16; ++i)
-    if ((i & D) == 0) {
-      const f32x16 a = r[i], b = r[i + D];
-      r[i] = __builtin_shuffle(a, b, lo);
-      r[i + D] = __builtin_shuffle(a, b, hi);
-    }
-}
-
-inline void transpose16(const float* src, int64_t src_ld, float* dst, int64_t dst_ld) {
-  f32x16 r[16];
-  for (int i = 0; i < 16; ++i) __builtin_memcpy(&r[i], src + i * src_ld, sizeof(f32x16));
-  swap_bit<8>(r);
-  swap_bit<4>(r);
-  swap_bit<2>(r);
-  swap_bit<1>(r);
-  for (int i = 0; i < 16; ++i) __builtin_memcpy(dst + i * dst_ld, &r[i], sizeof(f32x16));
-}
-
-// dst[b·dst_ld + j] = src[j·src_ld + b] for b < nb, j < nj (both <= kColumnBlock).
-template <typename T>
-inline void transpose_block(const T* src, int64_t src_ld, T* dst, int64_t dst_ld, int64_t nb,
-                            int64_t nj) {
-  static_assert(kColumnBlock == 16, "transpose16 handles 16 x 16 tiles");
-  if constexpr (std::is_same_v<T, float>)
-    if (nb == kColumnBlock && nj == kColumnBlock) return transpose16(src, src_ld, dst, dst_ld);
-  if (nb == kColumnBlock && nj == kColumnBlock)
-    transpose_tile<T, kColumnBlock, kColumnBlock>(src, src_ld, dst, dst_ld, nb, nj);
-  else
-    transpose_tile<T, 0, 0>(src, src_ld, dst, dst_ld, nb, nj);
-}
-
-template <typename T>
-void gather_columns(const T* src, int64_t C, int64_t H, int64_t W, int64_t w0, int64_t nb,
-                    T* dst) {
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t j0 = 0; j0 < H; j0 += kColumnBlock)
-      transpose_block(src + (c * H + j0) * W + w0, W, dst + c * H + j0, C * H, nb,
-                      std::min(kColumnBlock, H - j0));
-}
-
-// The inverse: dst[c][j][w0 + b] = src[b][c][j].
-template <typename T>
-void scatter_columns(const T* src, int64_t C, int64_t H, int64_t W, int64_t w0, int64_t nb,
-                     T* dst) {
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t j0 = 0; j0 < H; j0 += kColumnBlock)
-      transpose_block(src + c * H + j0, C * H, dst + (c * H + j0) * W + w0, W,
-                      std::min(kColumnBlock, H - j0), nb);
-}
-
-// Runs fn(n, wa, wb) over runs of adjacent columns [wa, wb) of one image, the N·W columns split
-// evenly between the threads.
-template <typename Fn>
-void for_column_runs(int64_t N, int64_t W, Fn fn) {
-  at::parallel_for(0, N * W, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {
-      const int64_t n = i / W, wa = i % W, wb = std::min(W, wa + end - i);
-      fn(n, wa, wb);
-      i += wb - wa;
-    }
-  });
-}
+// ---- fused forward and backward --------------------------------------------------------------
+// Two passes over the lines of every image, the columns first, then the rows; each works on a
+// whole line at a time, with the softmax between its products, and no energy tensor in memory.
+// q, k, v, the incoming gradient G and every output are NCHW.
+//
+// Rows: a row of any of them is a (C x W) matrix with leading dimension H·W, so each product of
+// a row is one BLAS GEMM (gemm_rm in cca.cpp) on the tensors as they are:
+//   E = scale·Q_rᵀ K_r,  O_r += V_r Pᵀ,  dP = G_rᵀ V_r,  dQ_r += K_r dSᵀ,  dK_r += Q_r dS,
+//   dV_r += G_r P.
+// Columns: a column is strided in NCHW, but adjacent columns are adjacent in memory. The column
+// pass takes L = kLanes of them at once, one vector register wide (lane l is column b·L + l),
+// and runs the same products as GEMMs whose scalar multiply-add is a vector one across the
+// block's columns (lane_gemm): no transposes. The operands are copied into a lane layout first
+// (pack_lanes: a block's (channel, row) vectors contiguous, zero past W), a chunk of channels at
+// a time, reading whole rows of the NCHW tensors; the results are copied back the same way. In a
+// column the self key (i, i) is masked: that pixel is already a key of its row.
 
 // Uninitialised scratch of n elements.
 template <typename T>
@@ -175,89 +47,325 @@ std::unique_ptr<T[]> scratch(int64_t n) {
   return std::unique_ptr<T[]>(new T[n]);
 }
 
-// Row i of E becomes exp(E_i - m_i) with m_i its maximum over the unmasked keys; s_i is the sum.
-// The masked self key of a column gets weight 0, and a query with no key at all (the column of
-// a one-row image) gets m = -inf, s = 0 and no weights.
+#pragma GCC push_options
+// Vector multiply-adds become FMA instructions: the extension is compiled as ISO C++, under
+// which GCC does not contract a·b + c by default (the rest of this file keeps that).
+#pragma GCC optimize("fp-contract=fast")
+
 template <typename T>
-void exp_rows(T* E, const Line& l, T* m, T* s) {
-  const int64_t L = l.length;
-  for (int64_t i = 0; i < L; ++i) {
-    T* e = E + i * L;
-    T mx = -std::numeric_limits<T>::infinity();
-    for (int64_t z = 0; z < L; ++z)
-      if (!(l.column && z == i)) mx = std::max(mx, e[z]);
-    if (mx == -std::numeric_limits<T>::infinity()) {
-      std::fill(e, e + L, T(0));
-      m[i] = mx;
-      s[i] = T(0);
-      continue;
+struct Lanes {
+  static constexpr int64_t n = kVectorBytes / sizeof(T);
+  typedef T V __attribute__((vector_size(kVectorBytes)));
+};
+
+// always_inline: also into the functions outside this fp-contract region, which GCC would not
+// otherwise inline across the differing options.
+template <typename T>
+__attribute__((always_inline)) inline typename Lanes<T>::V load_lanes(const T* p) {
+  typename Lanes<T>::V x;
+  __builtin_memcpy(&x, p, sizeof x);
+  return x;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void store_lanes(T* p, typename Lanes<T>::V x) {
+  __builtin_memcpy(p, &x, sizeof x);
+}
+
+// The register tile of lane_gemm: kTileI x kTileK accumulators, the kTileK vectors of B they
+// share, and one vector of A at a time: 12 + 2 + 1 of 16 registers, 24 + 3 + 1 of 32. B comes
+// from L2 (the packed chunk is larger than L1) and A from L1, so the tile is tall: each B vector
+// feeds kTileI multiply-adds, which keeps L2 under 11 bytes per FMA cycle at 16 registers.
+constexpr int kTileI = kVectorRegisters >= 32 ? 8 : 6;
+constexpr int kTileK = kVectorRegisters >= 32 ? 3 : 2;
+
+// One tile of lane_gemm from packed operands: ap holds A's kTileI rows interleaved per r
+// (ap[(r·kTileI + i)·L]), bp B's kTileK rows (bp[(r·kTileK + k)·L]), zero past the matrix's
+// edge; only the first mi x mk results are stored.
+template <typename T>
+inline void lane_tile(int64_t R, T alpha, const T* ap, const T* bp, bool accumulate, T* c,
+                      int64_t sci, int64_t sck, int64_t mi, int64_t mk) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t L = Lanes<T>::n;
+  V acc[kTileI][kTileK];
+  for (int i = 0; i < kTileI; ++i)
+    for (int k = 0; k < kTileK; ++k) acc[i][k] = V{};
+  for (int64_t r = 0; r < R; ++r) {
+    V y[kTileK];
+    for (int k = 0; k < kTileK; ++k) y[k] = load_lanes(bp + (r * kTileK + k) * L);
+    for (int i = 0; i < kTileI; ++i) {
+      V x = load_lanes(ap + (r * kTileI + i) * L);
+      // x in a register, loaded once: left to itself GCC folds the load into each of the
+      // kTileK multiply-adds, and the loads, not the FMAs, then set the pace.
+      asm("" : "+x"(x));
+      for (int k = 0; k < kTileK; ++k) acc[i][k] += x * y[k];
     }
-    for (int64_t z = 0; z < L; ++z) e[z] -= mx;
-    exp_inplace(e, L);
-    if (l.column) e[i] = T(0);
-    T sum = 0;
-    for (int64_t z = 0; z < L; ++z) sum += e[z];
-    m[i] = mx;
-    s[i] = sum;
+  }
+  for (int i = 0; i < kTileI; ++i)
+    for (int k = 0; k < kTileK; ++k)
+      if (i < mi && k < mk) {
+        T* o = c + i * sci + k * sck;
+        V res = acc[i][k] * alpha;
+        if (accumulate) res += load_lanes(o);
+        store_lanes(o, res);
+      }
+}
+
+// The chunks of r in lane_gemm: equal, each with a packed B (K vectors per r, K padded to a
+// multiple of kTileK) of at most half a core's L2.
+template <typename T>
+int64_t lane_chunk(int64_t K, int64_t R) {
+  constexpr int64_t kChunkBytes = 256 * 1024;
+  const int64_t KT = (K + kTileK - 1) / kTileK;
+  const int64_t most = std::max<int64_t>(8, kChunkBytes / (KT * kTileK * kVectorBytes));
+  const int64_t n_chunks = std::max<int64_t>(1, (R + most - 1) / most);
+  return std::max<int64_t>(1, (R + n_chunks - 1) / n_chunks);
+}
+
+// Elements of B packed for lane_gemm_packed.
+template <typename T>
+int64_t packed_size(int64_t K, int64_t R) {
+  return (K + kTileK - 1) / kTileK * kTileK * std::max<int64_t>(R, 1) * Lanes<T>::n;
+}
+
+// B(k, r) = b[k·sbk + r·sbr] packed as lane_gemm_packed reads it: per chunk of r, per tile of
+// kTileK rows, per r, the tile's vectors side by side (zero past K).
+template <typename T>
+void pack_b(int64_t K, int64_t R, const T* b, int64_t sbk, int64_t sbr, T* bp) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t L = Lanes<T>::n;
+  const int64_t KT = (K + kTileK - 1) / kTileK, chunk = lane_chunk<T>(K, R);
+  for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+    const int64_t rc = std::min(R, r0 + chunk) - r0;
+    T* dst = bp + KT * kTileK * r0 * L;
+    for (int64_t kt = 0; kt < KT; ++kt)
+      for (int64_t r = 0; r < rc; ++r)
+        for (int64_t kk = 0; kk < kTileK; ++kk) {
+          const int64_t k = kt * kTileK + kk;
+          store_lanes(dst + ((kt * rc + r) * kTileK + kk) * L,
+                      k < K ? load_lanes(b + k * sbk + (r0 + r) * sbr) : V{});
+        }
   }
 }
 
-// The forward, in two passes over pixel-major Q, K (N, H, W, Cqk) and NCHW v:
-//   A. per column: P = exp(E - m_col) with the column's own softmax statistics (m_col, s_col),
-//      and the unnormalised column part V_c Pᵀ scattered into out.
-//   B. per row: the row's statistics are merged with the column's (log-sum-exp), the column
-//      part in out is rescaled in place and the row part added by one GEMM (beta = 1), with the
-//      residual epilogue y = gamma·out + residual and lse.
-// Each energy is computed once, and each pass writes only the pixels of its own lines.
+// C(i, k) = alpha·sum_{r < R} A(i, r)·B(k, r), plus C(i, k) if accumulate, for i < M, k < K,
+// each element a vector of kLanes columns: A(i, r) at a + i·sai + r·sar, B packed by pack_b,
+// C(i, k) at c + i·sci + k·sck. As in a BLAS GEMM both operands are packed into the order the
+// tiles read them: each chunk of B once (pack_b), each row of tiles of A once per chunk, which
+// every tile of the row then rereads from L1 while B streams from L2. The order of the sums is
+// fixed by the shapes alone.
 template <typename T>
-void forward_kernel(const T* Q, const T* K, const T* v, T* mcol, T* scol, T* out, T* lse,
-                    int64_t N, int64_t Cqk, int64_t Cv, int64_t H, int64_t W, T scale,
-                    const T* residual = nullptr, T* y = nullptr, T gamma = T(0)) {
-  const int64_t HW = H * W;
-  const int64_t HH = H * H, chunk = kColumnBlock * kChannelChunk * H;
-  for_column_runs(N, W, [&](int64_t n, int64_t wa, int64_t wb) {
-    auto P = scratch<T>((wb - wa) * HH), Vb = scratch<T>(chunk), Ob = scratch<T>(chunk);
-    auto m = scratch<T>(H), s = scratch<T>(H);
-    for (int64_t w = wa; w < wb; ++w) {
-      const Line l = column_line(H, W, w);
-      T* E = P.get() + (w - wa) * HH;
-      line_energies(Q + n * HW * Cqk, K + n * HW * Cqk, Cqk, l, scale, E);
-      exp_rows(E, l, m.get(), s.get());
-      for (int64_t i = 0; i < H; ++i) {
-        mcol[n * HW + l.first + i * l.stride] = m[i];
-        scol[n * HW + l.first + i * l.stride] = s[i];
-      }
+void lane_gemm_packed(int64_t M, int64_t K, int64_t R, T alpha, const T* a, int64_t sai,
+                      int64_t sar, const T* bp, bool accumulate, T* c, int64_t sci, int64_t sck) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t L = Lanes<T>::n;
+  if (M == 0 || K == 0) return;
+  const int64_t KT = (K + kTileK - 1) / kTileK, chunk = lane_chunk<T>(K, R);
+  thread_local std::vector<T> apack;
+  apack.resize(kTileI * chunk * L);
+  // R = 0 still runs once: C = 0 (or is kept, accumulating).
+  for (int64_t r0 = 0; r0 < std::max<int64_t>(R, 1); r0 += chunk) {
+    const int64_t rc = std::max<int64_t>(std::min(R, r0 + chunk) - r0, 0);
+    const bool add = accumulate || r0 > 0;
+    const T* bc = bp + KT * kTileK * r0 * L;
+    for (int64_t i0 = 0; i0 < M; i0 += kTileI) {
+      const int64_t mi = std::min<int64_t>(kTileI, M - i0);
+      T* ap = apack.data();
+      for (int64_t r = 0; r < rc; ++r)
+        for (int64_t ii = 0; ii < kTileI; ++ii)
+          store_lanes(ap + (r * kTileI + ii) * L,
+                      ii < mi ? load_lanes(a + (i0 + ii) * sai + (r0 + r) * sar) : V{});
+      for (int64_t kt = 0; kt < KT; ++kt)
+        lane_tile<T>(rc, alpha, ap, bc + kt * rc * kTileK * L, add,
+                     c + i0 * sci + kt * kTileK * sck, sci, sck, mi,
+                     std::min<int64_t>(kTileK, K - kt * kTileK));
     }
-    for (int64_t c0 = 0; c0 < Cv; c0 += kChannelChunk) {
-      const int64_t cc = std::min(kChannelChunk, Cv - c0), plane = (n * Cv + c0) * HW;
-      for (int64_t w0 = wa; w0 < wb; w0 += kColumnBlock) {
-        const int64_t nb = std::min(kColumnBlock, wb - w0);
-        gather_columns(v + plane, cc, H, W, w0, nb, Vb.get());
-        for (int64_t b = 0; b < nb; ++b)
-          gemm_rm(false, true, cc, H, H, T(1), Vb.get() + b * cc * H, H,
-                  P.get() + (w0 - wa + b) * HH, H, T(0), Ob.get() + b * cc * H, H);
-        scatter_columns(Ob.get(), cc, H, W, w0, nb, out + plane);
-      }
+  }
+}
+
+// lane_gemm_packed with B(k, r) at b + k·sbk + r·sbr, packed here.
+template <typename T>
+void lane_gemm(int64_t M, int64_t K, int64_t R, T alpha, const T* a, int64_t sai, int64_t sar,
+               const T* b, int64_t sbk, int64_t sbr, bool accumulate, T* c, int64_t sci,
+               int64_t sck) {
+  thread_local std::vector<T> bpack;
+  bpack.resize(packed_size<T>(K, R));
+  pack_b(K, R, b, sbk, sbr, bpack.data());
+  lane_gemm_packed(M, K, R, alpha, a, sai, sar, bpack.data(), accumulate, c, sci, sck);
+}
+
+// P = exp(scale·<q_h, k_j> - x_h) of one block of columns, from its packed q, k (Cqk x H
+// vectors): with x the columns' own maxima (m = nullptr: they are computed and stored in m_out,
+// with the sums in s_out), or x = lse given (the backward). The self key gets weight 0; with
+// H = 1 it is the only key, and m = -inf, s = 0. P: H x H vectors.
+template <typename T>
+void column_weights(const T* qp, const T* kp, int64_t Cqk, int64_t H, T scale, const T* lse,
+                    T* m_out, T* s_out, T* P) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t L = Lanes<T>::n;
+  const int64_t HL = H * L;
+  lane_gemm(H, H, Cqk, scale, qp, L, HL, kp, L, HL, false, P, HL, L);
+  for (int64_t h = 0; h < H; ++h) {
+    T* e = P + h * HL;
+    V x;
+    if (lse != nullptr) {
+      x = load_lanes(lse + h * L);
+    } else {
+      x = V{} - std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < H; ++j)
+        if (j != h) {
+          const V y = load_lanes(e + j * L);
+          x = y > x ? y : x;
+        }
+    }
+    if (H > 1 || lse != nullptr) {
+      for (int64_t j = 0; j < H; ++j) store_lanes(e + j * L, load_lanes(e + j * L) - x);
+      exp_inplace(e, HL);
+    }
+    store_lanes(e + h * L, V{});
+    if (lse == nullptr) {
+      V sum = V{};
+      for (int64_t j = 0; j < H; ++j) sum += load_lanes(e + j * L);
+      store_lanes(m_out + h * L, x);
+      store_lanes(s_out + h * L, sum);
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+// ---- the lane layout --------------------------------------------------------------------------
+// The column pass works on packed copies, blocks b of L = kLanes columns (zero past W), in which
+// a block's (channel, row) vectors are contiguous. Packing reads whole rows of the NCHW
+// tensor and writes nb sequential streams; reading a block's vectors in place instead (L of W
+// columns per row, rows W apart) kept the FMAs waiting on memory. In chunks of kChannelChunk
+// channels for v, the gradient and the outputs, so the copies stay small.
+constexpr int64_t kChannelChunk = 64;
+
+// Pack (kPack) or unpack between the tensor and the lane layout; one loop for both directions.
+template <bool kPack, typename T>
+void copy_lanes(T* nchw, int64_t N, int64_t Ct, int64_t c0, int64_t C, int64_t H, int64_t W,
+                T* lanes) {
+  constexpr int64_t L = Lanes<T>::n;
+  const int64_t nb = (W + L - 1) / L, HW = H * W;
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / C, c = t % C;
+      T* plane = nchw + (n * Ct + c0 + c) * HW;
+      for (int64_t j = 0; j < H; ++j)
+        for (int64_t b = 0; b < nb; ++b) {
+          T *lane = lanes + (((n * nb + b) * C + c) * H + j) * L, *row = plane + j * W + b * L;
+          const int64_t nl = std::min(L, W - b * L);
+          if (nl == L && kPack)  // whole vectors (std::copy would call memmove per piece)
+            store_lanes(lane, load_lanes(row));
+          else if (nl == L)
+            store_lanes(row, load_lanes(lane));
+          else if (kPack)
+            std::fill(std::copy(row, row + nl, lane), lane + L, T(0));
+          else
+            std::copy(lane, lane + nl, row);
+        }
     }
   });
+}
+
+// dst[n][b][c][j][l] = src[n][c0 + c][j][b·L + l] for channels [c0, c0 + C) of an
+// (N, Csrc, H, W) tensor, 0 past W.
+template <typename T>
+void pack_lanes(const T* src, int64_t N, int64_t Csrc, int64_t c0, int64_t C, int64_t H,
+                int64_t W, T* dst) {
+  copy_lanes<true>(const_cast<T*>(src), N, Csrc, c0, C, H, W, dst);  // src is only read
+}
+
+// The inverse: dst[n][c0 + c][j][w] = src[n][w / L][c][j][w % L].
+template <typename T>
+void unpack_lanes(const T* src, int64_t N, int64_t Cdst, int64_t c0, int64_t C, int64_t H,
+                  int64_t W, T* dst) {
+  copy_lanes<false>(dst, N, Cdst, c0, C, H, W, const_cast<T*>(src));  // src is only read
+}
+
+// Runs fn(block, m0, m1) for every block of every image (N·nb of them) and, so that two threads
+// have work at every width, for two halves [m0, m1) of the M rows of its product (split at a
+// multiple of kTileI). The halves write disjoint rows: the results do not depend on the split.
+template <typename Fn>
+void for_block_halves(int64_t blocks, int64_t M, Fn fn) {
+  const int64_t half = std::min(M, (M / 2 + kTileI - 1) / kTileI * kTileI);
+  at::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = t % 2 ? half : 0, m1 = t % 2 ? M : half;
+      if (m0 < m1) fn(t / 2, m0, m1);
+    }
+  });
+}
+
+// E = scale·Q_rᵀ K_r for image row (n, h): W x W.
+template <typename T>
+void row_energies(const T* q, const T* k, int64_t Cqk, int64_t HW, int64_t W, T scale, T* E) {
+  gemm_rm(true, false, W, W, Cqk, scale, q, HW, k, HW, T(0), E, W);
+}
+
+// The forward: (A) every block of columns, with the columns' own softmax statistics (mcol, scol)
+// and the unnormalised column part written into out; (B) every row, which merges its statistics
+// with the column's (log-sum-exp), rescales the column part in out and adds its own with one
+// GEMM (beta = 1), with the residual epilogue y = gamma·out + residual and lse. Each energy is
+// computed once, and each pass writes only the pixels of its own lines.
+template <typename T>
+void forward_kernel(const T* q, const T* k, const T* v, T* mcol, T* scol, T* out, T* lse,
+                    int64_t N, int64_t Cqk, int64_t Cv, int64_t H, int64_t W, T scale,
+                    const T* residual = nullptr, T* y = nullptr, T gamma = T(0)) {
+  constexpr int64_t L = Lanes<T>::n;
+  const int64_t HW = H * W, HL = H * L, blocks = N * ((W + L - 1) / L);
+  const int64_t psize = packed_size<T>(H, H), cc_max = std::min(kChannelChunk, Cv);
+  {
+    auto qp = scratch<T>(blocks * Cqk * HL), kp = scratch<T>(blocks * Cqk * HL);
+    auto ms = scratch<T>(2 * blocks * HL), Pp = scratch<T>(blocks * psize);
+    auto vp = scratch<T>(blocks * cc_max * HL), op = scratch<T>(blocks * cc_max * HL);
+    pack_lanes(q, N, Cqk, 0, Cqk, H, W, qp.get());
+    pack_lanes(k, N, Cqk, 0, Cqk, H, W, kp.get());
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      auto P = scratch<T>(H * HL);
+      for (int64_t b = begin; b < end; ++b) {
+        column_weights(qp.get() + b * Cqk * HL, kp.get() + b * Cqk * HL, Cqk, H, scale,
+                       static_cast<const T*>(nullptr), ms.get() + b * HL,
+                       ms.get() + (blocks + b) * HL, P.get());
+        pack_b(H, H, P.get(), HL, L, Pp.get() + b * psize);  // B(h, j) of V Pᵀ
+      }
+    });
+    unpack_lanes(ms.get(), N, 1, 0, 1, H, W, mcol);
+    unpack_lanes(ms.get() + blocks * HL, N, 1, 0, 1, H, W, scol);
+    for (int64_t c0 = 0; c0 < Cv; c0 += kChannelChunk) {
+      const int64_t cc = std::min(kChannelChunk, Cv - c0);
+      pack_lanes(v, N, Cv, c0, cc, H, W, vp.get());
+      for_block_halves(blocks, cc, [&](int64_t b, int64_t m0, int64_t m1) {
+        lane_gemm_packed(m1 - m0, H, H, T(1), vp.get() + (b * cc + m0) * HL, HL, L,
+                         Pp.get() + b * psize, false, op.get() + (b * cc + m0) * HL, HL, L);
+      });
+      unpack_lanes(op.get(), N, Cv, c0, cc, H, W, out);
+    }
+  }
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> E(W * W), m(W), s(W), f(W);
+    std::vector<T> E(W * W), f(W);
     for (int64_t nh = begin; nh < end; ++nh) {
-      const int64_t n = nh / H;
-      const Line l = row_line(W, nh % H);
-      line_energies(Q + n * HW * Cqk, K + n * HW * Cqk, Cqk, l, scale, E.data());
-      exp_rows(E.data(), l, m.data(), s.data());
-      const int64_t p0 = n * HW + l.first;
+      const int64_t n = nh / H, h = nh % H, p0 = n * HW + h * W;
+      row_energies(q + n * Cqk * HW + h * W, k + n * Cqk * HW + h * W, Cqk, HW, W, scale,
+                   E.data());
       for (int64_t w = 0; w < W; ++w) {
+        // The row's own statistics, merged with the column's: weights exp(e - M) / Z.
+        T* e = E.data() + w * W;
+        const T mr = *std::max_element(e, e + W);
+        for (int64_t z = 0; z < W; ++z) e[z] -= mr;
+        exp_inplace(e, W);
+        T sr = 0;
+        for (int64_t z = 0; z < W; ++z) sr += e[z];
         const T mc = mcol[p0 + w], sc = scol[p0 + w];
-        const T M = std::max(m[w], mc);
-        const T ar = std::exp(m[w] - M), ac = sc > T(0) ? std::exp(mc - M) : T(0);
-        const T Z = ar * s[w] + ac * sc;
+        const T M = std::max(mr, mc);
+        const T ar = std::exp(mr - M), ac = sc > T(0) ? std::exp(mc - M) : T(0);
+        const T Z = ar * sr + ac * sc;
         lse[p0 + w] = M + std::log(Z);
-        for (int64_t z = 0; z < W; ++z) E[w * W + z] *= ar / Z;
+        for (int64_t z = 0; z < W; ++z) e[z] *= ar / Z;
         f[w] = ac / Z;
       }
-      const int64_t base = n * Cv * HW + l.first;
+      const int64_t base = n * Cv * HW + h * W;
       T* o = out + base;
       for (int64_t c = 0; c < Cv; ++c)
         for (int64_t w = 0; w < W; ++w) o[c * HW + w] *= f[w];
@@ -287,108 +395,97 @@ void pixel_dots(const T* go, const T* out, T* D, int64_t N, int64_t C, int64_t H
   });
 }
 
-// The weights P of a line recomputed from the saved lse, and dS = P (dP - D)·scale·gamma from
-// dP (in dS on entry). gamma scales the incoming gradient G (cca_residual_backward: G is grad_y
-// and the gradient of out is gamma·grad_y); D holds <G_u, out_u> before that factor.
+// The backward, the same two passes: the weights are recomputed from lse, and dS = P (dP - D)
+// ·scale·gamma, where gamma scales the incoming gradient G (cca_residual_backward: G is grad_y and
+// the gradient of out is gamma·grad_y) and D holds <G_u, out_u> before that factor. The column
+// pass writes gq, gk, gv; the row pass adds to them. No two tasks of a pass touch the same pixel
+// and the order of the passes is fixed, so the result does not depend on the thread count.
 template <typename T>
-void line_weights(const Line& l, const T* Q, const T* K, const T* lse, int64_t Cqk, T scale,
-                  T* P) {
-  const int64_t L = l.length;
-  line_energies(Q, K, Cqk, l, scale, P);
-  for (int64_t i = 0; i < L; ++i) {
-    T* p = P + i * L;
-    const T x = lse[l.first + i * l.stride];
-    for (int64_t z = 0; z < L; ++z) p[z] -= x;
-    exp_inplace(p, L);
-    if (l.column) p[i] = T(0);
-  }
-}
-
-template <typename T>
-void line_score_grads(const Line& l, const T* P, const T* D, T scale_gamma, T* dS) {
-  const int64_t L = l.length;
-  for (int64_t i = 0; i < L; ++i) {
-    const T d = D[l.first + i * l.stride];
-    T* ds = dS + i * L;
-    const T* p = P + i * L;
-    for (int64_t z = 0; z < L; ++z) ds[z] = p[z] * (ds[z] - d) * scale_gamma;
-  }
-}
-
-// dQ_l = dS K_l and dK_l = dSᵀ Q_l, written (beta = 0) or added (beta = 1) to pixel-major dQ, dK.
-template <typename T>
-void line_qk_grads(const Line& l, const T* Q, const T* K, const T* dS, int64_t Cqk, T beta, T* dQ,
-                   T* dK) {
-  const int64_t L = l.length, ld = l.stride * Cqk, off = l.first * Cqk;
-  gemm_rm(false, false, L, Cqk, L, T(1), dS, L, K + off, ld, beta, dQ + off, ld);
-  gemm_rm(true, false, L, Cqk, L, T(1), dS, L, Q + off, ld, beta, dK + off, ld);
-}
-
-// rows[c·HW + w] = pix[w·C + c]: one image row of W pixels, pixel-major to NCHW.
-template <typename T>
-void store_row_nchw(const T* pix, int64_t W, int64_t C, int64_t HW, T* rows) {
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t w = 0; w < W; ++w) rows[c * HW + w] = pix[w * C + c];
-}
-
-// The backward: pass A writes each column's part of dQ, dK (pixel-major) and gv (NCHW, through
-// the column blocks); pass B adds each row's part and stores the finished rows of dQ, dK NCHW
-// into gq, gk. No two tasks of a pass touch the same pixel, and the order of the passes is
-// fixed, so the result does not depend on the thread count.
-template <typename T>
-void backward_kernel(const T* Q, const T* K, const T* v, const T* go, const T* lse, const T* D,
-                     T* dQ, T* dK, T* gq, T* gk, T* gv, int64_t N, int64_t Cqk, int64_t Cv,
-                     int64_t H, int64_t W, T scale, T gamma) {
-  const int64_t HW = H * W;
+void backward_kernel(const T* q, const T* k, const T* v, const T* go, const T* lse, const T* D,
+                     T* gq, T* gk, T* gv, int64_t N, int64_t Cqk, int64_t Cv, int64_t H,
+                     int64_t W, T scale, T gamma) {
+  constexpr int64_t L = Lanes<T>::n;
+  const int64_t HW = H * W, HL = H * L, blocks = N * ((W + L - 1) / L);
+  const int64_t psize = packed_size<T>(H, H), cc_max = std::min(kChannelChunk, Cv);
   const T sg = scale * gamma;
-  const int64_t HH = H * H, chunk = kColumnBlock * kChannelChunk * H;
-  for_column_runs(N, W, [&](int64_t n, int64_t wa, int64_t wb) {
-    const int64_t iq = n * HW * Cqk, nw = wb - wa;
-    auto P = scratch<T>(nw * HH), dS = scratch<T>(nw * HH);
-    auto Vb = scratch<T>(chunk), Gb = scratch<T>(chunk), Ob = scratch<T>(chunk);
-    for (int64_t w = wa; w < wb; ++w)
-      line_weights(column_line(H, W, w), Q + iq, K + iq, lse + n * HW, Cqk, scale,
-                   P.get() + (w - wa) * HH);
-    std::fill(dS.get(), dS.get() + nw * HH, T(0));
-    // One sweep over the channel chunks: dP = G_c V_cᵀ accumulates over them, and each chunk's
-    // rows of dV_cᵀ = gamma·G_cᵀ P (which needs P only) are finished and scattered.
-    for (int64_t c0 = 0; c0 < Cv; c0 += kChannelChunk) {
-      const int64_t cc = std::min(kChannelChunk, Cv - c0), plane = (n * Cv + c0) * HW;
-      for (int64_t w0 = wa; w0 < wb; w0 += kColumnBlock) {
-        const int64_t nb = std::min(kColumnBlock, wb - w0);
-        gather_columns(v + plane, cc, H, W, w0, nb, Vb.get());
-        gather_columns(go + plane, cc, H, W, w0, nb, Gb.get());
-        for (int64_t b = 0; b < nb; ++b) {
-          const T *Vc = Vb.get() + b * cc * H, *Gc = Gb.get() + b * cc * H;
-          const int64_t e = (w0 - wa + b) * HH;
-          gemm_rm(true, false, H, H, cc, T(1), Gc, H, Vc, H, T(1), dS.get() + e, H);
-          gemm_rm(false, false, cc, H, H, gamma, Gc, H, P.get() + e, H, T(0),
-                  Ob.get() + b * cc * H, H);
-        }
-        scatter_columns(Ob.get(), cc, H, W, w0, nb, gv + plane);
+  {
+    auto qp = scratch<T>(blocks * Cqk * HL), kp = scratch<T>(blocks * Cqk * HL);
+    auto st = scratch<T>(2 * blocks * HL);  // lse, then D
+    auto P = scratch<T>(blocks * H * HL), PTp = scratch<T>(blocks * psize);
+    auto dS = scratch<T>(blocks * H * HL);  // dP, then dS
+    auto vp = scratch<T>(blocks * cc_max * HL), gp = scratch<T>(blocks * cc_max * HL);
+    auto op = scratch<T>(blocks * cc_max * HL);
+    auto gqp = scratch<T>(blocks * Cqk * HL), gkp = scratch<T>(blocks * Cqk * HL);
+    pack_lanes(q, N, Cqk, 0, Cqk, H, W, qp.get());
+    pack_lanes(k, N, Cqk, 0, Cqk, H, W, kp.get());
+    pack_lanes(lse, N, 1, 0, 1, H, W, st.get());
+    pack_lanes(D, N, 1, 0, 1, H, W, st.get() + blocks * HL);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        T* Pb = P.get() + b * H * HL;
+        column_weights(qp.get() + b * Cqk * HL, kp.get() + b * Cqk * HL, Cqk, H, scale,
+                       static_cast<const T*>(st.get() + b * HL), static_cast<T*>(nullptr),
+                       static_cast<T*>(nullptr), Pb);
+        pack_b(H, H, Pb, L, HL, PTp.get() + b * psize);  // B(j, h) of G P
       }
+    });
+    for (int64_t c0 = 0; c0 < Cv; c0 += kChannelChunk) {
+      const int64_t cc = std::min(kChannelChunk, Cv - c0);
+      pack_lanes(v, N, Cv, c0, cc, H, W, vp.get());
+      pack_lanes(go, N, Cv, c0, cc, H, W, gp.get());
+      // dP(h, j) += sum_c G(c, h) V(c, j) over the chunk's channels, rows h split in halves.
+      for_block_halves(blocks, H, [&](int64_t b, int64_t m0, int64_t m1) {
+        lane_gemm(m1 - m0, H, cc, T(1), gp.get() + b * cc * HL + m0 * L, L, HL,
+                  vp.get() + b * cc * HL, L, HL, c0 > 0, dS.get() + b * H * HL + m0 * HL, HL, L);
+      });
+      // gv(c, j) = gamma·sum_h G(c, h) P(h, j).
+      for_block_halves(blocks, cc, [&](int64_t b, int64_t m0, int64_t m1) {
+        lane_gemm_packed(m1 - m0, H, H, gamma, gp.get() + (b * cc + m0) * HL, HL, L,
+                         PTp.get() + b * psize, false, op.get() + (b * cc + m0) * HL, HL, L);
+      });
+      unpack_lanes(op.get(), N, Cv, c0, cc, H, W, gv);
     }
-    for (int64_t w = wa; w < wb; ++w) {
-      const Line l = column_line(H, W, w);
-      T *Pw = P.get() + (w - wa) * HH, *dSw = dS.get() + (w - wa) * HH;
-      line_score_grads(l, Pw, D + n * HW, sg, dSw);
-      line_qk_grads(l, Q + iq, K + iq, dSw, Cqk, T(0), dQ + iq, dK + iq);
-    }
-  });
+    // dS = P (dP - D)·scale·gamma, then gq(c, h) = sum_j K(c, j) dS(h, j) and
+    // gk(c, j) = sum_h Q(c, h) dS(h, j).
+    using V = typename Lanes<T>::V;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        T *Pb = P.get() + b * H * HL, *dSb = dS.get() + b * H * HL;
+        for (int64_t h = 0; h < H; ++h) {
+          const V d = load_lanes(st.get() + (blocks + b) * HL + h * L);
+          for (int64_t j = 0; j < H; ++j) {
+            T* ds = dSb + h * HL + j * L;
+            store_lanes(ds, load_lanes(Pb + h * HL + j * L) * (load_lanes(ds) - d) * sg);
+          }
+        }
+        const T *qb = qp.get() + b * Cqk * HL, *kb = kp.get() + b * Cqk * HL;
+        lane_gemm(Cqk, H, H, T(1), kb, HL, L, dSb, HL, L, false, gqp.get() + b * Cqk * HL, HL,
+                  L);
+        lane_gemm(Cqk, H, H, T(1), qb, HL, L, dSb, L, HL, false, gkp.get() + b * Cqk * HL, HL,
+                  L);
+      }
+    });
+    unpack_lanes(gqp.get(), N, Cqk, 0, Cqk, H, W, gq);
+    unpack_lanes(gkp.get(), N, Cqk, 0, Cqk, H, W, gk);
+  }
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> P(W * W), dS(W * W);
     for (int64_t nh = begin; nh < end; ++nh) {
-      const int64_t n = nh / H, iq = n * HW * Cqk;
-      const Line l = row_line(W, nh % H);
-      const int64_t base = n * Cv * HW + l.first;
-      line_weights(l, Q + iq, K + iq, lse + n * HW, Cqk, scale, P.data());
-      gemm_rm(true, false, W, W, Cv, T(1), go + base, HW, v + base, HW, T(0), dS.data(), W);
-      line_score_grads(l, P.data(), D + n * HW, sg, dS.data());
-      line_qk_grads(l, Q + iq, K + iq, dS.data(), Cqk, T(1), dQ + iq, dK + iq);
-      gemm_rm(false, false, Cv, W, W, gamma, go + base, HW, P.data(), W, T(1), gv + base, HW);
-      const int64_t off = iq + l.first * Cqk, row = n * Cqk * HW + l.first;
-      store_row_nchw(dQ + off, W, Cqk, HW, gq + row);
-      store_row_nchw(dK + off, W, Cqk, HW, gk + row);
+      const int64_t n = nh / H, h = nh % H, p0 = n * HW + h * W;
+      const int64_t iq = n * Cqk * HW + h * W, iv = n * Cv * HW + h * W;
+      row_energies(q + iq, k + iq, Cqk, HW, W, scale, P.data());
+      for (int64_t w = 0; w < W; ++w) {
+        T* p = P.data() + w * W;
+        for (int64_t z = 0; z < W; ++z) p[z] -= lse[p0 + w];
+        exp_inplace(p, W);
+      }
+      gemm_rm(true, false, W, W, Cv, T(1), go + iv, HW, v + iv, HW, T(0), dS.data(), W);
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t z = 0; z < W; ++z)
+          dS[w * W + z] = P[w * W + z] * (dS[w * W + z] - D[p0 + w]) * sg;
+      gemm_rm(false, true, Cqk, W, W, T(1), k + iq, HW, dS.data(), W, T(1), gq + iq, HW);
+      gemm_rm(false, false, Cqk, W, W, T(1), q + iq, HW, dS.data(), W, T(1), gk + iq, HW);
+      gemm_rm(false, false, Cv, W, W, gamma, go + iv, HW, P.data(), W, T(1), gv + iv, HW);
     }
   });
 }

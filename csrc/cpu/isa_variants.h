@@ -10,8 +10,14 @@
 // to run every variant). No include guard: each kernel file includes it once. It is included
 // inside a namespace, so the includer provides the standard headers it and the kernel headers
 // use (<algorithm>, <bit>, <cmath>, <cstdint>, <cstdlib>, <string>, <vector>).
+//
+// Each copy also sees its instruction set's vector width in bytes (kVectorBytes) and its number
+// of vector registers (kVectorRegisters), for kernels that block their loops by hand:
+// `#pragma GCC target` changes the code GCC emits but not the predefined macros (__AVX2__ stays
+// undefined inside the AVX2 copy), so the kernels cannot ask the preprocessor.
 
 namespace isa_base {
+constexpr int kVectorBytes = 16, kVectorRegisters = 16;  // SSE2, the x86-64 baseline
 #include ARMNET_ISA_KERNELS
 }  // namespace isa_base
 
@@ -19,12 +25,14 @@ namespace isa_base {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
+constexpr int kVectorBytes = 32, kVectorRegisters = 16;
 #include ARMNET_ISA_KERNELS
 }  // namespace isa_avx2
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
 namespace isa_avx512 {
+constexpr int kVectorBytes = 64, kVectorRegisters = 32;
 #include ARMNET_ISA_KERNELS
 }  // namespace isa_avx512
 #pragma GCC pop_options
