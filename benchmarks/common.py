@@ -49,6 +49,33 @@ def time_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 10,
     return statistics.median(times)
 
 
+def time_ms_interleaved(fns: dict, device: torch.device, *, warmup: int = 3, reps: int = 10,
+                        min_seconds: float = 0.0, rounds: int = 5) -> dict:
+    """{name: median milliseconds of fn()} for several functions compared with each other. On a
+    CPU they are timed in `rounds` rounds that run each function in turn (reps and min_seconds
+    spread over the rounds), so that a machine whose speed drifts while it runs (a CPU VM, by up
+    to 30 % within minutes) slows all of them alike and their ratios hold; one function after the
+    other would put the drift into the ratios. On CUDA, time_ms for each."""
+    if device.type != "cpu":
+        return {name: time_ms(fn, device, warmup=warmup, reps=reps, min_seconds=min_seconds)
+                for name, fn in fns.items()}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in fns}
+    per_round = max(1, -(-reps // rounds))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t_end = time.perf_counter() + min_seconds / rounds
+            for i in range(10**9):
+                if i >= per_round and time.perf_counter() >= t_end:
+                    break
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def write_json(path: str, payload: dict) -> str:
     """Writes payload to path through a temporary file, so a reader never sees half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

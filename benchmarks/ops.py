@@ -7,7 +7,8 @@
     python benchmarks/ops.py --quick --plot speedups.png      # also a PNG (needs matplotlib)
 
 For each shape, dtype and backend: forward and forward+backward time (median; CUDA events via
-triton.testing.do_bench on a GPU, a wall clock on the CPU) and the peak memory one
+triton.testing.do_bench on a GPU, a wall clock on the CPU, where the backends of a shape are
+timed in alternating rounds so that their ratios see the same machine) and the peak memory one
 forward+backward adds on top of its inputs (the CUDA allocator's peak on a GPU; on a CPU the
 growth of the peak resident set of a fresh process, measured with the kernel's high-water mark).
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import armnet_ops  # noqa: E402
 from armnet_ops import _backend  # noqa: E402
 from armnet_ops.info import SPECS  # noqa: E402
-from common import RESULTS, environment, print_table, time_ms, write_json  # noqa: E402
+from common import RESULTS, environment, print_table, time_ms_interleaved, write_json  # noqa: E402
 from traffic import cca_cuda_traffic  # noqa: E402
 from traffic_triton import cca_triton_traffic  # noqa: E402
 
@@ -235,14 +236,10 @@ def child_memory(spec_json: str) -> None:
     print((_status_kib("VmHWM") - before) / 1024)
 
 
-def measure(case: Case, backend: str, device: torch.device, dtype, smoke: bool = False) -> dict:
+def _timed(case: Case, backend: str, device: torch.device, dtype):
+    """(forward, forward_backward): the two closures timed for one backend, on inputs of its own."""
     args, kwargs = case.inputs(device, dtype)
     leaves = [a for a in args + tuple(kwargs.values()) if isinstance(a, torch.Tensor)]
-    # CPU wall clocks are noisy (thread start-up, first-touch of fresh buffers): more runs and a
-    # floor of a second of them, median taken. A smoke run only checks that everything runs.
-    reps, min_seconds = (10, 1.0) if device.type == "cpu" else (20, 0.0)
-    if smoke:
-        reps, min_seconds = 2, 0.0
 
     def forward():
         with torch.no_grad():
@@ -256,9 +253,30 @@ def measure(case: Case, backend: str, device: torch.device, dtype, smoke: bool =
             t.grad = None
         run_backend(case, backend, args, kwargs).backward(grad)
 
-    warmup = 1 if smoke else 3
-    fwd = time_ms(forward, device, warmup=warmup, reps=reps, min_seconds=min_seconds)
-    fwd_bwd = time_ms(forward_backward, device, warmup=warmup, reps=reps, min_seconds=min_seconds)
+    return forward, forward_backward
+
+
+def measure(case: Case, backends: list[str], device: torch.device, dtype,
+            smoke: bool = False) -> list[dict]:
+    """The rows of one shape and dtype, one per backend. The backends are timed in alternation
+    (time_ms_interleaved), so that their ratios, the speed-ups, are measured under the same
+    machine conditions."""
+    # CPU wall clocks are noisy (thread start-up, first-touch of fresh buffers): more runs and a
+    # floor of a second of them, median taken. A smoke run only checks that everything runs.
+    reps, min_seconds = (10, 1.0) if device.type == "cpu" else (20, 0.0)
+    if smoke:
+        reps, min_seconds = 2, 0.0
+    closures = {b: _timed(case, b, device, dtype) for b in backends}
+    timing = dict(warmup=1 if smoke else 3, reps=reps, min_seconds=min_seconds,
+                  rounds=1 if smoke else 5)
+    fwd = time_ms_interleaved({b: f for b, (f, _) in closures.items()}, device, **timing)
+    fwd_bwd = time_ms_interleaved({b: fb for b, (_, fb) in closures.items()}, device, **timing)
+    del closures
+    return [_row(case, b, device, dtype, fwd[b], fwd_bwd[b], smoke) for b in backends]
+
+
+def _row(case: Case, backend: str, device: torch.device, dtype, fwd: float, fwd_bwd: float,
+         smoke: bool) -> dict:
     row = dict(op=case.op, shape=case.label, dtype=str(dtype).replace("torch.", ""), backend=backend,
                fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwd_bwd, 4),
                peak_extra_mib=None)
@@ -372,12 +390,12 @@ def main(argv=None) -> None:
     print("  ".join(COLUMNS))
     for case in cases(grid, device, only):
         for dtype in dtypes:
-            for backend in backends_for(case, device, dtype):
-                rows.append(measure(case, backend, device, dtype, smoke=a.smoke))
-                add_ratios(rows)
-                print("  ".join(str(rows[-1].get(c, "")) for c in COLUMNS), flush=True)
-                # Written after every row, so that a run stopped by a time cap keeps its rows.
-                write_json(path, dict(environment=env, argv=args, complete=False, rows=rows))
+            rows += measure(case, backends_for(case, device, dtype), device, dtype, smoke=a.smoke)
+            add_ratios(rows)
+            for row in rows[-len(backends_for(case, device, dtype)):]:
+                print("  ".join(str(row.get(c, "")) for c in COLUMNS), flush=True)
+            # Written after every shape, so that a run stopped by a time cap keeps its rows.
+            write_json(path, dict(environment=env, argv=args, complete=False, rows=rows))
     write_json(path, dict(environment=env, argv=args, complete=True, rows=rows))
     print()
     print_table(rows, COLUMNS)

@@ -175,3 +175,16 @@ def test_benchmark_scripts_run_from_a_checkout_without_an_install(tmp_path, scri
                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+def test_time_ms_interleaved_alternates_the_functions(monkeypatch):
+    """ops.py times the backends of a shape in alternating rounds, so that a drifting machine
+    slows them alike: each round runs every function its share of the repetitions, in turn."""
+    import torch
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import common
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = common.time_ms_interleaved(fns, torch.device("cpu"), warmup=1, reps=4, rounds=2)
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2
