@@ -41,12 +41,6 @@ inline void accumulate_products(T* __restrict acc, int64_t W, int64_t count, Row
 // a time, reading whole rows of the NCHW tensors; the results are copied back the same way. In a
 // column the self key (i, i) is masked: that pixel is already a key of its row.
 
-// Uninitialised scratch of n elements.
-template <typename T>
-std::unique_ptr<T[]> scratch(int64_t n) {
-  return std::unique_ptr<T[]>(new T[n]);
-}
-
 #pragma GCC push_options
 // Vector multiply-adds become FMA instructions: the extension is compiled as ISO C++, under
 // which GCC does not contract a·b + c by default (the rest of this file keeps that).
