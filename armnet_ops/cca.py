@@ -310,7 +310,7 @@ class CrissCrossAttention(nn.Module):
             # copies: 1.1x the op's minimum traffic at CCNet's shape). Projections written as
             # batched GEMMs over x[n]^T emit NHWC directly and read NCHW x as it is.
             q, k, v = (_project_channels_last(x, conv) for conv in convs)
-        else:  # the CPU kernel wants v in NCHW (it makes q, k pixel-major itself)
+        else:  # the CPU kernel reads q, k and v in NCHW
             q, k, v = (conv(x) for conv in convs)
         return criss_cross_attention(q, k, v, backend=self.backend, gamma=self.gamma, residual=x)
 
