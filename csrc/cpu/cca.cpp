@@ -18,9 +18,10 @@
 // memory. A row's products are BLAS calls on the NCHW tensors as they are (a row is a strided
 // matrix). Columns are taken a SIMD vector of adjacent columns at a time (8 in AVX2 fp32, 16 in
 // AVX-512), by register-tiled GEMMs whose every multiply-add is one vector instruction across
-// those columns (cca_kernels.h, lane_gemm): NCHW is read in place, without transposes. Memory
-// beyond inputs and outputs: per-thread scratch (a block's H x H weights, and in the backward
-// their gradient).
+// those columns (cca_kernels.h, lane_gemm), without transposes, on copies in a lane layout (a
+// block's vectors contiguous) made a chunk of channels at a time from whole NCHW rows. Memory
+// beyond inputs and outputs: those copies (q and k whole, one chunk of v, the gradient and the
+// outputs) and every block's H x H weights (in the backward also their gradient).
 //
 // Forward (cca_kernels.h, forward_kernel), two passes: every column first, with its own softmax
 // statistics, written unnormalised into out; then every row, which merges its statistics with
