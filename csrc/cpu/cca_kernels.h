@@ -91,7 +91,9 @@ inline void lane_tile(int64_t R, T alpha, const T* ap, const T* bp, bool accumul
       V x = load_lanes(ap + (r * kTileI + i) * L);
       // x in a register, loaded once: left to itself GCC folds the load into each of the
       // kTileK multiply-adds, and the loads, not the FMAs, then set the pace.
+#if defined(__x86_64__)
       asm("" : "+x"(x));
+#endif
       for (int k = 0; k < kTileK; ++k) acc[i][k] += x * y[k];
     }
   }
