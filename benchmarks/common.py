@@ -66,13 +66,12 @@ def time_ms_interleaved(fns: dict, device: torch.device, *, warmup: int = 3, rep
     per_round = max(1, -(-reps // rounds))
     for _ in range(rounds):
         for name, fn in fns.items():
-            t_end = time.perf_counter() + min_seconds / rounds
-            for i in range(10**9):
-                if i >= per_round and time.perf_counter() >= t_end:
-                    break
+            n, t_end = 0, time.perf_counter() + min_seconds / rounds
+            while n < per_round or time.perf_counter() < t_end:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
+                n += 1
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -390,9 +390,11 @@ def main(argv=None) -> None:
     print("  ".join(COLUMNS))
     for case in cases(grid, device, only):
         for dtype in dtypes:
-            rows += measure(case, backends_for(case, device, dtype), device, dtype, smoke=a.smoke)
+            shape_rows = measure(case, backends_for(case, device, dtype), device, dtype,
+                                 smoke=a.smoke)
+            rows += shape_rows
             add_ratios(rows)
-            for row in rows[-len(backends_for(case, device, dtype)):]:
+            for row in shape_rows:
                 print("  ".join(str(row.get(c, "")) for c in COLUMNS), flush=True)
             # Written after every shape, so that a run stopped by a time cap keeps its rows.
             write_json(path, dict(environment=env, argv=args, complete=False, rows=rows))

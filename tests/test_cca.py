@@ -185,6 +185,18 @@ def test_cpu_column_blocks(shape):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_no_value_channels(backend, device):
+    """Cv = 0: an empty output, and q, k gradients exactly zero (dP = <dO, v> has no terms). The
+    CPU kernel once left its dP scratch unwritten here, since no channel chunk ran."""
+    q, k, v = _inputs(2, 3, 0, 9, 21, torch.float32, device, requires_grad=True)
+    out = armnet_ops.criss_cross_attention(q, k, v, backend=backend)
+    assert out.shape == (2, 0, 9, 21)
+    gq, gk, gv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(gq, torch.zeros_like(q)) and torch.equal(gk, torch.zeros_like(k))
+    assert gv.shape == v.shape
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_empty_batch(backend, device):
     q, k, v = _inputs(0, 2, 3, 4, 5, torch.float32, device, requires_grad=True)
     out = armnet_ops.criss_cross_attention(q, k, v, backend=backend)

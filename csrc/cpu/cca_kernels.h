@@ -191,8 +191,8 @@ void lane_gemm(int64_t M, int64_t K, int64_t R, T alpha, const T* a, int64_t sai
 }
 
 // P = exp(scale·<q_h, k_j> - x_h) of one block of columns, from its packed q, k (Cqk x H
-// vectors): with x the columns' own maxima (m = nullptr: they are computed and stored in m_out,
-// with the sums in s_out), or x = lse given (the backward). The self key gets weight 0; with
+// vectors): with x the columns' own maxima (lse = nullptr: they are computed and stored in
+// m_out, with the sums in s_out), or x = lse given (the backward). The self key gets weight 0; with
 // H = 1 it is the only key, and m = -inf, s = 0. P: H x H vectors.
 template <typename T>
 void column_weights(const T* qp, const T* kp, int64_t Cqk, int64_t H, T scale, const T* lse,
@@ -425,6 +425,8 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* go, const T* l
         pack_b(H, H, Pb, L, HL, PTp.get() + b * psize);  // B(j, h) of G P
       }
     });
+    // dP is summed over the channel chunks below; with no channel (Cv = 0) it is 0.
+    if (Cv == 0) std::fill(dS.get(), dS.get() + blocks * H * HL, T(0));
     for (int64_t c0 = 0; c0 < Cv; c0 += kChannelChunk) {
       const int64_t cc = std::min(kChannelChunk, Cv - c0);
       pack_lanes(v, N, Cv, c0, cc, H, W, vp.get());
