@@ -40,6 +40,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cstdint>
 #include <cstdlib>

@@ -280,18 +280,45 @@ void unpack_lanes(const T* src, int64_t N, int64_t Cdst, int64_t c0, int64_t C, 
   copy_lanes<false>(dst, N, Cdst, c0, C, H, W, const_cast<T*>(src));  // src is only read
 }
 
+// Work on the indices [0, n) by every thread: fn(claim) runs once per thread, and claim() hands
+// out the next index not yet taken (n and above once all are). Indices go to threads as they come
+// free, rather than in equal ranges up front: on a shared machine one core often runs slower, and
+// with equal ranges the other waited for it at the end of every pass. Each index runs once and
+// writes its own outputs, so results do not depend on which thread took it.
+template <typename Fn>
+void parallel_dynamic(int64_t n, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const auto claim = [&next] { return next.fetch_add(1, std::memory_order_relaxed); };
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1,
+                   [&](int64_t, int64_t) { fn(claim); });
+}
+
 // Runs fn(block, m0, m1) for every block of every image (N·nb of them) and, so that two threads
 // have work at every width, for two halves [m0, m1) of the M rows of its product (split at a
 // multiple of kTileI). The halves write disjoint rows: the results do not depend on the split.
 template <typename Fn>
 void for_block_halves(int64_t blocks, int64_t M, Fn fn) {
   const int64_t half = std::min(M, (M / 2 + kTileI - 1) / kTileI * kTileI);
-  at::parallel_for(0, 2 * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+  parallel_dynamic(2 * blocks, [&](const auto& claim) {
+    for (int64_t t; (t = claim()) < 2 * blocks;) {
       const int64_t m0 = t % 2 ? half : 0, m1 = t % 2 ? M : half;
       if (m0 < m1) fn(t / 2, m0, m1);
     }
   });
+}
+
+// Brings the C runs of W elements at p, p + HW, p + 2·HW, ... (one image row of an NCHW tensor)
+// into cache, rw = 1 for a row that will be written. A row's runs are a few cache lines each,
+// pages apart, which the hardware prefetchers do not follow; the BLAS calls of the row pass then
+// wait on memory one run at a time. These prefetches, issued back to back, overlap the misses
+// (the backward's row pass at (2, 64, 512, 97, 97) on an AVX-512 Zen 4: 49 -> 39 ms).
+template <int rw, typename T>
+void prefetch_row(const T* p, int64_t C, int64_t HW, int64_t W) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t c = 0; c < C; ++c, p += HW) {
+    for (int64_t w = 0; w < W; w += kLine) __builtin_prefetch(p + w, rw, 2);
+    __builtin_prefetch(p + W - 1, rw, 2);
+  }
 }
 
 // E = scale·Q_rᵀ K_r for image row (n, h): W x W.
@@ -318,9 +345,9 @@ void forward_kernel(const T* q, const T* k, const T* v, T* mcol, T* scol, T* out
     auto vp = scratch<T>(blocks * cc_max * HL), op = scratch<T>(blocks * cc_max * HL);
     pack_lanes(q, N, Cqk, 0, Cqk, H, W, qp.get());
     pack_lanes(k, N, Cqk, 0, Cqk, H, W, kp.get());
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    parallel_dynamic(blocks, [&](const auto& claim) {
       auto P = scratch<T>(H * HL);
-      for (int64_t b = begin; b < end; ++b) {
+      for (int64_t b; (b = claim()) < blocks;) {
         column_weights(qp.get() + b * Cqk * HL, kp.get() + b * Cqk * HL, Cqk, H, scale,
                        static_cast<const T*>(nullptr), ms.get() + b * HL,
                        ms.get() + (blocks + b) * HL, P.get());
@@ -339,10 +366,12 @@ void forward_kernel(const T* q, const T* k, const T* v, T* mcol, T* scol, T* out
       unpack_lanes(op.get(), N, Cv, c0, cc, H, W, out);
     }
   }
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  parallel_dynamic(N * H, [&](const auto& claim) {
     std::vector<T> E(W * W), f(W);
-    for (int64_t nh = begin; nh < end; ++nh) {
+    for (int64_t nh; (nh = claim()) < N * H;) {
       const int64_t n = nh / H, h = nh % H, p0 = n * HW + h * W;
+      prefetch_row<0>(v + n * Cv * HW + h * W, Cv, HW, W);
+      prefetch_row<1>(out + n * Cv * HW + h * W, Cv, HW, W);
       row_energies(q + n * Cqk * HW + h * W, k + n * Cqk * HW + h * W, Cqk, HW, W, scale,
                    E.data());
       for (int64_t w = 0; w < W; ++w) {
@@ -380,8 +409,8 @@ void forward_kernel(const T* q, const T* k, const T* v, T* mcol, T* scol, T* out
 template <typename T>
 void pixel_dots(const T* go, const T* out, T* D, int64_t N, int64_t C, int64_t H, int64_t W) {
   const int64_t HW = H * W;
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nh = begin; nh < end; ++nh) {
+  parallel_dynamic(N * H, [&](const auto& claim) {
+    for (int64_t nh; (nh = claim()) < N * H;) {
       const int64_t n = nh / H, h = nh % H;
       T* d = D + n * HW + h * W;
       std::fill(d, d + W, T(0));
@@ -416,8 +445,8 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* go, const T* l
     pack_lanes(k, N, Cqk, 0, Cqk, H, W, kp.get());
     pack_lanes(lse, N, 1, 0, 1, H, W, st.get());
     pack_lanes(D, N, 1, 0, 1, H, W, st.get() + blocks * HL);
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
+    parallel_dynamic(blocks, [&](const auto& claim) {
+      for (int64_t b; (b = claim()) < blocks;) {
         T* Pb = P.get() + b * H * HL;
         column_weights(qp.get() + b * Cqk * HL, kp.get() + b * Cqk * HL, Cqk, H, scale,
                        static_cast<const T*>(st.get() + b * HL), static_cast<T*>(nullptr),
@@ -446,8 +475,8 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* go, const T* l
     // dS = P (dP - D)·scale·gamma, then gq(c, h) = sum_j K(c, j) dS(h, j) and
     // gk(c, j) = sum_h Q(c, h) dS(h, j).
     using V = typename Lanes<T>::V;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
+    parallel_dynamic(blocks, [&](const auto& claim) {
+      for (int64_t b; (b = claim()) < blocks;) {
         T *Pb = P.get() + b * H * HL, *dSb = dS.get() + b * H * HL;
         for (int64_t h = 0; h < H; ++h) {
           const V d = load_lanes(st.get() + (blocks + b) * HL + h * L);
@@ -466,11 +495,13 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* go, const T* l
     unpack_lanes(gqp.get(), N, Cqk, 0, Cqk, H, W, gq);
     unpack_lanes(gkp.get(), N, Cqk, 0, Cqk, H, W, gk);
   }
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  parallel_dynamic(N * H, [&](const auto& claim) {
     std::vector<T> P(W * W), dS(W * W);
-    for (int64_t nh = begin; nh < end; ++nh) {
+    for (int64_t nh; (nh = claim()) < N * H;) {
       const int64_t n = nh / H, h = nh % H, p0 = n * HW + h * W;
       const int64_t iq = n * Cqk * HW + h * W, iv = n * Cv * HW + h * W;
+      prefetch_row<0>(go + iv, Cv, HW, W);
+      prefetch_row<0>(v + iv, Cv, HW, W);
       row_energies(q + iq, k + iq, Cqk, HW, W, scale, P.data());
       for (int64_t w = 0; w < W; ++w) {
         T* p = P.data() + w * W;
@@ -481,6 +512,7 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* go, const T* l
       for (int64_t w = 0; w < W; ++w)
         for (int64_t z = 0; z < W; ++z)
           dS[w * W + z] = P[w * W + z] * (dS[w * W + z] - D[p0 + w]) * sg;
+      prefetch_row<1>(gv + iv, Cv, HW, W);
       gemm_rm(false, true, Cqk, W, W, T(1), k + iq, HW, dS.data(), W, T(1), gq + iq, HW);
       gemm_rm(false, false, Cqk, W, W, T(1), q + iq, HW, dS.data(), W, T(1), gk + iq, HW);
       gemm_rm(false, false, Cv, W, W, gamma, go + iv, HW, P.data(), W, T(1), gv + iv, HW);
