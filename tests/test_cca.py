@@ -157,12 +157,15 @@ def test_cpu_gemm_without_blas():
     run_with_cpu_isa(_ISA_SCRIPT, None, ARMNET_OPS_CPU_GEMM="aten")
 
 
-@pytest.mark.parametrize("shape", [(2, 9, 70, 19, 37), (1, 3, 5, 33, 1), (1, 3, 5, 1, 33)])
+@pytest.mark.parametrize("shape", [(2, 9, 70, 19, 37), (1, 3, 5, 33, 1), (1, 3, 5, 1, 33),
+                                   (3, 4, 6, 7, 5), (4, 2, 3, 9, 1)])
 def test_cpu_column_blocks(shape):
     """The CPU kernel takes columns a SIMD vector of adjacent ones at a time (4, 8 or 16 in fp32,
-    csrc/cpu/cca_kernels.h), the last block zero-padded:
-    widths across several blocks with a tail, one-pixel lines, and channel counts that are no
-    multiple of a vector, against the fp64 reference; and the same bits with 1 and 2 threads,
+    csrc/cpu/cca_kernels.h), the columns of all images numbered as one sequence, so a block may
+    hold the end of one image and the start of the next, and only the last block is zero-padded:
+    widths across several blocks, images that start inside a block, several images in one block,
+    one-pixel lines, and channel counts that are no multiple of a vector, against the fp64
+    reference; and the same bits with 1 and 2 threads,
     twice with 2 (lines go to threads as they come free, so which thread takes which differs
     from run to run)."""
     N, Cqk, Cv, H, W = shape

@@ -231,33 +231,45 @@ void column_weights(const T* qp, const T* kp, int64_t Cqk, int64_t H, T scale, c
 #pragma GCC pop_options
 
 // ---- the lane layout --------------------------------------------------------------------------
-// The column pass works on packed copies, blocks b of L = kLanes columns (zero past W), in which
-// a block's (channel, row) vectors are contiguous. Packing reads whole rows of the NCHW
-// tensor and writes nb sequential streams; reading a block's vectors in place instead (L of W
-// columns per row, rows W apart) kept the FMAs waiting on memory. In chunks of kChannelChunk
-// channels for v, the gradient and the outputs, so the copies stay small.
+// The column pass works on packed copies in which a block of L = kLanes columns has its
+// (channel, row) vectors contiguous. The columns of all images are numbered as one sequence,
+// g = n·W + w (column w of image n is lane g % L of block g / L), so a block may hold the last
+// columns of one image and the first of the next: the lanes never interact, and only the last
+// block is padded (with zeros). Per image blocks would pad every image: at W = 97 in AVX-512
+// that is 7 blocks for 6 columns' worth of 16 each, against 13 for both images of N = 2.
+// Packing reads whole rows of the NCHW tensor and writes sequential streams, one per block;
+// reading a block's vectors in place instead (L of W columns per row, rows W apart) kept the
+// FMAs waiting on memory. In chunks of kChannelChunk channels for v, the gradient and the
+// outputs, so the copies stay small.
 constexpr int64_t kChannelChunk = 64;
+
+template <typename T>
+constexpr int64_t lane_blocks(int64_t N, int64_t W) {
+  return (N * W + Lanes<T>::n - 1) / Lanes<T>::n;
+}
 
 // Pack (kPack) or unpack between the tensor and the lane layout; one loop for both directions.
 template <bool kPack, typename T>
 void copy_lanes(T* nchw, int64_t N, int64_t Ct, int64_t c0, int64_t C, int64_t H, int64_t W,
                 T* lanes) {
   constexpr int64_t L = Lanes<T>::n;
-  const int64_t nb = (W + L - 1) / L, HW = H * W;
+  const int64_t HW = H * W, columns = N * W;
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / C, c = t % C;
       T* plane = nchw + (n * Ct + c0 + c) * HW;
       for (int64_t j = 0; j < H; ++j)
-        for (int64_t b = 0; b < nb; ++b) {
-          T *lane = lanes + (((n * nb + b) * C + c) * H + j) * L, *row = plane + j * W + b * L;
-          const int64_t nl = std::min(L, W - b * L);
+        for (int64_t w = 0, nl; w < W; w += nl) {  // pieces of the row, one per block
+          const int64_t g = n * W + w, l = g % L;
+          nl = std::min(L - l, W - w);
+          T *lane = lanes + ((g / L * C + c) * H + j) * L + l, *row = plane + j * W + w;
           if (nl == L && kPack)  // whole vectors (std::copy would call memmove per piece)
             store_lanes(lane, load_lanes(row));
           else if (nl == L)
             store_lanes(row, load_lanes(lane));
-          else if (kPack)
-            std::fill(std::copy(row, row + nl, lane), lane + L, T(0));
+          else if (kPack)  // the other lanes belong to the neighbouring image, or are padding
+            std::fill(std::copy(row, row + nl, lane), lane + (g + nl == columns ? L - l : nl),
+                      T(0));
           else
             std::copy(lane, lane + nl, row);
         }
@@ -265,15 +277,15 @@ void copy_lanes(T* nchw, int64_t N, int64_t Ct, int64_t c0, int64_t C, int64_t H
   });
 }
 
-// dst[n][b][c][j][l] = src[n][c0 + c][j][b·L + l] for channels [c0, c0 + C) of an
-// (N, Csrc, H, W) tensor, 0 past W.
+// dst[g / L][c][j][g % L] = src[n][c0 + c][j][w] with g = n·W + w, for channels [c0, c0 + C) of
+// an (N, Csrc, H, W) tensor; 0 past the last column (g >= N·W).
 template <typename T>
 void pack_lanes(const T* src, int64_t N, int64_t Csrc, int64_t c0, int64_t C, int64_t H,
                 int64_t W, T* dst) {
   copy_lanes<true>(const_cast<T*>(src), N, Csrc, c0, C, H, W, dst);  // src is only read
 }
 
-// The inverse: dst[n][c0 + c][j][w] = src[n][w / L][c][j][w % L].
+// The inverse: dst[n][c0 + c][j][w] = src[g / L][c][j][g % L].
 template <typename T>
 void unpack_lanes(const T* src, int64_t N, int64_t Cdst, int64_t c0, int64_t C, int64_t H,
                   int64_t W, T* dst) {
@@ -293,9 +305,8 @@ void parallel_dynamic(int64_t n, const Fn& fn) {
                    [&](int64_t, int64_t) { fn(claim); });
 }
 
-// Runs fn(block, m0, m1) for every block of every image (N·nb of them) and, so that two threads
-// have work at every width, for two halves [m0, m1) of the M rows of its product (split at a
-// multiple of kTileI). The halves write disjoint rows: the results do not depend on the split.
+// Runs fn(block, m0, m1) for every block and, so that two threads have work at every width, for
+// two halves [m0, m1) of the M rows of its product (split at a multiple of kTileI). The halves write disjoint rows: the results do not depend on the split.
 template <typename Fn>
 void for_block_halves(int64_t blocks, int64_t M, Fn fn) {
   const int64_t half = std::min(M, (M / 2 + kTileI - 1) / kTileI * kTileI);
@@ -337,7 +348,7 @@ void forward_kernel(const T* q, const T* k, const T* v, T* mcol, T* scol, T* out
                     int64_t N, int64_t Cqk, int64_t Cv, int64_t H, int64_t W, T scale,
                     const T* residual = nullptr, T* y = nullptr, T gamma = T(0)) {
   constexpr int64_t L = Lanes<T>::n;
-  const int64_t HW = H * W, HL = H * L, blocks = N * ((W + L - 1) / L);
+  const int64_t HW = H * W, HL = H * L, blocks = lane_blocks<T>(N, W);
   const int64_t psize = packed_size<T>(H, H), cc_max = std::min(kChannelChunk, Cv);
   {
     auto qp = scratch<T>(blocks * Cqk * HL), kp = scratch<T>(blocks * Cqk * HL);
@@ -430,7 +441,7 @@ void backward_kernel(const T* q, const T* k, const T* v, const T* go, const T* l
                      T* gq, T* gk, T* gv, int64_t N, int64_t Cqk, int64_t Cv, int64_t H,
                      int64_t W, T scale, T gamma) {
   constexpr int64_t L = Lanes<T>::n;
-  const int64_t HW = H * W, HL = H * L, blocks = N * ((W + L - 1) / L);
+  const int64_t HW = H * W, HL = H * L, blocks = lane_blocks<T>(N, W);
   const int64_t psize = packed_size<T>(H, H), cc_max = std::min(kChannelChunk, Cv);
   const T sg = scale * gamma;
   {
