@@ -154,23 +154,6 @@ std::unique_ptr<T[], FreeDeleter> scratch(int64_t n) {
   return std::unique_ptr<T[], FreeDeleter>(static_cast<T*>(p));
 }
 
-// Asks for transparent huge pages under the 2 MiB-aligned interior of a fresh output of 4 MiB or
-// more, before anything touches it (glibc serves an allocation that large from a new mapping,
-// usually). The kernels then fault it in 2 MiB at a time: on a KVM guest, first writes to a fresh
-// 19 MB tensor took 23 ms in 4 KiB pages and 5.4 ms in huge pages, and at
-// (2, 64, 512, 97, 97) the forward went from 61 to 56 ms. A hint: where it is refused (or the
-// memory was touched before), nothing changes.
-void prefer_huge_pages(const at::Tensor& t) {
-#if defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.numel() * t.element_size();
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), end = begin + bytes;
-  const uintptr_t b = (begin + kHuge - 1) / kHuge * kHuge, e = end / kHuge * kHuge;
-  if (b < e) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-#endif
-}
-
 #define ARMNET_ISA_KERNELS "cca_kernels.h"
 #include "isa_variants.h"
 
@@ -188,14 +171,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, cons
                                                        const at::Tensor& gamma) {
   const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto out = at::empty({N, Cv, H, W}, v.options());
-  prefer_huge_pages(out);
   auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   const bool epilogue = residual_.defined();
   at::Tensor residual, y;
   if (epilogue) {
     residual = residual_.contiguous();
     y = at::empty({N, Cv, H, W}, v.options());
-    prefer_huge_pages(y);
   }
   if (N * H * W == 0) return {y, out, lse};
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
@@ -240,7 +221,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   auto lse = lse_.to(q.scalar_type()).contiguous();
   auto gq = at::empty({N, Cqk, H, W}, q.options()), gk = at::empty({N, Cqk, H, W}, q.options());
   auto gv = at::empty({N, Cv, H, W}, v.options());
-  prefer_huge_pages(gv);
   auto D = at::empty({N, H, W}, q.options());
   if (N * H * W == 0) return {gq.zero_(), gk.zero_(), gv.zero_(), D};
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
