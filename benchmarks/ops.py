@@ -69,8 +69,10 @@ class Case:
         if self.op == "criss_cross_attention":
             N, C, Cqk, H, W = s["N"], s["C"], s["Cqk"], s["H"], s["W"]
             # Scaled like CCNet's projections so the softmax is neither flat nor one-hot.
-            return (rand(N, Cqk, H, W, scale=Cqk ** -0.25), rand(N, Cqk, H, W, scale=Cqk ** -0.25),
-                    rand(N, C, H, W)), {}
+            cl = s.get("channels_last", False)
+            return (rand(N, Cqk, H, W, scale=Cqk ** -0.25, channels_last=cl),
+                    rand(N, Cqk, H, W, scale=Cqk ** -0.25, channels_last=cl),
+                    rand(N, C, H, W, channels_last=cl)), {}
         if self.op in ("carafe", "carafe_fused"):
             N, C, H, W, k, G, sf = s["N"], s["C"], s["H"], s["W"], s["k"], s["G"], s["s"]
             f = rand(N, C, H, W)
@@ -145,8 +147,16 @@ def cases(grid: str, device: torch.device, only: set[str]) -> list[Case]:
             shapes = CCA_GPU
         else:
             shapes = [CCA_TOY] + CCA_USERS
-        out += [Case("criss_cross_attention", f"[{N},{Cv},{H},{W}] Cqk={Cqk}",
-                     dict(N=N, C=Cv, Cqk=Cqk, H=H, W=W)) for N, Cqk, Cv, H, W in shapes]
+        # Also in channels_last where the GPU kernels read it in place: what CrissCrossAttention's
+        # projections hand the op (the NCHW rows include the transposes to NHWC). Last, so that a
+        # time-boxed GPU check measures the NCHW grid first.
+        layouts = [(shape, False) for shape in shapes]
+        if smoke or device.type == "cuda":
+            layouts.append((shapes[0], True))
+        out += [Case("criss_cross_attention",
+                     f"[{N},{Cv},{H},{W}] Cqk={Cqk}" + (" cl" if cl else ""),
+                     dict(N=N, C=Cv, Cqk=Cqk, H=H, W=W, channels_last=cl))
+                for (N, Cqk, Cv, H, W), cl in layouts]
     if "carafe" in only:
         shapes = ([dict(N=1, C=8, H=8, W=8, k=3, G=1, s=2)] if smoke else
                   [dict(N=1, C=64, H=64, W=64, k=5, G=1, s=2),      # toy
@@ -291,10 +301,10 @@ def _row(case: Case, backend: str, device: torch.device, dtype, fwd: float, fwd_
     model = TRAFFIC.get(backend) if case.op == "criss_cross_attention" and device.type == "cuda" else None
     if model is not None:
         # The forward's traffic model (the kernels' header comments) against the minimum: inputs
-        # read once, output written once. The inputs here are NCHW: the model counts the
-        # transposes to NHWC.
+        # read once, output written once. For NCHW inputs the model counts the transposes to NHWC.
         s = case.shape
-        t = model(s["N"], s["Cqk"], s["C"], s["H"], s["W"], torch.finfo(dtype).bits // 8)
+        t = model(s["N"], s["Cqk"], s["C"], s["H"], s["W"], torch.finfo(dtype).bits // 8,
+                  channels_last=s.get("channels_last", False))
         row["fwd_traffic_mb"] = round(t["bytes"] / 1e6, 1)
         row["fwd_traffic_vs_min"] = round(t["ratio"], 2)
         row["fwd_model_gb_per_s"] = round(t["bytes"] / (fwd * 1e-3) / 1e9, 1)

@@ -188,3 +188,26 @@ def test_time_ms_interleaved_alternates_the_functions(monkeypatch):
     times = common.time_ms_interleaved(fns, torch.device("cpu"), warmup=1, reps=4, rounds=2)
     assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
     assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2
+
+
+def test_gpu_grid_times_the_module_layout_last(monkeypatch):
+    """The criss-cross GPU grid: the goal shapes in NCHW first (a time-boxed GPU check measures
+    those before anything else), then CCNet's shape in channels_last, the layout
+    CrissCrossAttention's projections hand the op, with channels_last inputs and the channels_last
+    traffic model; the CPU grid has no such row."""
+    import torch
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import ops
+    from traffic import cca_cuda_traffic
+    grid = ops.cases("full", torch.device("cuda"), {"cca"})
+    assert [c.shape.get("channels_last") for c in grid] == [False] * len(ops.CCA_GPU) + [True]
+    last = grid[-1]
+    assert last.label.endswith(" cl") and (last.shape["H"], last.shape["W"]) == (97, 97)
+    args, _ = last.inputs(torch.device("cpu"), torch.float32)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in args)
+    cpu_grid = ops.cases("quick", torch.device("cpu"), {"cca"})
+    assert not any(c.shape.get("channels_last") for c in cpu_grid)
+    # the two layouts differ by the transposes to NHWC in the model
+    nchw = cca_cuda_traffic(2, 64, 512, 97, 97, 2)
+    cl = cca_cuda_traffic(2, 64, 512, 97, 97, 2, channels_last=True)
+    assert nchw["bytes"] - cl["bytes"] == 2 * 2 * 97 * 97 * (2 * 64 + 512) * 2
