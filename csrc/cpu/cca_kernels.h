@@ -306,7 +306,8 @@ void parallel_dynamic(int64_t n, const Fn& fn) {
 }
 
 // Runs fn(block, m0, m1) for every block and, so that two threads have work at every width, for
-// two halves [m0, m1) of the M rows of its product (split at a multiple of kTileI). The halves write disjoint rows: the results do not depend on the split.
+// two halves [m0, m1) of the M rows of its product (split at a multiple of kTileI). The halves
+// write disjoint rows: the results do not depend on the split.
 template <typename Fn>
 void for_block_halves(int64_t blocks, int64_t M, Fn fn) {
   const int64_t half = std::min(M, (M / 2 + kTileI - 1) / kTileI * kTileI);
