@@ -165,9 +165,8 @@ def test_cpu_column_blocks(shape):
     hold the end of one image and the start of the next, and only the last block is zero-padded:
     widths across several blocks, images that start inside a block, several images in one block,
     one-pixel lines, and channel counts that are no multiple of a vector, against the fp64
-    reference; and the same bits with 1 and 2 threads,
-    twice with 2 (lines go to threads as they come free, so which thread takes which differs
-    from run to run)."""
+    reference; and the same bits with 1 thread and twice with 2 (lines go to threads as they
+    come free, so which thread takes which differs from run to run)."""
     N, Cqk, Cv, H, W = shape
     q, k, v = _inputs(N, Cqk, Cv, H, W, requires_grad=True)
     ref = reference.criss_cross_attention(q, k, v, 0.9)

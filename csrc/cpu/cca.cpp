@@ -129,9 +129,12 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T
 }
 
 // Uninitialised scratch of n elements for the kernels. Buffers of 4 MiB and more are 2 MiB-aligned
-// and marked for transparent huge pages: a fresh buffer is first touched inside the kernel, and
-// in 4 KiB pages those faults took about a tenth of a forward+backward at (2, 64, 512, 97, 97)
-// (a VM pays an exit per fault).
+// and marked for transparent huge pages, so that a fresh buffer is faulted in 2 MiB at a time
+// inside the kernel (a VM pays an exit per fault). A hint whose effect was hard to see: glibc
+// often hands back memory that an earlier call already faulted in, and in fresh processes on a
+// KVM guest the criss-cross forward+backward at (2, 64, 512, 97, 97) measured the same with and
+// without it, within noise. (Outputs are not marked: there, in fresh processes, first writes
+// were four times slower with the hint.)
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
