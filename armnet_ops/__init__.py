@@ -13,7 +13,7 @@ operators (armnet_ops/onnx.py).
 from . import _onnx_hook, nn, reference
 from ._backend import BACKENDS
 from .carafe import carafe, carafe_fused
-from .cca import cca_map, cca_weight, criss_cross_attention
+from .cca import cca_map, cca_weight, criss_cross_attention, release_cpu_scratch
 from .directional_conv import directional_conv2d, directional_conv2d_pair
 
 __version__ = "0.1.0"
@@ -26,4 +26,5 @@ def available_backends(op: str, device="cpu") -> list[str]:
     return available(op, device)
 
 __all__ = ["BACKENDS", "available_backends", "carafe", "carafe_fused", "cca_map", "cca_weight",
-           "criss_cross_attention", "directional_conv2d", "directional_conv2d_pair", "nn", "reference"]
+           "criss_cross_attention", "directional_conv2d", "directional_conv2d_pair", "nn", "reference",
+           "release_cpu_scratch"]

@@ -189,6 +189,97 @@ def test_cpu_column_blocks(shape):
             assert torch.equal(a, b)
 
 
+def _cpu_fwd_bwd(q, k, v, g, scale=0.8):
+    out, lse = ops.cca_forward(q, k, v, scale)
+    return (out, lse, *ops.cca_backward(g, q, k, v, out, lse, scale))
+
+
+# Its column weights and v copies take more than 4 MiB in every instruction set, the size from
+# which the CPU kernels' scratch buffers are kept between calls (csrc/cpu/cca.cpp, ScratchCache).
+_CACHED_SHAPE = (2, 8, 64, 97, 97)
+
+
+def _cached_shape_inputs():
+    q, k, v = (t.float() for t in _inputs(*_CACHED_SHAPE))
+    return q, k, v, torch.randn(v.shape, generator=torch.Generator().manual_seed(5))
+
+
+def test_cpu_scratch_cache_reuse():
+    """Scratch buffers of 4 MiB and more outlive a call, and the next call reuses them. A call on
+    NaN inputs fills them with NaN; the call after it must give the same bits as one on fresh
+    buffers (no kernel reads scratch it has not written). release_cpu_scratch() frees them."""
+    q, k, v, g = _cached_shape_inputs()
+    armnet_ops.release_cpu_scratch()
+    first = _cpu_fwd_bwd(q, k, v, g)
+    assert armnet_ops.release_cpu_scratch() > 0, "no buffer was kept"
+    assert armnet_ops.release_cpu_scratch() == 0
+    _cpu_fwd_bwd(*(torch.full_like(t, float("nan")) for t in (q, k, v, g)))
+    again = _cpu_fwd_bwd(q, k, v, g)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    x = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference.criss_cross_attention(*x, 0.8)
+    want = (ref, *torch.autograd.grad(ref, x, g.double()))
+    for a, b in zip((first[0], *first[2:]), want):
+        assert_close(a, b)
+
+
+def test_cpu_scratch_cache_threads():
+    """Calls from two Python threads at once (the op releases the GIL) each take buffers of their
+    own: every result is the single-threaded one, bit for bit."""
+    import threading
+    q, k, v, g = _cached_shape_inputs()
+    want = _cpu_fwd_bwd(q, k, v, g)
+    results, errors = [[], []], []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                results[i].append(_cpu_fwd_bwd(q, k, v, g))
+        except Exception as e:  # surfaced below, with the thread's traceback in e
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got in results[0] + results[1]:
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+_SCRATCH_LIMIT_SCRIPT = """
+import os, torch, armnet_ops
+q, v = torch.randn(2, 8, 97, 97), torch.randn(2, 64, 97, 97)
+out, lse = torch.ops.armnet_ops.cca_forward(q, q, v, 1.0)
+torch.ops.armnet_ops.cca_backward(v, q, q, v, out, lse, 1.0)
+held = armnet_ops.release_cpu_scratch()
+limit = int(os.environ["ARMNET_OPS_CPU_SCRATCH_MB"]) << 20
+assert held <= limit and (held > 0) == (limit > 0), (held, limit)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("limit_mb", ["0", "10"])
+def test_cpu_scratch_cache_limit(limit_mb):
+    """ARMNET_OPS_CPU_SCRATCH_MB caps the bytes kept (0: nothing is kept)."""
+    run_with_cpu_isa(_SCRATCH_LIMIT_SCRIPT, None, ARMNET_OPS_CPU_SCRATCH_MB=limit_mb)
+
+
+def test_cpu_scratch_cache_bad_limit():
+    import subprocess
+    import sys
+    script = "import torch, armnet_ops; q = torch.randn(2, 8, 97, 97); " \
+             "torch.ops.armnet_ops.cca_forward(q, q, torch.randn(2, 64, 97, 97), 1.0)"
+    env = dict(__import__("os").environ, ARMNET_OPS_CPU_SCRATCH_MB="lots")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    assert "ARMNET_OPS_CPU_SCRATCH_MB must be a whole number of MiB >= 0, got 'lots'" in r.stderr
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
 def test_no_value_channels(backend, device):
     """Cv = 0: an empty output, and q, k gradients exactly zero (dP = <dO, v> has no terms). The

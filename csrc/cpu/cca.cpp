@@ -49,6 +49,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <vector>
 
@@ -128,33 +129,133 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T
   at::addmm_out(c, c, a, b, beta, alpha);
 }
 
-// Uninitialised scratch of n elements for the kernels. Buffers of 4 MiB and more are 2 MiB-aligned
-// and marked for transparent huge pages, so that a fresh buffer is faulted in 2 MiB at a time
-// inside the kernel (a VM pays an exit per fault). A hint whose effect was hard to see: glibc
-// often hands back memory that an earlier call already faulted in, and in fresh processes on a
-// KVM guest the criss-cross forward+backward at (2, 64, 512, 97, 97) measured the same with and
-// without it, within noise. (Outputs are not marked: there, in fresh processes, first writes
-// were four times slower with the hint.)
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
+// Uninitialised scratch of n elements for the kernels. Buffers of 4 MiB and more come from
+// ScratchCache: 2 MiB-aligned, marked for transparent huge pages, and kept for the next call.
+// Fresh memory is zeroed by the kernel page by page on first touch (about 0.4 ms per MiB on a
+// KVM guest); glibc maps such buffers anew on every call, so without the cache a forward+backward
+// at (2, 64, 512, 97, 97) paid for zeroing its ~90 MB of lane copies and weights each time.
+// Smaller buffers go to malloc, whose heap reuses them anyway. (Outputs are torch's: not cached,
+// and not marked for huge pages, which in fresh processes made first writes four times slower.)
+//
+// The cache holds at most ARMNET_OPS_CPU_SCRATCH_MB MiB (default 256; 0 turns it off) of
+// buffers not in use, evicting the least recently returned first, and
+// torch.ops.armnet_ops.cpu_scratch_release() frees them all. A buffer is reused only for a
+// request of at least half its size. Thread-safe: concurrent calls each take their own buffers.
+class ScratchCache {
+ public:
+  static constexpr size_t kHuge = size_t(2) << 20;
+
+  static ScratchCache& instance() {
+    static ScratchCache* cache = new ScratchCache();  // never destroyed: used until exit
+    return *cache;
+  }
+
+  // A buffer of `bytes` rounded up to 2 MiB; `bytes` is set to its actual size.
+  void* take(size_t& bytes) {
+    bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it)
+        if (it->bytes >= bytes && it->bytes <= 2 * bytes &&
+            (best == free_.end() || it->bytes < best->bytes))
+          best = it;
+      if (best != free_.end()) {
+        void* p = best->p;
+        bytes = best->bytes;
+        held_ -= bytes;
+        free_.erase(best);
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(kHuge, bytes);
+#if defined(MADV_HUGEPAGE)
+    if (p != nullptr) madvise(p, bytes, MADV_HUGEPAGE);  // a hint: failure changes nothing
+#endif
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (bytes > limit_) {
+        evicted.push_back(p);
+      } else {
+        free_.push_back({p, bytes});
+        held_ += bytes;
+        while (held_ > limit_) {  // the oldest first
+          evicted.push_back(free_.front().p);
+          held_ -= free_.front().bytes;
+          free_.erase(free_.begin());
+        }
+      }
+    }
+    for (void* q : evicted) std::free(q);
+  }
+
+  // Frees every buffer not in use; returns the bytes freed.
+  int64_t release() {
+    std::vector<Block> all;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      all.swap(free_);
+      held_ = 0;
+    }
+    int64_t bytes = 0;
+    for (const Block& b : all) {
+      std::free(b.p);
+      bytes += static_cast<int64_t>(b.bytes);
+    }
+    return bytes;
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t bytes;
+  };
+
+  ScratchCache() {
+    const char* mb = std::getenv("ARMNET_OPS_CPU_SCRATCH_MB");
+    if (mb != nullptr && *mb != '\0') {
+      char* end = nullptr;
+      const long long v = std::strtoll(mb, &end, 10);
+      TORCH_CHECK(*end == '\0' && v >= 0,
+                  "ARMNET_OPS_CPU_SCRATCH_MB must be a whole number of MiB >= 0, got '", mb, "'");
+      limit_ = static_cast<size_t>(v) << 20;
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> free_;  // oldest first
+  size_t held_ = 0;
+  size_t limit_ = size_t(256) << 20;
+};
+
+struct ScratchDeleter {
+  size_t cached_bytes = 0;  // 0: from malloc
+  void operator()(void* p) const {
+    if (cached_bytes != 0)
+      ScratchCache::instance().give(p, cached_bytes);
+    else
+      std::free(p);
+  }
 };
 
 template <typename T>
-std::unique_ptr<T[], FreeDeleter> scratch(int64_t n) {
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
+std::unique_ptr<T[], ScratchDeleter> scratch(int64_t n) {
+  size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
   void* p = nullptr;
-  if (bytes >= 2 * kHuge) {
-    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-    p = std::aligned_alloc(kHuge, rounded);
-#if defined(MADV_HUGEPAGE)
-    if (p != nullptr) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: failure changes nothing
-#endif
+  ScratchDeleter deleter;
+  if (bytes >= 2 * ScratchCache::kHuge) {
+    p = ScratchCache::instance().take(bytes);
+    deleter.cached_bytes = bytes;
   } else {
     p = std::malloc(bytes);
   }
   if (p == nullptr) throw std::bad_alloc();
-  return std::unique_ptr<T[], FreeDeleter>(static_cast<T*>(p));
+  return std::unique_ptr<T[], ScratchDeleter>(static_cast<T*>(p), deleter);
 }
 
 #define ARMNET_ISA_KERNELS "cca_kernels.h"
@@ -326,6 +427,8 @@ std::tuple<at::Tensor, at::Tensor> cca_map_backward_cpu(const at::Tensor& g_, co
   return {ga, gv};
 }
 
+int64_t cpu_scratch_release() { return ScratchCache::instance().release(); }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(armnet_ops, CPU, m) {
@@ -337,6 +440,11 @@ TORCH_LIBRARY_IMPL(armnet_ops, CPU, m) {
   m.impl("cca_weight_backward", &cca_weight_backward_cpu);
   m.impl("cca_map", &cca_map_cpu);
   m.impl("cca_map_backward", &cca_map_backward_cpu);
+}
+
+// No tensor argument to dispatch on: one kernel for every key.
+TORCH_LIBRARY_IMPL(armnet_ops, CompositeExplicitAutograd, m) {
+  m.impl("cpu_scratch_release", &cpu_scratch_release);
 }
 
 }  // namespace armnet_ops
