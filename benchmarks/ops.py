@@ -272,13 +272,16 @@ def measure(case: Case, backends: list[str], device: torch.device, dtype,
     (time_ms_interleaved), so that their ratios, the speed-ups, are measured under the same
     machine conditions."""
     # CPU wall clocks are noisy (thread start-up, first-touch of fresh buffers): more runs and a
-    # floor of a second of them, median taken. A smoke run only checks that everything runs.
-    reps, min_seconds = (10, 1.0) if device.type == "cpu" else (20, 0.0)
+    # floor of a second of them, median taken. On a CPU every round runs each backend once (or
+    # for 1/20 s): a VM's speed drifts within seconds, and at (2, 64, 512, 97, 97) five rounds of
+    # two calls each left the einsum's median 15 % apart between runs. A smoke run only checks
+    # that everything runs.
+    reps, min_seconds = (20, 1.0) if device.type == "cpu" else (20, 0.0)
     if smoke:
         reps, min_seconds = 2, 0.0
     closures = {b: _timed(case, b, device, dtype) for b in backends}
     timing = dict(warmup=1 if smoke else 3, reps=reps, min_seconds=min_seconds,
-                  rounds=1 if smoke else 5)
+                  rounds=1 if smoke else (reps if device.type == "cpu" else 5))
     fwd = time_ms_interleaved({b: f for b, (f, _) in closures.items()}, device, **timing)
     fwd_bwd = time_ms_interleaved({b: fb for b, (_, fb) in closures.items()}, device, **timing)
     del closures
