@@ -250,6 +250,53 @@ def test_cpu_scratch_cache_threads():
             assert torch.equal(a, b)
 
 
+def test_cpu_scratch_cache_fork():
+    """A process forked while another thread runs the op (DataLoader workers are forked so) can
+    run it too, with the cached buffers it inherits: the cache's lock is taken around fork, so
+    the child never inherits it held. The fork lands anywhere in the other thread's calls; the
+    window in which the lock is held is short, so this exercises the inherited cache every time
+    and the held lock only by chance. The child uses one thread, as DataLoader workers do."""
+    import os
+    import threading
+    import time
+    import warnings
+    q, k, v, g = _cached_shape_inputs()
+    want = _cpu_fwd_bwd(q, k, v, g)
+    stop = threading.Event()
+
+    def other_thread():
+        while not stop.is_set():
+            _cpu_fwd_bwd(q, k, v, g)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    try:
+        for _ in range(3):
+            time.sleep(0.05)
+            with warnings.catch_warnings():  # Python 3.12 warns about forking with threads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:
+                code = 2
+                try:
+                    torch.set_num_threads(1)
+                    got = _cpu_fwd_bwd(q, k, v, g)
+                    code = 0 if all(torch.equal(a, b) for a, b in zip(got, want)) else 1
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 120
+            while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the forked child hung in the op")
+                time.sleep(0.02)
+            assert os.waitstatus_to_exitcode(done[1]) == 0, "the forked child's results differ"
+    finally:
+        stop.set()
+        thread.join()
+
+
 _SCRATCH_LIMIT_SCRIPT = """
 import os, torch, armnet_ops
 q, v = torch.randn(2, 8, 97, 97), torch.randn(2, 64, 97, 97)

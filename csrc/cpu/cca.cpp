@@ -56,6 +56,7 @@
 #include "cca_checks.h"
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -140,7 +141,8 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T
 // The cache holds at most ARMNET_OPS_CPU_SCRATCH_MB MiB (default 256; 0 turns it off) of
 // buffers not in use, evicting the least recently returned first, and
 // torch.ops.armnet_ops.cpu_scratch_release() frees them all. A buffer is reused only for a
-// request of at least half its size. Thread-safe: concurrent calls each take their own buffers.
+// request of at least half its size. Thread-safe (concurrent calls each take their own buffers)
+// and fork-safe.
 class ScratchCache {
  public:
   static constexpr size_t kHuge = size_t(2) << 20;
@@ -225,6 +227,13 @@ class ScratchCache {
                   "ARMNET_OPS_CPU_SCRATCH_MB must be a whole number of MiB >= 0, got '", mb, "'");
       limit_ = static_cast<size_t>(v) << 20;
     }
+#if defined(__linux__)
+    // A fork while another thread holds the lock would leave the child's copy locked for good:
+    // the forking thread takes the lock first, so the free list is whole in both processes, and
+    // each releases it. The child keeps its copies of the cached buffers.
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+#endif
   }
 
   std::mutex mutex_;
