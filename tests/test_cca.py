@@ -315,6 +315,34 @@ def test_cpu_scratch_cache_limit(limit_mb):
     run_with_cpu_isa(_SCRATCH_LIMIT_SCRIPT, None, ARMNET_OPS_CPU_SCRATCH_MB=limit_mb)
 
 
+_SCRATCH_OOM_SCRIPT = """
+import torch, armnet_ops
+ops = torch.ops.armnet_ops
+q, v = torch.randn(2, 8, 97, 97), torch.randn(2, 64, 97, 97)
+ops.cca_forward(q, q, v, 1.0)  # the cache keeps this call's large buffers (under 40 MiB)
+# One column of 2e6 pixels: its weights need 64·H² = 2.6e14 bytes (16 lanes; 8 or 4 lanes: half,
+# a quarter), beyond any address space, so the allocation fails whatever the overcommit policy.
+x = torch.randn(1, 1, 2000000, 1)
+try:
+    ops.cca_forward(x, x, x, 1.0)
+    raise SystemExit("no error")
+except RuntimeError as e:
+    assert "out of memory: could not allocate" in str(e) and "bytes of scratch" in str(e), str(e)
+# The failed allocation emptied the cache before trying again (its own buffers of 64 MiB and more
+# exceed the 40 MiB limit, so nothing was kept afterwards either).
+assert armnet_ops.release_cpu_scratch() == 0
+out, lse = ops.cca_forward(q, q, v, 1.0)  # and the op still works
+assert torch.isfinite(out).all()
+print("ok")
+"""
+
+
+def test_cpu_scratch_out_of_memory():
+    """A scratch allocation that fails frees what the cache keeps, tries once more, and then
+    raises an error that says what failed (no std::bad_alloc, no crash)."""
+    run_with_cpu_isa(_SCRATCH_OOM_SCRIPT, None, ARMNET_OPS_CPU_SCRATCH_MB="40")
+
+
 def test_cpu_scratch_cache_bad_limit():
     import subprocess
     import sys

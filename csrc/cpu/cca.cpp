@@ -140,9 +140,9 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T
 //
 // The cache holds at most ARMNET_OPS_CPU_SCRATCH_MB MiB (default 256; 0 turns it off) of
 // buffers not in use, evicting the least recently returned first, and
-// torch.ops.armnet_ops.cpu_scratch_release() frees them all. A buffer is reused only for a
-// request of at least half its size. Thread-safe (concurrent calls each take their own buffers)
-// and fork-safe.
+// torch.ops.armnet_ops.cpu_scratch_release() frees them all, as does a scratch allocation that
+// fails (which is then tried once more). A buffer is reused only for a request of at least half
+// its size. Thread-safe (concurrent calls each take their own buffers) and fork-safe.
 class ScratchCache {
  public:
   static constexpr size_t kHuge = size_t(2) << 20;
@@ -255,16 +255,17 @@ struct ScratchDeleter {
 template <typename T>
 std::unique_ptr<T[], ScratchDeleter> scratch(int64_t n) {
   size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
-  void* p = nullptr;
-  ScratchDeleter deleter;
-  if (bytes >= 2 * ScratchCache::kHuge) {
-    p = ScratchCache::instance().take(bytes);
-    deleter.cached_bytes = bytes;
-  } else {
-    p = std::malloc(bytes);
-  }
-  if (p == nullptr) throw std::bad_alloc();
-  return std::unique_ptr<T[], ScratchDeleter>(static_cast<T*>(p), deleter);
+  const bool cached = bytes >= 2 * ScratchCache::kHuge;
+  const auto allocate = [&] {
+    return cached ? ScratchCache::instance().take(bytes) : std::malloc(bytes);
+  };
+  void* p = allocate();
+  // Out of memory: free what the cache keeps and try once more (as CUDA's caching allocator does).
+  if (p == nullptr && ScratchCache::instance().release() > 0) p = allocate();
+  TORCH_CHECK(p != nullptr, "criss-cross attention (CPU): out of memory: could not allocate ",
+              bytes, " bytes of scratch");
+  return std::unique_ptr<T[], ScratchDeleter>(static_cast<T*>(p),
+                                              ScratchDeleter{cached ? bytes : 0});
 }
 
 #define ARMNET_ISA_KERNELS "cca_kernels.h"
