@@ -49,16 +49,13 @@ def time_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 10,
     return statistics.median(times)
 
 
-def time_ms_interleaved(fns: dict, device: torch.device, *, warmup: int = 3, reps: int = 10,
-                        min_seconds: float = 0.0, rounds: int = 5) -> dict:
-    """{name: median milliseconds of fn()} for several functions compared with each other. On a
-    CPU they are timed in `rounds` rounds that run each function in turn (reps and min_seconds
-    spread over the rounds), so that a machine whose speed drifts while it runs (a CPU VM, by up
-    to 30 % within minutes) slows all of them alike and their ratios hold; one function after the
-    other would put the drift into the ratios. On CUDA, time_ms for each."""
-    if device.type != "cpu":
-        return {name: time_ms(fn, device, warmup=warmup, reps=reps, min_seconds=min_seconds)
-                for name, fn in fns.items()}
+def time_rounds_interleaved(fns: dict, *, warmup: int = 3, reps: int = 10,
+                            min_seconds: float = 0.0, rounds: int = 5) -> dict:
+    """{name: [[milliseconds of each call of fn] for each round]} on a CPU: `rounds` rounds that
+    run each function in turn (reps and min_seconds spread over the rounds), so that a machine
+    whose speed drifts while it runs (a CPU VM, by up to 30 % within minutes) slows all of them
+    alike; one function after the other would put the drift into their ratios. The rounds pair
+    the functions' calls: round i of one and round i of another ran within seconds."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -66,13 +63,41 @@ def time_ms_interleaved(fns: dict, device: torch.device, *, warmup: int = 3, rep
     per_round = max(1, -(-reps // rounds))
     for _ in range(rounds):
         for name, fn in fns.items():
-            n, t_end = 0, time.perf_counter() + min_seconds / rounds
+            calls, n, t_end = [], 0, time.perf_counter() + min_seconds / rounds
             while n < per_round or time.perf_counter() < t_end:
                 t0 = time.perf_counter()
                 fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                calls.append((time.perf_counter() - t0) * 1e3)
                 n += 1
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append(calls)
+    return times
+
+
+def time_ms_interleaved(fns: dict, device: torch.device, *, warmup: int = 3, reps: int = 10,
+                        min_seconds: float = 0.0, rounds: int = 5) -> dict:
+    """{name: median milliseconds of fn()} for several functions compared with each other: on a
+    CPU over every call of time_rounds_interleaved's rounds; on CUDA, time_ms for each."""
+    if device.type != "cpu":
+        return {name: time_ms(fn, device, warmup=warmup, reps=reps, min_seconds=min_seconds)
+                for name, fn in fns.items()}
+    times = time_rounds_interleaved(fns, warmup=warmup, reps=reps, min_seconds=min_seconds,
+                                    rounds=rounds)
+    return {name: median_of_rounds(r) for name, r in times.items()}
+
+
+def median_of_rounds(rounds: list) -> float:
+    """The median over every call of one function's rounds (time_rounds_interleaved)."""
+    return statistics.median(t for calls in rounds for t in calls)
+
+
+def paired_ratio_quartiles(peer_rounds: list, rounds: list) -> list:
+    """[first, third quartile] over the rounds of peer's median time / this one's, round by round
+    (time_rounds_interleaved): how far the ratio of the medians moves as the machine drifts."""
+    ratios = [statistics.median(p) / statistics.median(r) for p, r in zip(peer_rounds, rounds)]
+    if len(ratios) < 2:
+        return [round(ratios[0], 2)] * 2 if ratios else []
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return [round(q1, 2), round(q3, 2)]
 
 
 def write_json(path: str, payload: dict) -> str:

@@ -39,7 +39,8 @@ import torch.nn.functional as F  # noqa: E402
 import armnet_ops  # noqa: E402
 from armnet_ops import _backend  # noqa: E402
 from armnet_ops.info import SPECS  # noqa: E402
-from common import RESULTS, environment, print_table, time_ms_interleaved, write_json  # noqa: E402
+from common import (RESULTS, environment, median_of_rounds, paired_ratio_quartiles,  # noqa: E402
+                    print_table, time_ms_interleaved, time_rounds_interleaved, write_json)
 from traffic import cca_cuda_traffic  # noqa: E402
 from traffic_triton import cca_triton_traffic  # noqa: E402
 
@@ -269,8 +270,9 @@ def _timed(case: Case, backend: str, device: torch.device, dtype):
 def measure(case: Case, backends: list[str], device: torch.device, dtype,
             smoke: bool = False) -> list[dict]:
     """The rows of one shape and dtype, one per backend. The backends are timed in alternation
-    (time_ms_interleaved), so that their ratios, the speed-ups, are measured under the same
-    machine conditions."""
+    (time_rounds_interleaved on a CPU), so that their ratios, the speed-ups, are measured under
+    the same machine conditions; on a CPU the criss-cross rows also record the quartiles of their
+    ratio to the einsum round by round (`*_vs_einsum_q1_q3`), the spread behind the median."""
     # CPU wall clocks are noisy (thread start-up, first-touch of fresh buffers): more runs and a
     # floor of a second of them, median taken. On a CPU every round runs each backend once (or
     # for 1/20 s): a VM's speed drifts within seconds, and at (2, 64, 512, 97, 97) five rounds of
@@ -282,10 +284,21 @@ def measure(case: Case, backends: list[str], device: torch.device, dtype,
     closures = {b: _timed(case, b, device, dtype) for b in backends}
     timing = dict(warmup=1 if smoke else 3, reps=reps, min_seconds=min_seconds,
                   rounds=1 if smoke else (reps if device.type == "cpu" else 5))
-    fwd = time_ms_interleaved({b: f for b, (f, _) in closures.items()}, device, **timing)
-    fwd_bwd = time_ms_interleaved({b: fb for b, (_, fb) in closures.items()}, device, **timing)
+    fns = [{b: c[i] for b, c in closures.items()} for i in (0, 1)]  # forward, forward+backward
+    if device.type != "cpu":
+        fwd, fwd_bwd = (time_ms_interleaved(f, device, **timing) for f in fns)
+        del closures
+        return [_row(case, b, device, dtype, fwd[b], fwd_bwd[b], smoke) for b in backends]
+    per_round = [time_rounds_interleaved(f, **timing) for f in fns]
     del closures
-    return [_row(case, b, device, dtype, fwd[b], fwd_bwd[b], smoke) for b in backends]
+    fwd, fwd_bwd = ({b: median_of_rounds(r) for b, r in pr.items()} for pr in per_round)
+    rows = [_row(case, b, device, dtype, fwd[b], fwd_bwd[b], smoke) for b in backends]
+    if "einsum" in backends:  # the einsum's ratio round by round: its spread on this machine
+        for row in rows:
+            for key, pr in zip(("fwd", "fwd_bwd"), per_round):
+                row[f"{key}_vs_einsum_q1_q3"] = paired_ratio_quartiles(pr["einsum"],
+                                                                       pr[row["backend"]])
+    return rows
 
 
 def _row(case: Case, backend: str, device: torch.device, dtype, fwd: float, fwd_bwd: float,

@@ -190,6 +190,31 @@ def test_time_ms_interleaved_alternates_the_functions(monkeypatch):
     assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2
 
 
+def test_rounds_pair_the_calls_and_give_the_ratio_spread(monkeypatch):
+    """On a CPU ops.py keeps each round's calls (time_rounds_interleaved) and records, beside the
+    ratio of the medians, the quartiles of the einsum's ratio round by round: in round i the
+    einsum's median over the backend's, then the quartiles of those (exclusive method)."""
+    import torch
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import common
+    import ops
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    rounds = common.time_rounds_interleaved(fns, warmup=0, reps=3, rounds=3)
+    assert order == ["a", "b"] * 3 and [len(r) for r in rounds.values()] == [3, 3]
+    peer = [[2.0], [4.0, 4.0], [6.0], [8.0], [10.0]]
+    mine = [[1.0], [1.0, 3.0], [1.0], [1.0], [1.0]]  # round 2: medians 4 and 2
+    # ratios 2, 2, 6, 8, 10: q1 halfway between the 1st and 2nd, q3 between the 4th and 5th
+    assert common.paired_ratio_quartiles(peer, mine) == [2.0, 9.0]
+    case = ops.Case("criss_cross_attention", "tiny", dict(N=1, C=3, Cqk=2, H=5, W=6))
+    rows = ops.measure(case, ["einsum", "cpu"], torch.device("cpu"), torch.float32, smoke=True)
+    ops.add_ratios(rows)
+    for row in rows:  # one round in a smoke run: both quartiles are that round's ratio
+        for key in ("fwd", "fwd_bwd"):
+            q1, q3 = row[f"{key}_vs_einsum_q1_q3"]
+            assert q1 == q3 and abs(q1 - row[f"{key}_vs_einsum"]) <= 0.011, row
+
+
 def test_gpu_grid_times_the_module_layout_last(monkeypatch):
     """The criss-cross GPU grid: the goal shapes in NCHW first (a time-boxed GPU check measures
     those before anything else), then CCNet's shape in channels_last, the layout
