@@ -285,15 +285,16 @@ def measure(case: Case, backends: list[str], device: torch.device, dtype,
     timing = dict(warmup=1 if smoke else 3, reps=reps, min_seconds=min_seconds,
                   rounds=1 if smoke else (reps if device.type == "cpu" else 5))
     fns = [{b: c[i] for b, c in closures.items()} for i in (0, 1)]  # forward, forward+backward
-    if device.type != "cpu":
-        fwd, fwd_bwd = (time_ms_interleaved(f, device, **timing) for f in fns)
-        del closures
-        return [_row(case, b, device, dtype, fwd[b], fwd_bwd[b], smoke) for b in backends]
-    per_round = [time_rounds_interleaved(f, **timing) for f in fns]
     del closures
-    fwd, fwd_bwd = ({b: median_of_rounds(r) for b, r in pr.items()} for pr in per_round)
+    per_round = None
+    if device.type == "cpu":
+        per_round = [time_rounds_interleaved(f, **timing) for f in fns]
+        fwd, fwd_bwd = ({b: median_of_rounds(r) for b, r in pr.items()} for pr in per_round)
+    else:
+        fwd, fwd_bwd = (time_ms_interleaved(f, device, **timing) for f in fns)
+    del fns  # the inputs and outputs of every backend, before the memory measurements of _row
     rows = [_row(case, b, device, dtype, fwd[b], fwd_bwd[b], smoke) for b in backends]
-    if "einsum" in backends:  # the einsum's ratio round by round: its spread on this machine
+    if per_round is not None and "einsum" in backends:  # the einsum's ratio round by round
         for row in rows:
             for key, pr in zip(("fwd", "fwd_bwd"), per_round):
                 row[f"{key}_vs_einsum_q1_q3"] = paired_ratio_quartiles(pr["einsum"],

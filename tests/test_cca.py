@@ -344,11 +344,12 @@ def test_cpu_scratch_out_of_memory():
 
 
 def test_cpu_scratch_cache_bad_limit():
+    import os
     import subprocess
     import sys
     script = "import torch, armnet_ops; q = torch.randn(2, 8, 97, 97); " \
              "torch.ops.armnet_ops.cca_forward(q, q, torch.randn(2, 64, 97, 97), 1.0)"
-    env = dict(__import__("os").environ, ARMNET_OPS_CPU_SCRATCH_MB="lots")
+    env = dict(os.environ, ARMNET_OPS_CPU_SCRATCH_MB="lots")
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0
