@@ -213,8 +213,14 @@ def test_cpu_scratch_cache_reuse():
     first = _cpu_fwd_bwd(q, k, v, g)
     assert armnet_ops.release_cpu_scratch() > 0, "no buffer was kept"
     assert armnet_ops.release_cpu_scratch() == 0
-    _cpu_fwd_bwd(*(torch.full_like(t, float("nan")) for t in (q, k, v, g)))
+    # The NaN call's outputs of 4 MiB and more (out and grad_v here) go back to the cache
+    # when freed, and the next call writes its own into them.
+    nan_outputs = _cpu_fwd_bwd(*(torch.full_like(t, float("nan")) for t in (q, k, v, g)))
+    reused = {t.data_ptr() for t in nan_outputs if t.nbytes >= 4 << 20}
+    assert len(reused) == 2, "out and grad_v should be large enough to cache"
+    del nan_outputs
     again = _cpu_fwd_bwd(q, k, v, g)
+    assert {t.data_ptr() for t in again} & reused, "no output reused a cached buffer"
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     x = [t.double().requires_grad_() for t in (q, k, v)]
@@ -222,6 +228,24 @@ def test_cpu_scratch_cache_reuse():
     want = (ref, *torch.autograd.grad(ref, x, g.double()))
     for a, b in zip((first[0], *first[2:]), want):
         assert_close(a, b)
+
+
+def test_cpu_cached_outputs_are_ordinary_tensors():
+    """Outputs whose storage comes from the cache behave as torch's own: they outlive
+    release_cpu_scratch() (which frees only buffers not in use), resize_ reallocates them, and
+    they move to shared memory (as DataLoader workers' results do)."""
+    q, k, v, g = _cached_shape_inputs()
+    out, lse = ops.cca_forward(q, k, v, 0.8)
+    want = out.clone()
+    armnet_ops.release_cpu_scratch()
+    assert torch.equal(out, want)
+    out.share_memory_()
+    assert out.is_shared() and torch.equal(out, want)
+    grown = ops.cca_forward(q, k, v, 0.8)[0]
+    grown.resize_(3, *out.shape[1:])
+    assert torch.equal(grown[:2], want)
+    grown[2] = 1.0
+    assert grown[2].eq(1.0).all() and torch.equal(grown[:2], want)
 
 
 def test_cpu_scratch_cache_threads():
@@ -319,7 +343,9 @@ _SCRATCH_OOM_SCRIPT = """
 import torch, armnet_ops
 ops = torch.ops.armnet_ops
 q, v = torch.randn(2, 8, 97, 97), torch.randn(2, 64, 97, 97)
-ops.cca_forward(q, q, v, 1.0)  # the cache keeps this call's large buffers (under 40 MiB)
+ops.cca_forward(q, q, v, 1.0)  # the cache keeps some of this call's large buffers
+assert armnet_ops.release_cpu_scratch() > 0
+ops.cca_forward(q, q, v, 1.0)
 # One column of 2e6 pixels: its weights need 64·H² = 2.6e14 bytes (16 lanes; 8 or 4 lanes: half,
 # a quarter), beyond any address space, so the allocation fails whatever the overcommit policy.
 x = torch.randn(1, 1, 2000000, 1)
@@ -328,8 +354,8 @@ try:
     raise SystemExit("no error")
 except RuntimeError as e:
     assert "out of memory: could not allocate" in str(e) and "bytes of scratch" in str(e), str(e)
-# The failed allocation emptied the cache before trying again (its own buffers of 64 MiB and more
-# exceed the 40 MiB limit, so nothing was kept afterwards either).
+# The failed allocation emptied the cache before trying again. Nothing was kept afterwards either:
+# the failed call's output (8 MB) and its scratch buffers (64 MiB and more) exceed the 7 MiB limit.
 assert armnet_ops.release_cpu_scratch() == 0
 out, lse = ops.cca_forward(q, q, v, 1.0)  # and the op still works
 assert torch.isfinite(out).all()
@@ -340,7 +366,7 @@ print("ok")
 def test_cpu_scratch_out_of_memory():
     """A scratch allocation that fails frees what the cache keeps, tries once more, and then
     raises an error that says what failed (no std::bad_alloc, no crash)."""
-    run_with_cpu_isa(_SCRATCH_OOM_SCRIPT, None, ARMNET_OPS_CPU_SCRATCH_MB="40")
+    run_with_cpu_isa(_SCRATCH_OOM_SCRIPT, None, ARMNET_OPS_CPU_SCRATCH_MB="7")
 
 
 def test_cpu_scratch_cache_bad_limit():

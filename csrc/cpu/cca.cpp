@@ -35,6 +35,8 @@
 // thread count.
 
 #include <ATen/OpMathType.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -135,8 +137,9 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T
 // Fresh memory is zeroed by the kernel page by page on first touch (about 0.4 ms per MiB on a
 // KVM guest); glibc maps such buffers anew on every call, so without the cache a forward+backward
 // at (2, 64, 512, 97, 97) paid for zeroing its ~90 MB of lane copies and weights each time.
-// Smaller buffers go to malloc, whose heap reuses them anyway. (Outputs are torch's: not cached,
-// and not marked for huge pages, which in fresh processes made first writes four times slower.)
+// Smaller buffers go to malloc, whose heap reuses them anyway. Outputs of 4 MiB and more come
+// from the same cache (output_empty, below), but are not marked for huge pages, which in fresh
+// processes made their first writes four times slower.
 //
 // The cache holds at most ARMNET_OPS_CPU_SCRATCH_MB MiB (default 256; 0 turns it off) of
 // buffers not in use, evicting the least recently returned first, and
@@ -152,8 +155,9 @@ class ScratchCache {
     return *cache;
   }
 
-  // A buffer of `bytes` rounded up to 2 MiB; `bytes` is set to its actual size.
-  void* take(size_t& bytes) {
+  // A buffer of `bytes` rounded up to 2 MiB; `bytes` is set to its actual size. A new one is
+  // marked for huge pages if `huge_pages`.
+  void* take(size_t& bytes, bool huge_pages = true) {
     bytes = (bytes + kHuge - 1) / kHuge * kHuge;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -172,7 +176,7 @@ class ScratchCache {
     }
     void* p = std::aligned_alloc(kHuge, bytes);
 #if defined(MADV_HUGEPAGE)
-    if (p != nullptr) madvise(p, bytes, MADV_HUGEPAGE);  // a hint: failure changes nothing
+    if (p != nullptr && huge_pages) madvise(p, bytes, MADV_HUGEPAGE);  // a hint only
 #endif
     return p;
   }
@@ -252,20 +256,75 @@ struct ScratchDeleter {
   }
 };
 
+// allocate(); out of memory, it frees what the cache keeps and tries once more (as CUDA's
+// caching allocator does), then fails with an error that says what it was for.
+template <typename Fn>
+void* allocate_or_release(Fn allocate, size_t bytes, const char* what) {
+  void* p = allocate();
+  if (p == nullptr && ScratchCache::instance().release() > 0) p = allocate();
+  TORCH_CHECK(p != nullptr, "criss-cross attention (CPU): out of memory: could not allocate ",
+              bytes, " bytes ", what);
+  return p;
+}
+
 template <typename T>
 std::unique_ptr<T[], ScratchDeleter> scratch(int64_t n) {
   size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
   const bool cached = bytes >= 2 * ScratchCache::kHuge;
-  const auto allocate = [&] {
-    return cached ? ScratchCache::instance().take(bytes) : std::malloc(bytes);
-  };
-  void* p = allocate();
-  // Out of memory: free what the cache keeps and try once more (as CUDA's caching allocator does).
-  if (p == nullptr && ScratchCache::instance().release() > 0) p = allocate();
-  TORCH_CHECK(p != nullptr, "criss-cross attention (CPU): out of memory: could not allocate ",
-              bytes, " bytes of scratch");
+  void* p = allocate_or_release(
+      [&] { return cached ? ScratchCache::instance().take(bytes) : std::malloc(bytes); }, bytes,
+      "of scratch");
   return std::unique_ptr<T[], ScratchDeleter>(static_cast<T*>(p),
                                               ScratchDeleter{cached ? bytes : 0});
+}
+
+// The outputs of the fused op (out, y, and the gradients): tensors whose storage of 4 MiB and
+// more comes from ScratchCache and goes back to it when torch frees it. glibc serves allocations
+// above 32 MiB with a fresh mapping each time, and the kernel zeroes each page on first write:
+// at (2, 64, 512, 97, 97) fp32, out and grad_v (38.5 MB each) cost about 11 ms each of faults
+// per call. A training loop frees them each step, so the next step finds them in the cache,
+// already mapped: fwd+bwd there 158-169 -> 137-146 ms (medians of three fresh processes each,
+// alternated, each timing the op call by call with the einsum in between). The storage is
+// resizable (resize_ reallocates through the same allocator), and every kernel writes all of its
+// outputs before reading them, so a reused buffer's old contents never show.
+class OutputAllocator final : public c10::Allocator {
+ public:
+  static OutputAllocator* instance() {
+    static OutputAllocator* allocator = new OutputAllocator();  // never destroyed: see below
+    return allocator;
+  }
+
+  c10::DataPtr allocate(size_t n) override {
+    if (n < 2 * ScratchCache::kHuge) return c10::GetCPUAllocator()->allocate(n);
+    size_t bytes = n;
+    void* p = allocate_or_release(
+        [&] { return ScratchCache::instance().take(bytes, /*huge_pages=*/false); }, n,
+        "for an output");
+    // The context remembers the buffer's size for the cache; tensors may outlive any static
+    // object at exit, hence an allocator and a cache that are never destroyed.
+    return {p, new Block{p, bytes}, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t bytes;
+  };
+  static void give_back(void* ctx) {
+    const Block* b = static_cast<const Block*>(ctx);
+    ScratchCache::instance().give(b->p, b->bytes);
+    delete b;
+  }
+};
+
+at::Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::detail::empty_generic(sizes, OutputAllocator::instance(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), c10::nullopt);
 }
 
 #define ARMNET_ISA_KERNELS "cca_kernels.h"
@@ -284,13 +343,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, cons
                                                        const at::Tensor& residual_,
                                                        const at::Tensor& gamma) {
   const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  auto out = at::empty({N, Cv, H, W}, v.options());
+  auto out = output_empty({N, Cv, H, W}, v.options());
   auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   const bool epilogue = residual_.defined();
   at::Tensor residual, y;
   if (epilogue) {
     residual = residual_.contiguous();
-    y = at::empty({N, Cv, H, W}, v.options());
+    y = output_empty({N, Cv, H, W}, v.options());
   }
   if (N * H * W == 0) return {y, out, lse};
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
@@ -333,8 +392,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto go = grad.to(v.scalar_type()).contiguous(), out = out_.contiguous();
   auto lse = lse_.to(q.scalar_type()).contiguous();
-  auto gq = at::empty({N, Cqk, H, W}, q.options()), gk = at::empty({N, Cqk, H, W}, q.options());
-  auto gv = at::empty({N, Cv, H, W}, v.options());
+  auto gq = output_empty({N, Cqk, H, W}, q.options());
+  auto gk = output_empty({N, Cqk, H, W}, q.options());
+  auto gv = output_empty({N, Cv, H, W}, v.options());
   auto D = at::empty({N, H, W}, q.options());
   if (N * H * W == 0) return {gq.zero_(), gk.zero_(), gv.zero_(), D};
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
