@@ -34,10 +34,10 @@
 // lines' pixels and the order of the passes is fixed, so the result does not depend on the
 // thread count.
 
-#include <ATen/OpMathType.h>
 #include <ATen/EmptyTensor.h>
-#include <c10/core/CPUAllocator.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
