@@ -213,11 +213,18 @@ def test_cpu_scratch_cache_reuse():
     first = _cpu_fwd_bwd(q, k, v, g)
     assert armnet_ops.release_cpu_scratch() > 0, "no buffer was kept"
     assert armnet_ops.release_cpu_scratch() == 0
-    # The NaN call's outputs of 4 MiB and more (out and grad_v here) go back to the cache
-    # when freed, and the next call writes its own into them.
-    nan_outputs = _cpu_fwd_bwd(*(torch.full_like(t, float("nan")) for t in (q, k, v, g)))
+    nan = [torch.full_like(t, float("nan")) for t in (q, k, v, g)]
+    _cpu_fwd_bwd(*nan)
+    again = _cpu_fwd_bwd(q, k, v, g)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    # The NaN call's outputs of 4 MiB and more (out and grad_v here) go back to the cache when
+    # freed too, and the next call writes its own into them. Its scratch, NaN as well, is released
+    # first here, so that the next call's out, allocated before any scratch, finds only them.
+    nan_outputs = _cpu_fwd_bwd(*nan)
     reused = {t.data_ptr() for t in nan_outputs if t.nbytes >= 4 << 20}
     assert len(reused) == 2, "out and grad_v should be large enough to cache"
+    armnet_ops.release_cpu_scratch()
     del nan_outputs
     again = _cpu_fwd_bwd(q, k, v, g)
     assert {t.data_ptr() for t in again} & reused, "no output reused a cached buffer"
