@@ -11,9 +11,9 @@ each with reference, C++ CPU, CUDA and Triton backends behind one `backend=` key
 operators (armnet_ops/onnx.py).
 """
 from . import _onnx_hook, nn, reference
-from ._backend import BACKENDS
+from ._backend import BACKENDS, release_cpu_scratch
 from .carafe import carafe, carafe_fused
-from .cca import cca_map, cca_weight, criss_cross_attention, release_cpu_scratch
+from .cca import cca_map, cca_weight, criss_cross_attention
 from .directional_conv import directional_conv2d, directional_conv2d_pair
 
 __version__ = "0.1.0"

@@ -125,16 +125,6 @@ def criss_cross_attention(q, k, v, *, scale: float = 1.0, backend: str = "auto",
     return forward_op(RESIDUAL_SPEC, b)(q, k, v, residual, gamma, float(scale))[0]
 
 
-def release_cpu_scratch() -> int:
-    """Frees the buffers the CPU criss-cross attention kernels keep between calls, scratch and
-    the memory of freed outputs (at most ARMNET_OPS_CPU_SCRATCH_MB MiB, default 256), and returns
-    the bytes freed; 0 without the C++ extension. Outputs still in use are not touched. The next
-    call allocates them again."""
-    if EXTENSION_ERROR is not None:
-        return 0
-    return int(torch.ops.armnet_ops.cpu_scratch_release())
-
-
 def cca_weight(q, k, *, backend: str = "auto"):
     """CCNet's ca_weight: the raw energy (N, H+W-1, H, W), row keys then column keys."""
     q, k = autocast_inputs(q, k)

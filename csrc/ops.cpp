@@ -28,8 +28,8 @@ TORCH_LIBRARY(armnet_ops, m) {
       "cca_residual_backward(Tensor grad_y, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor gamma, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, "
       "Tensor grad_gamma)");
-  // Frees the CPU kernels' cached scratch buffers (see ScratchCache in cpu/cca.cpp); returns the
-  // bytes freed.
+  // Frees the buffers the CPU kernels keep between calls, scratch and freed outputs (see
+  // cpu/buffer_cache.h); returns the bytes freed.
   m.def("cpu_scratch_release() -> int");
   // The two-op API of CCNet: energy (N, H+W-1, H, W), row keys first, then the column without
   // the pixel itself.

@@ -195,7 +195,7 @@ def _cpu_fwd_bwd(q, k, v, g, scale=0.8):
 
 
 # Its column weights and v copies take more than 4 MiB in every instruction set, the size from
-# which the CPU kernels' scratch buffers are kept between calls (csrc/cpu/cca.cpp, ScratchCache).
+# which the CPU kernels' scratch buffers are kept between calls (csrc/cpu/buffer_cache.h).
 _CACHED_SHAPE = (2, 8, 64, 97, 97)
 
 

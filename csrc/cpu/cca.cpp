@@ -34,10 +34,8 @@
 // lines' pixels and the order of the passes is fixed, so the result does not depend on the
 // thread count.
 
-#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -51,16 +49,10 @@
 #include <cmath>
 #include <limits>
 #include <memory>
-#include <mutex>
-#include <new>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "cca_checks.h"
-
-#if defined(__linux__)
-#include <pthread.h>
-#include <sys/mman.h>
-#endif
 
 namespace armnet_ops {
 namespace {
@@ -133,198 +125,28 @@ void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T
 }
 
 // Uninitialised scratch of n elements for the kernels. Buffers of 4 MiB and more come from
-// ScratchCache: 2 MiB-aligned, marked for transparent huge pages, and kept for the next call.
-// Fresh memory is zeroed by the kernel page by page on first touch (about 0.4 ms per MiB on a
-// KVM guest); glibc maps such buffers anew on every call, so without the cache a forward+backward
-// at (2, 64, 512, 97, 97) paid for zeroing its ~90 MB of lane copies and weights each time.
-// Smaller buffers go to malloc, whose heap reuses them anyway. Outputs of 4 MiB and more come
-// from the same cache (output_empty, below), but are not marked for huge pages, which in fresh
-// processes made their first writes four times slower.
-//
-// The cache holds at most ARMNET_OPS_CPU_SCRATCH_MB MiB (default 256; 0 turns it off) of
-// buffers not in use, evicting the least recently returned first, and
-// torch.ops.armnet_ops.cpu_scratch_release() frees them all, as does a scratch allocation that
-// fails (which is then tried once more). A buffer is reused only for a request of at least half
-// its size. Thread-safe (concurrent calls each take their own buffers) and fork-safe.
-class ScratchCache {
- public:
-  static constexpr size_t kHuge = size_t(2) << 20;
-
-  static ScratchCache& instance() {
-    static ScratchCache* cache = new ScratchCache();  // never destroyed: used until exit
-    return *cache;
-  }
-
-  // A buffer of `bytes` rounded up to 2 MiB; `bytes` is set to its actual size. A new one is
-  // marked for huge pages if `huge_pages`.
-  void* take(size_t& bytes, bool huge_pages = true) {
-    bytes = (bytes + kHuge - 1) / kHuge * kHuge;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto best = free_.end();
-      for (auto it = free_.begin(); it != free_.end(); ++it)
-        if (it->bytes >= bytes && it->bytes <= 2 * bytes &&
-            (best == free_.end() || it->bytes < best->bytes))
-          best = it;
-      if (best != free_.end()) {
-        void* p = best->p;
-        bytes = best->bytes;
-        held_ -= bytes;
-        free_.erase(best);
-        return p;
-      }
-    }
-    void* p = std::aligned_alloc(kHuge, bytes);
-#if defined(MADV_HUGEPAGE)
-    if (p != nullptr && huge_pages) madvise(p, bytes, MADV_HUGEPAGE);  // a hint only
-#endif
-    return p;
-  }
-
-  void give(void* p, size_t bytes) {
-    std::vector<void*> evicted;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (bytes > limit_) {
-        evicted.push_back(p);
-      } else {
-        free_.push_back({p, bytes});
-        held_ += bytes;
-        while (held_ > limit_) {  // the oldest first
-          evicted.push_back(free_.front().p);
-          held_ -= free_.front().bytes;
-          free_.erase(free_.begin());
-        }
-      }
-    }
-    for (void* q : evicted) std::free(q);
-  }
-
-  // Frees every buffer not in use; returns the bytes freed.
-  int64_t release() {
-    std::vector<Block> all;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      all.swap(free_);
-      held_ = 0;
-    }
-    int64_t bytes = 0;
-    for (const Block& b : all) {
-      std::free(b.p);
-      bytes += static_cast<int64_t>(b.bytes);
-    }
-    return bytes;
-  }
-
- private:
-  struct Block {
-    void* p;
-    size_t bytes;
-  };
-
-  ScratchCache() {
-    const char* mb = std::getenv("ARMNET_OPS_CPU_SCRATCH_MB");
-    if (mb != nullptr && *mb != '\0') {
-      char* end = nullptr;
-      const long long v = std::strtoll(mb, &end, 10);
-      TORCH_CHECK(*end == '\0' && v >= 0,
-                  "ARMNET_OPS_CPU_SCRATCH_MB must be a whole number of MiB >= 0, got '", mb, "'");
-      limit_ = static_cast<size_t>(v) << 20;
-    }
-#if defined(__linux__)
-    // A fork while another thread holds the lock would leave the child's copy locked for good:
-    // the forking thread takes the lock first, so the free list is whole in both processes, and
-    // each releases it. The child keeps its copies of the cached buffers.
-    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
-                   [] { instance().mutex_.unlock(); });
-#endif
-  }
-
-  std::mutex mutex_;
-  std::vector<Block> free_;  // oldest first
-  size_t held_ = 0;
-  size_t limit_ = size_t(256) << 20;
-};
-
+// buffer_cache (2 MiB-aligned, marked for transparent huge pages, and kept for the next call:
+// without that a forward+backward at (2, 64, 512, 97, 97) paid for the kernel's zeroing of its
+// ~90 MB of lane copies and weights each time); smaller ones from malloc.
 struct ScratchDeleter {
   size_t cached_bytes = 0;  // 0: from malloc
   void operator()(void* p) const {
     if (cached_bytes != 0)
-      ScratchCache::instance().give(p, cached_bytes);
+      buffer_cache::give(p, cached_bytes);
     else
       std::free(p);
   }
 };
 
-// allocate(); out of memory, it frees what the cache keeps and tries once more (as CUDA's
-// caching allocator does), then fails with an error that says what it was for.
-template <typename Fn>
-void* allocate_or_release(Fn allocate, size_t bytes, const char* what) {
-  void* p = allocate();
-  if (p == nullptr && ScratchCache::instance().release() > 0) p = allocate();
-  TORCH_CHECK(p != nullptr, "criss-cross attention (CPU): out of memory: could not allocate ",
-              bytes, " bytes ", what);
-  return p;
-}
-
 template <typename T>
 std::unique_ptr<T[], ScratchDeleter> scratch(int64_t n) {
   size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
-  const bool cached = bytes >= 2 * ScratchCache::kHuge;
-  void* p = allocate_or_release(
-      [&] { return cached ? ScratchCache::instance().take(bytes) : std::malloc(bytes); }, bytes,
-      "of scratch");
+  const bool cached = bytes >= buffer_cache::kMinBytes;
+  void* p = buffer_cache::allocate_or_release(
+      [&] { return cached ? buffer_cache::take(bytes, true) : std::malloc(bytes); }, bytes,
+      "criss-cross attention (CPU)", "of scratch");
   return std::unique_ptr<T[], ScratchDeleter>(static_cast<T*>(p),
                                               ScratchDeleter{cached ? bytes : 0});
-}
-
-// The outputs of the fused op (out, y, and the gradients): tensors whose storage of 4 MiB and
-// more comes from ScratchCache and goes back to it when torch frees it. glibc serves allocations
-// above 32 MiB with a fresh mapping each time, and the kernel zeroes each page on first write:
-// at (2, 64, 512, 97, 97) fp32, out and grad_v (38.5 MB each) cost about 11 ms each of faults
-// per call. A training loop frees them each step, so the next step finds them in the cache,
-// already mapped: fwd+bwd there 158-169 -> 137-146 ms (medians of three fresh processes each,
-// alternated, each timing the op call by call with the einsum in between). The storage is
-// resizable (resize_ reallocates through the same allocator), and every kernel writes all of its
-// outputs before reading them, so a reused buffer's old contents never show.
-class OutputAllocator final : public c10::Allocator {
- public:
-  static OutputAllocator* instance() {
-    static OutputAllocator* allocator = new OutputAllocator();  // never destroyed: see below
-    return allocator;
-  }
-
-  c10::DataPtr allocate(size_t n) override {
-    if (n < 2 * ScratchCache::kHuge) return c10::GetCPUAllocator()->allocate(n);
-    size_t bytes = n;
-    void* p = allocate_or_release(
-        [&] { return ScratchCache::instance().take(bytes, /*huge_pages=*/false); }, n,
-        "for an output");
-    // The context remembers the buffer's size for the cache; tensors may outlive any static
-    // object at exit, hence an allocator and a cache that are never destroyed.
-    return {p, new Block{p, bytes}, &give_back, c10::Device(c10::DeviceType::CPU)};
-  }
-
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-
- private:
-  struct Block {
-    void* p;
-    size_t bytes;
-  };
-  static void give_back(void* ctx) {
-    const Block* b = static_cast<const Block*>(ctx);
-    ScratchCache::instance().give(b->p, b->bytes);
-    delete b;
-  }
-};
-
-at::Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::detail::empty_generic(sizes, OutputAllocator::instance(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), c10::nullopt);
 }
 
 #define ARMNET_ISA_KERNELS "cca_kernels.h"
@@ -343,13 +165,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, cons
                                                        const at::Tensor& residual_,
                                                        const at::Tensor& gamma) {
   const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
-  auto out = output_empty({N, Cv, H, W}, v.options());
+  auto out = buffer_cache::empty_output({N, Cv, H, W}, v.options());
   auto lse = at::empty({N, H, W}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   const bool epilogue = residual_.defined();
   at::Tensor residual, y;
   if (epilogue) {
     residual = residual_.contiguous();
-    y = output_empty({N, Cv, H, W}, v.options());
+    y = buffer_cache::empty_output({N, Cv, H, W}, v.options());
   }
   if (N * H * W == 0) return {y, out, lse};
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
@@ -392,9 +214,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t N = q.size(0), Cqk = q.size(1), H = q.size(2), W = q.size(3), Cv = v.size(1);
   auto go = grad.to(v.scalar_type()).contiguous(), out = out_.contiguous();
   auto lse = lse_.to(q.scalar_type()).contiguous();
-  auto gq = output_empty({N, Cqk, H, W}, q.options());
-  auto gk = output_empty({N, Cqk, H, W}, q.options());
-  auto gv = output_empty({N, Cv, H, W}, v.options());
+  auto gq = buffer_cache::empty_output({N, Cqk, H, W}, q.options());
+  auto gk = buffer_cache::empty_output({N, Cqk, H, W}, q.options());
+  auto gv = buffer_cache::empty_output({N, Cv, H, W}, v.options());
   auto D = at::empty({N, H, W}, q.options());
   if (N * H * W == 0) return {gq.zero_(), gk.zero_(), gv.zero_(), D};
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
@@ -497,8 +319,6 @@ std::tuple<at::Tensor, at::Tensor> cca_map_backward_cpu(const at::Tensor& g_, co
   return {ga, gv};
 }
 
-int64_t cpu_scratch_release() { return ScratchCache::instance().release(); }
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(armnet_ops, CPU, m) {
@@ -510,11 +330,6 @@ TORCH_LIBRARY_IMPL(armnet_ops, CPU, m) {
   m.impl("cca_weight_backward", &cca_weight_backward_cpu);
   m.impl("cca_map", &cca_map_cpu);
   m.impl("cca_map_backward", &cca_map_backward_cpu);
-}
-
-// No tensor argument to dispatch on: one kernel for every key.
-TORCH_LIBRARY_IMPL(armnet_ops, CompositeExplicitAutograd, m) {
-  m.impl("cpu_scratch_release", &cpu_scratch_release);
 }
 
 }  // namespace armnet_ops
