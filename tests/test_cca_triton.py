@@ -143,6 +143,55 @@ def test_backward_deterministic():
         assert torch.equal(a, b)
 
 
+def test_device_guard_makes_the_tensors_gpu_current():
+    # Every Triton launch of the three ops runs under device_guard(an input). Without a GPU the
+    # guard is checked as built: it must name the tensor's device, not the current one.
+    from armnet_ops.triton import device_guard
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    guard = device_guard(OnSecondGpu())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with device_guard(torch.zeros(1)):  # a CPU tensor (the interpreter): nothing to switch
+        pass
+
+
+@pytest.mark.parametrize("module", ["carafe", "cca", "directional_conv"])
+def test_every_triton_launch_is_under_device_guard(module):
+    # Read from the source, so that a launch added without the guard fails here on any machine:
+    # every `kernel[grid](...)` of a @triton.jit function and every `_launch(...)` (the
+    # directional conv's launcher, whose own body is exempt) must sit in `with device_guard(...)`.
+    import ast
+
+    path = os.path.join(ROOT, "armnet_ops", "triton", module + ".py")
+    tree = ast.parse(open(path).read())
+    jitted = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+              and any("jit" in ast.unparse(d) or "autotune" in ast.unparse(d)
+                      for d in f.decorator_list)}
+    assert jitted, "no @triton.jit kernel found"
+    launches = []
+
+    def visit(node, guarded, in_launcher):
+        if isinstance(node, ast.With) and any(
+                isinstance(i.context_expr, ast.Call)
+                and ast.unparse(i.context_expr.func) == "device_guard" for i in node.items):
+            guarded = True
+        if isinstance(node, ast.FunctionDef) and node.name == "_launch":
+            in_launcher = True
+        if isinstance(node, ast.Call) and not in_launcher:
+            f = node.func
+            kernel = isinstance(f, ast.Subscript) and ast.unparse(f.value) in jitted
+            if kernel or (isinstance(f, ast.Name) and f.id == "_launch"):
+                launches.append((node.lineno, guarded))
+        for child in ast.iter_child_nodes(node):
+            visit(child, guarded, in_launcher)
+
+    visit(tree, False, False)
+    assert launches, "no launch found"
+    assert [ln for ln, ok in launches if not ok] == []
+
+
 @needs_cuda
 @needs_triton
 def test_launch_on_a_non_current_device():

@@ -31,13 +31,14 @@ Accumulation is in fp32 for fp16/bf16/fp32 inputs and in fp64 for fp64 inputs.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import device_guard
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INT32_MAX = 2**31 - 1
@@ -290,12 +291,6 @@ def _check(op, features, masks, k, G, s, fused, grad_out=None):
                          f"exceeds the int32 index range of the Triton kernels")
 
 
-def _device_guard(t: torch.Tensor):
-    if t.device.type == "cuda":
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _forward(features, masks, k, G, s, fused):
     _check("carafe_fused_forward" if fused else "carafe_forward", features, masks, k, G, s, fused)
     features, masks = features.contiguous(), masks.contiguous()
@@ -307,7 +302,7 @@ def _forward(features, masks, k, G, s, fused):
     acc, _ = _acc_dtype(features.dtype)
     bc, bp, s2p = _blocks(Cg, s, H * W)
     grid = (triton.cdiv(H * W, bp), triton.cdiv(Cg, bc), N * G)
-    with _device_guard(features):
+    with device_guard(features):
         _carafe_fwd_kernel[grid](features, masks, out, C, H, W, G, Cg, K=k, S=s, FUSED=fused,
                                  BLOCK_C=bc, BLOCK_P=bp, S2P=s2p, ACC=acc)
     return out
@@ -329,7 +324,7 @@ def _backward(grad_out, features, masks, k, G, s, fused):
     bc, bp, s2p = _blocks(Cg, s, H * W)
     lse = (torch.empty((N, G, s * s, H, W), dtype=acc_torch, device=features.device)
            if fused else grad_masks)
-    with _device_guard(features):
+    with device_guard(features):
         _carafe_bwd_mask_kernel[(triton.cdiv(H * W, bp), N * G)](
             grad_out, features, masks, grad_masks, lse, C, H, W, G, Cg, K=k, S=s, FUSED=fused,
             BLOCK_C=bc, BLOCK_P=bp, S2P=s2p, ACC=acc)

@@ -104,7 +104,7 @@ import triton
 import triton.language as tl
 
 from .. import cca as _cca
-from .carafe import _device_guard
+from . import device_guard
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Largest tile along the tiled axis of a line (pixels or keys); the other axis holds the whole
@@ -579,7 +579,7 @@ def _forward(q, k, v, scale, residual=None, gamma=None):
     # Unused pointers (no epilogue) point at out; EPILOGUE=False never reads them.
     x, yy, g = (residual, y, gamma) if epilogue else (out, out, out)
     BD = max(16, triton.next_power_of_2(D))
-    with _device_guard(q):
+    with device_guard(q):
         for final, (row, L, n_lines, excl) in zip((False, True), _passes(q)):
             BT, BL = _tiles(L, q.dtype)
             _fwd_line[_grid(N, n_lines, L, BT)](
@@ -634,7 +634,7 @@ def _backward(grad, q, k, v, out, lse, scale, gamma=None):
     # grad in NHWC for the line kernels: itself when channels_last, else written by _line_dot.
     copy = not grad.is_contiguous(memory_format=torch.channels_last)
     gn = _nhwc_empty(grad, CV, grad.dtype) if copy else grad
-    with _device_guard(q):
+    with device_guard(q):
         if CV > 0:
             BP, _ = _tiles(W, q.dtype)
             _line_dot[_grid(N, H, W, BP)](
@@ -696,7 +696,7 @@ def _pair(x, y, e):
     _check_energy("cca_weight_triton", e)
     acc_tl, _ = _acc_dtype(x.dtype)
     xn, yn = _nhwc(x), _nhwc(y)
-    with _device_guard(x):
+    with device_guard(x):
         for row, L, n_lines, excl in _passes(x):
             BT, BL = _tiles(L, x.dtype)
             _line_pair[_grid(N, n_lines, L, BT)](
@@ -716,7 +716,7 @@ def _aggregate(m, y, transposed: bool, out_dtype: torch.dtype):
     _check_energy("cca_map_triton", m)
     part = _nhwc_empty(y, C, acc_torch)
     yn = _nhwc(y)
-    with _device_guard(y):
+    with device_guard(y):
         for final, (row, L, n_lines, excl) in zip((False, True), _passes(y)):
             BT, BL = _tiles(L, y.dtype)
             _line_aggregate[_grid(N, n_lines, L, BT)](

@@ -50,6 +50,8 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format as memory_format
 
+from . import device_guard
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Bits of the epilogue mask of one branch.
@@ -487,7 +489,7 @@ def _forward(x, branches, relu: bool):
     if not pair:
         args_b = list(args_b)
         args_b[5] = 0  # C_b = 0: no B tiles
-    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+    with device_guard(x):
         _launch(
             _dconv_fwd_kernel, grid, x.device, x_in, M, H, W, C_in, *_nchw_strides(x_in),
             *args_a, *args_b,
@@ -496,14 +498,6 @@ def _forward(x, branches, relu: bool):
             PRECISION=_precision(x.dtype, x.device), ACC=_acc(x.dtype),
             UPCAST=_upcast(x.dtype))
     return ys
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _nchw_strides(t: torch.Tensor):
@@ -536,7 +530,7 @@ def _dgrad(x, branches):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),)
 
-    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+    with device_guard(x):
         _launch(
             _dconv_dgrad_kernel, grid, x.device, gx, M, H, W, C_in, *_nchw_strides(gx), *args,
             KH_A=consts[0], KW_A=consts[1], DH_A=consts[2], DW_A=consts[3],
@@ -574,7 +568,7 @@ def _wgrad_act(x, g_act, KH: int, KW: int, dilation) -> torch.Tensor:
         return (KH * KW * triton.cdiv(C_in, meta["BLOCK_CI"]) * triton.cdiv(C_out, meta["BLOCK_CO"]),
                 split)
 
-    with torch.cuda.device(x.device) if x.is_cuda else _nullcontext():
+    with device_guard(x):
         _launch(
             _dconv_wgrad_kernel, grid, x.device, x_in, g, part, M, H, W, C_in, C_out,
             pix_per_split, *_nchw_strides(x_in), *_nchw_strides(g),
