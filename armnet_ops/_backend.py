@@ -56,9 +56,9 @@ if EXTENSION_ERROR is not None:
 
 def release_cpu_scratch() -> int:
     """Frees the memory the CPU kernels keep between calls (csrc/cpu/buffer_cache.h): scratch
-    buffers, and the storage of freed outputs of 4 MiB and more (criss-cross attention and
-    CARAFE), at most ARMNET_OPS_CPU_SCRATCH_MB MiB (default 256). Returns the bytes freed; 0
-    without the C++ extension. Outputs still in use are not touched. As
+    buffers, and the storage of freed outputs of 4 MiB and more (criss-cross attention), at most
+    ARMNET_OPS_CPU_SCRATCH_MB MiB (default 256). Returns the bytes freed; 0 without the C++
+    extension. Outputs still in use are not touched. As
     torch.cuda.empty_cache() for the CUDA allocator: later calls allocate again."""
     if EXTENSION_ERROR is not None:
         return 0

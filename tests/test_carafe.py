@@ -217,27 +217,18 @@ def test_cpu_isa_variants(isa):
 
 
 @pytest.mark.parametrize("op", ["carafe", "carafe_fused"])
-def test_cpu_outputs_reuse_cached_memory(op):
-    """The CPU kernels' outputs of 4 MiB and more go back to armnet_ops' buffer cache when freed
-    (csrc/cpu/buffer_cache.h), and the next call's outputs take them: filled with NaN first, they
-    must not show in the results (every element is written before any is read)."""
+def test_cpu_outputs_are_not_kept_after_they_are_freed(op):
+    """CARAFE's CPU outputs come from torch's allocator, not armnet_ops' buffer cache
+    (csrc/cpu/buffer_cache.h): a freed output kept there is memory no other op can use, and
+    evaluating ARM-Net R50 at 512² then peaked 100 MB higher (tests/test_model.py's budget)."""
     f, m = _inputs(op, 1, 256, 64, 64, 5, 1, 2, dtype=torch.float32)
     g = torch.randn(1, 256, 128, 128)
-    ops = getattr(torch.ops.armnet_ops, op + "_forward"), getattr(torch.ops.armnet_ops, op + "_backward")
-    want = (ops[0](f, m, 5, 1, 2), *ops[1](g, f, m, 5, 1, 2))
+    fwd, bwd = getattr(torch.ops.armnet_ops, op + "_forward"), getattr(torch.ops.armnet_ops, op + "_backward")
     armnet_ops.release_cpu_scratch()
-    first = (ops[0](f, m, 5, 1, 2), *ops[1](g, f, m, 5, 1, 2))
-    cached = {t.data_ptr() for t in first if t.nbytes >= 4 << 20}
-    assert len(cached) == 2, "out (16 MiB) and grad_features (4 MiB) should come from the cache"
-    for t in first:
-        t.fill_(float("nan"))
-    del first
-    again = (ops[0](f, m, 5, 1, 2), *ops[1](g, f, m, 5, 1, 2))
-    assert {t.data_ptr() for t in again if t.nbytes >= 4 << 20} == cached
-    for a, b in zip(again, want):
-        assert torch.equal(a, b)
-    del again, a, b
-    assert armnet_ops.release_cpu_scratch() >= (16 + 4) << 20, "the outputs were not cached"
+    outs = (fwd(f, m, 5, 1, 2), *bwd(g, f, m, 5, 1, 2))
+    assert max(t.nbytes for t in outs) >= 16 << 20  # large enough for the cache's 4 MiB floor
+    del outs
+    assert armnet_ops.release_cpu_scratch() == 0
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -2,8 +2,13 @@
 // 4 MiB and more (buffer_cache.cpp). Fresh memory is zeroed by the kernel page by page on first
 // touch (about 0.4 ms per MiB on a KVM guest), and glibc maps allocations above 32 MiB anew on
 // every call, so without this cache a criss-cross forward+backward at (2, 64, 512, 97, 97) paid
-// for zeroing about 90 MB of scratch and 77 MB of outputs each time, and a CARAFE forward at
-// ARM-Net R50's decoder shapes (outputs of 67 MB) about half its time.
+// for zeroing about 90 MB of scratch and 77 MB of outputs each time.
+//
+// Only criss-cross attention uses it. CARAFE's outputs did too for a while (a forward at larger
+// decoder shapes, 67 MB out, spent about half its time in page faults), but a freed output held
+// here is memory no other op can use: evaluating ARM-Net R50 on one 512² image then peaked
+// 100 MB higher (323 MB beyond the model against 199 MB with the cache off), over the budget of
+// tests/test_model.py. The criss-cross outputs cost about 25 MB of that peak.
 //
 // The cache holds at most ARMNET_OPS_CPU_SCRATCH_MB MiB (default 256; 0 turns it off) of buffers
 // not in use, evicting the least recently returned first; torch.ops.armnet_ops.

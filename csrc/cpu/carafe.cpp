@@ -28,7 +28,6 @@
 #include <string>
 #include <vector>
 
-#include "buffer_cache.h"
 #include "carafe_checks.h"
 
 namespace armnet_ops {
@@ -74,8 +73,7 @@ at::Tensor forward_impl(const at::Tensor& features_in, const at::Tensor& masks_i
               features_in.device());
   const at::Tensor features = features_in.contiguous();
   const at::Tensor masks = masks_in.contiguous();
-  // Every element is written by one unit below, so a reused buffer (buffer_cache.h) is fine.
-  at::Tensor out = buffer_cache::empty_output({g.N, g.C, g.sH, g.sW}, features.options());
+  at::Tensor out = at::empty({g.N, g.C, g.sH, g.sW}, features.options());
   if (out.numel() == 0) return out;
   const int64_t units = g.N * g.G * row_blocks(g);
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "carafe_forward_cpu", [&] {
@@ -102,11 +100,11 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out_in,
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor features = features_in.contiguous();
   const at::Tensor masks = masks_in.contiguous();
-  at::Tensor grad_features = buffer_cache::empty_output(features.sizes(), features.options());
+  at::Tensor grad_features = at::empty(features.sizes(), features.options());
   // Every element of both gradients is written below; an empty group (C = 0) leaves nothing to
   // reduce, hence the explicit zeros for that case.
   at::Tensor grad_masks = g.C == 0 ? at::zeros(masks.sizes(), masks.options())
-                                   : buffer_cache::empty_output(masks.sizes(), masks.options());
+                                   : at::empty(masks.sizes(), masks.options());
   if (g.N == 0 || g.C == 0 || g.H == 0 || g.W == 0) return {grad_features, grad_masks};
   const int64_t units = g.N * g.G * row_blocks(g);
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "carafe_backward_cpu", [&] {
