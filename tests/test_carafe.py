@@ -223,7 +223,8 @@ def test_cpu_outputs_are_not_kept_after_they_are_freed(op):
     evaluating ARM-Net R50 at 512² then peaked 100 MB higher (tests/test_model.py's budget)."""
     f, m = _inputs(op, 1, 256, 64, 64, 5, 1, 2, dtype=torch.float32)
     g = torch.randn(1, 256, 128, 128)
-    fwd, bwd = getattr(torch.ops.armnet_ops, op + "_forward"), getattr(torch.ops.armnet_ops, op + "_backward")
+    fwd = getattr(torch.ops.armnet_ops, op + "_forward")
+    bwd = getattr(torch.ops.armnet_ops, op + "_backward")
     armnet_ops.release_cpu_scratch()
     outs = (fwd(f, m, 5, 1, 2), *bwd(g, f, m, 5, 1, 2))
     assert max(t.nbytes for t in outs) >= 16 << 20  # large enough for the cache's 4 MiB floor
