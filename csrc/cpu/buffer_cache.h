@@ -6,9 +6,9 @@
 //
 // Only criss-cross attention uses it. CARAFE's outputs did too for a while (a forward at larger
 // decoder shapes, 67 MB out, spent about half its time in page faults), but a freed output held
-// here is memory no other op can use: evaluating ARM-Net R50 on one 512² image then peaked
-// 100 MB higher (323 MB beyond the model against 199 MB with the cache off), over the budget of
-// tests/test_model.py. The criss-cross outputs cost about 25 MB of that peak.
+// here is memory no other op can use: evaluating ARM-Net R50 on one 512² image then peaked at
+// 323 MB beyond the model, against 224 MB with only the criss-cross outputs kept and 199 MB with
+// the cache off; the budget of tests/test_model.py is 250 MB.
 //
 // The cache holds at most ARMNET_OPS_CPU_SCRATCH_MB MiB (default 256; 0 turns it off) of buffers
 // not in use, evicting the least recently returned first; torch.ops.armnet_ops.
